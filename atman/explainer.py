@@ -1,0 +1,334 @@
+"""The AtMan algorithm: one unperturbed pass, one perturbed pass per unit, scores from the losses.
+
+Relevance of unit u for target token t = CE_t(u suppressed) - CE_t(unperturbed), where CE_t is the
+cross-entropy of target token t under teacher forcing. Positive = suppressing u makes the target
+less likely = evidence. Perturbations are batched, one per batch row, all through the primitive in
+:mod:`atman.manipulation`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import AtmanError, ContextLengthError, EmptyInputError, GranularityError
+from .explanation import POSTPROCESSING, Explanation, Item, TargetExplanation, TargetSpan
+from .manipulation import BACKENDS, MODES, manipulate
+from .models import LoadedModel
+from .units import (
+    TARGET_GRANULARITIES,
+    EncodedInput,
+    Unit,
+    choose_granularity,
+    encode,
+    prompt_units,
+    target_units,
+)
+
+DEFAULT_FACTOR = 0.9
+DEFAULT_KAPPA = 0.7
+DEFAULT_TOKEN_BUDGET = 8192
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one explanation computes: the encoded input, its units and one multiplier row per unit."""
+
+    encoded: EncodedInput
+    units: list[Unit]
+    multipliers: torch.Tensor
+    granularity: str
+
+
+class Explainer:
+    """Explains a causal LM's target continuation with AtMan.
+
+    Example::
+
+        >>> explainer = Explainer(load_model())
+        >>> exp = explainer.explain("Ada lives in Oslo. Where does Ada live? Ada lives in", " Oslo",
+        ...                         granularity="sentence")
+        >>> exp.top(1)[0].text
+        'Ada lives in Oslo.'
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        factor: float = DEFAULT_FACTOR,
+        kappa: float | None = DEFAULT_KAPPA,
+        mode: str = "log-additive",
+        backend: str = "sdpa",
+        batch_size: int | None = None,
+    ) -> None:
+        self.lm = model
+        self.factor = factor
+        self.kappa = kappa
+        self.mode = mode
+        self.backend = backend
+        self.batch_size = batch_size
+        forward = inspect.signature(model.model.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in forward
+
+    def explain(
+        self,
+        prompt: str,
+        target: str | None = None,
+        *,
+        granularity: str = "auto",
+        target_granularity: str = "complete",
+        delimiter: str | None = None,
+        spans: Sequence[tuple[int, int]] | None = None,
+        chat: bool = False,
+        system: str | None = None,
+        max_new_tokens: int = 32,
+        factor: float | None = None,
+        kappa: float | None | str = "default",
+        mode: str | None = None,
+        postprocessing: str = "none",
+        normalize: bool = False,
+        progress: Progress | None = None,
+    ) -> Explanation:
+        """Explain ``target`` (or the model's greedy continuation when None) given ``prompt``.
+
+        ``granularity``: auto | token | word | sentence | paragraph | delimiter (with ``delimiter``)
+        | spans (with ``spans``, (start, end) character ranges of the prompt). ``target_granularity``:
+        complete (one explanation summed over the target) or token (one per target token).
+        ``kappa=None`` switches conceptual suppression off.
+        """
+        factor = self.factor if factor is None else factor
+        kappa = self.kappa if kappa == "default" else kappa
+        mode = mode or self.mode
+        _check_options(factor, kappa, mode, self.backend, target_granularity, postprocessing)
+        generated = target is None
+        if generated:
+            target_ids = self.generate(prompt, chat=chat, system=system, max_new_tokens=max_new_tokens)
+            encoded = encode(self.lm.tokenizer, prompt, target_ids, chat=chat, system=system)
+        else:
+            encoded = encode(self.lm.tokenizer, prompt, target, chat=chat, system=system)
+        self._check_length(len(encoded.input_ids))
+        plan = self.plan(encoded, granularity, target_granularity, factor, kappa, delimiter, spans)
+        losses = self.losses(plan.encoded, plan.multipliers, mode=mode, progress=progress)
+        explanation = _build(
+            plan, losses, target_granularity,
+            model=self.lm.name,
+            settings={
+                "granularity": plan.granularity,
+                "target_granularity": target_granularity,
+                "factor": factor,
+                "kappa": kappa,
+                "mode": mode,
+                "chat": chat,
+                "system": system,
+                "generated_target": generated,
+                "target_logprob": -float(losses[0].sum()),
+            },
+        )
+        return explanation.postprocessed(postprocessing, normalize)
+
+    def plan(
+        self,
+        encoded: EncodedInput,
+        granularity: str = "auto",
+        target_granularity: str = "complete",
+        factor: float = DEFAULT_FACTOR,
+        kappa: float | None = DEFAULT_KAPPA,
+        delimiter: str | None = None,
+        spans: Sequence[tuple[int, int]] | None = None,
+    ) -> Plan:
+        """Units and the multiplier rows that suppress them (row 0 is the unperturbed pass)."""
+        resolved = choose_granularity(encoded) if granularity == "auto" else granularity
+        units = prompt_units(encoded, resolved, delimiter=delimiter, spans=spans)
+        if target_granularity == "token":
+            units = units + target_units(encoded)
+        multipliers = torch.ones(len(units) + 1, len(encoded.input_ids))
+        for row, unit in enumerate(units, start=1):
+            multipliers[row, list(unit.positions)] = 1.0 - factor
+        if kappa is not None:
+            _conceptual(self._embeddings(encoded), units, multipliers, factor, kappa)
+        return Plan(encoded=encoded, units=units, multipliers=multipliers, granularity=resolved)
+
+    def losses(
+        self,
+        encoded: EncodedInput,
+        multipliers: torch.Tensor,
+        *,
+        mode: str | None = None,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy of every target token (columns) under every multiplier row (rows)."""
+        model, device = self.lm.model, self.lm.device
+        ids = torch.tensor([encoded.input_ids], device=device)
+        targets = ids[0, encoded.target_start:]
+        n_target = len(targets)
+        rows = multipliers.shape[0]
+        size = self.batch_size or max(1, DEFAULT_TOKEN_BUDGET // ids.shape[1])
+        out = torch.empty(rows, n_target)
+        extra = {"logits_to_keep": n_target + 1} if self._logits_to_keep else {}
+        done = 0
+        with torch.no_grad():
+            for first in range(0, rows, size):
+                chunk = multipliers[first:first + size]
+                batch = ids.expand(chunk.shape[0], -1)
+                with manipulate(chunk.to(device), mode=mode or self.mode, backend=self.backend):
+                    logits = model(input_ids=batch, use_cache=False, **extra).logits
+                logits = logits[:, -(n_target + 1):-1].float()
+                logprobs = torch.log_softmax(logits, dim=-1)
+                nll = -logprobs.gather(-1, targets.expand(chunk.shape[0], -1)[..., None])[..., 0]
+                out[first:first + chunk.shape[0]] = nll.cpu()
+                done += chunk.shape[0]
+                if progress is not None:
+                    progress(done, rows)
+        return out
+
+    def generate(
+        self, prompt: str, *, chat: bool = False, system: str | None = None, max_new_tokens: int = 32
+    ) -> list[int]:
+        """The model's greedy continuation of ``prompt`` as token ids (without end-of-sequence)."""
+        if max_new_tokens < 1:
+            raise AtmanError("max_new_tokens must be at least 1")
+        tokenizer = self.lm.tokenizer
+        probe = encode(tokenizer, prompt, [0], chat=chat, system=system)
+        ids = list(probe.input_ids[:probe.target_start])
+        self._check_length(len(ids) + max_new_tokens)
+        input_ids = torch.tensor([ids], device=self.lm.device)
+        eos = _eos_ids(self.lm)
+        with torch.no_grad():
+            out = self.lm.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=next(iter(eos), 0),
+            )
+        new = [int(t) for t in out[0, len(ids):]]
+        while new and new[-1] in eos:
+            new.pop()
+        if not new:
+            raise EmptyInputError("the model generated no text after this prompt, so there is nothing to explain")
+        return new
+
+    def _embeddings(self, encoded: EncodedInput) -> torch.Tensor:
+        ids = torch.tensor([encoded.input_ids], device=self.lm.device)
+        with torch.no_grad():
+            return self.lm.model.get_input_embeddings()(ids)[0].float().cpu()
+
+    def _check_length(self, length: int) -> None:
+        limit = _context_length(self.lm.model.config)
+        if limit is not None and length > limit:
+            raise ContextLengthError(
+                f"prompt and target are {length} tokens, longer than the model's context of {limit} tokens"
+            )
+
+
+def _check_options(factor, kappa, mode, backend, target_granularity, postprocessing) -> None:
+    if not 0.0 <= factor <= 1.0:
+        raise AtmanError(f"factor must lie in [0, 1] (1 removes the unit), got {factor}")
+    if kappa is not None and not 0.0 < kappa <= 1.0:
+        raise AtmanError(f"kappa must lie in (0, 1], got {kappa}")
+    if mode not in MODES:
+        raise AtmanError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if backend not in BACKENDS:
+        raise AtmanError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if target_granularity not in TARGET_GRANULARITIES:
+        raise GranularityError(
+            f"unknown target granularity {target_granularity!r}; choose one of {', '.join(TARGET_GRANULARITIES)}"
+        )
+    if postprocessing not in POSTPROCESSING:
+        raise AtmanError(f"unknown postprocessing {postprocessing!r}; choose one of {', '.join(POSTPROCESSING)}")
+
+
+def _conceptual(
+    embeddings: torch.Tensor, units: list[Unit], multipliers: torch.Tensor, factor: float, kappa: float
+) -> None:
+    """Also damp tokens similar to the suppressed unit: m_k = 1 - factor * cos(unit, k) if cos >= kappa.
+
+    Candidates are the positions of all units (the text being explained); template and special
+    tokens are never touched. A unit's similarity to k is the maximum over its tokens.
+    """
+    candidates = sorted({pos for unit in units for pos in unit.positions})
+    normed = torch.nn.functional.normalize(embeddings[candidates], dim=-1)
+    similarity = normed @ normed.T
+    index = {pos: i for i, pos in enumerate(candidates)}
+    cand = torch.tensor(candidates)
+    for row, unit in enumerate(units, start=1):
+        sim = similarity[[index[p] for p in unit.positions]].amax(dim=0)
+        sim[[index[p] for p in unit.positions]] = 0.0
+        hit = sim >= kappa
+        if bool(hit.any()):
+            damped = (1.0 - factor * sim[hit]).clamp(min=0.0)
+            positions = cand[hit]
+            multipliers[row, positions] = torch.minimum(multipliers[row, positions], damped)
+
+
+def _build(plan: Plan, losses: torch.Tensor, target_granularity: str, *, model: str, settings: dict) -> Explanation:
+    encoded = plan.encoded
+    delta = (losses[1:] - losses[0:1]).double()
+    prompt_idx = [i for i, u in enumerate(plan.units) if u.kind == "prompt"]
+    if target_granularity == "complete":
+        totals = delta.sum(dim=1)
+        items = tuple(_item(plan.units[i], float(totals[i])) for i in prompt_idx)
+        spans = [TargetExplanation(TargetSpan(encoded.target, 0, len(encoded.target)), items)]
+    else:
+        spans = []
+        target_idx = [i for i, u in enumerate(plan.units) if u.kind == "target"]
+        for t, (a, b) in enumerate(encoded.target_spans):
+            items = [_item(plan.units[i], float(delta[i, t])) for i in prompt_idx]
+            items += [_item(plan.units[i], float(delta[i, t])) for i in target_idx[:t]]
+            spans.append(TargetExplanation(TargetSpan(encoded.target[a:b], a, b - a), tuple(items)))
+    return Explanation(model=model, prompt=encoded.prompt, target=encoded.target,
+                       explanations=tuple(spans), settings=settings)
+
+
+def _item(unit: Unit, score: float) -> Item:
+    return Item(kind=unit.kind, text=unit.text, start=unit.start, length=unit.length, score=score)
+
+
+def _eos_ids(lm: LoadedModel) -> set[int]:
+    ids: set[int] = set()
+    for source in (lm.model.generation_config, lm.model.config):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    if lm.tokenizer.eos_token_id is not None:
+        ids.add(int(lm.tokenizer.eos_token_id))
+    return ids
+
+
+def _context_length(config) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def explain(prompt: str, target: str | None = None, *, model: LoadedModel | None = None, **options) -> Explanation:
+    """One-call explanation with the embedded default model (loaded once per process).
+
+    Example::
+
+        >>> explain("The capital of France is", " Paris", granularity="word").top(1)[0].text
+        'France'
+    """
+    from .models import load_model
+
+    global _DEFAULT
+    if model is None:
+        if _DEFAULT is None:
+            _DEFAULT = load_model()
+        model = _DEFAULT
+    explainer_keys = ("batch_size", "backend")
+    explainer = Explainer(model, **{k: options.pop(k) for k in explainer_keys if k in options})
+    return explainer.explain(prompt, target, **options)
+
+
+_DEFAULT: LoadedModel | None = None

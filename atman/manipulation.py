@@ -1,0 +1,260 @@
+"""The primitive: run a model with multipliers on the attention to chosen key positions, per batch row.
+
+AtMan is registered with transformers' ``AttentionInterface`` (and its ``AttentionMaskInterface``, so
+that causal and sliding-window masks are still built) under the name ``"atman"``. With no
+manipulation active, the function is plain SDPA and the model behaves exactly as before. Inside
+:func:`manipulate`, every attention layer multiplies the attention *to* key position ``k`` of batch
+row ``r`` by ``multipliers[r, k]``:
+
+* ``log-additive`` (default) adds ``log(m)`` to the scores, i.e. re-weights the softmax
+  probabilities by ``m`` and renormalises. It runs inside SDPA (or FlexAttention) as an additive
+  float mask, so no attention matrix is materialised by us.
+* ``multiplicative`` is the paper's research variant: ``S' = (S - min_k S) * m`` on the raw scores
+  before scaling and masking. It needs the raw scores and so runs on the eager path.
+
+A query row that would lose every key (``m = 0`` on the only key it sees) gets a zero attention
+output, the convention PyTorch's SDPA uses for fully masked rows, never NaN.
+
+Example::
+
+    >>> enable(model)
+    >>> m = torch.ones(2, input_ids.shape[1]); m[1, 3] = 0.1
+    >>> with manipulate(m):
+    ...     logits = model(input_ids.expand(2, -1)).logits
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .errors import AtmanError, UnsupportedModelError
+
+ATTENTION_NAME = "atman"
+Mode = Literal["log-additive", "multiplicative"]
+Backend = Literal["sdpa", "eager", "flex_attention"]
+MODES: tuple[str, ...] = ("log-additive", "multiplicative")
+BACKENDS: tuple[str, ...] = ("sdpa", "eager", "flex_attention")
+
+
+@dataclass
+class Manipulation:
+    """One active manipulation: ``multipliers[row, key]``, how to apply them, and a call counter."""
+
+    multipliers: torch.Tensor
+    mode: str = "log-additive"
+    backend: str = "sdpa"
+    calls: int = 0
+
+
+_ACTIVE: ContextVar[Manipulation | None] = ContextVar("atman_manipulation", default=None)
+
+
+def register() -> None:
+    """Register the ``"atman"`` attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, atman_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def enable(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch ``model`` to the ``"atman"`` attention implementation and check that it is honoured.
+
+    Raises :class:`UnsupportedModelError` naming the model class when its architecture does not
+    route attention through transformers' AttentionInterface (AtMan would silently do nothing).
+    """
+    register()
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise UnsupportedModelError(f"{type(model).__name__} is not a transformers model")
+    if getattr(config, "_attn_implementation", None) != ATTENTION_NAME:
+        try:
+            model.set_attn_implementation(ATTENTION_NAME)
+        except (ValueError, NotImplementedError) as exc:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not support custom attention implementations "
+                f"(transformers' AttentionInterface), so AtMan cannot manipulate its attention: {exc}"
+            ) from exc
+    _check_interface_is_used(model)
+    return model
+
+
+def _check_interface_is_used(model: torch.nn.Module) -> None:
+    device = next(model.parameters()).device
+    vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 8))
+    ids = (torch.arange(4, device=device) % max(vocab - 1, 1) + 1).unsqueeze(0)
+    with torch.no_grad(), manipulate(torch.ones(1, 4, device=device)) as state:
+        model(input_ids=ids, use_cache=False)
+    if state.calls == 0:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} computes attention without transformers' AttentionInterface; "
+            "AtMan cannot manipulate it. Use an architecture that supports attn_implementation "
+            "(most causal LMs in transformers >= 5 do)."
+        )
+
+
+@contextmanager
+def manipulate(
+    multipliers: torch.Tensor, *, mode: str = "log-additive", backend: str = "sdpa"
+) -> Iterator[Manipulation]:
+    """Apply ``multipliers`` (rows x key positions, 1 = untouched) to every attention layer.
+
+    A single row is broadcast over the batch. ``mode="multiplicative"`` always runs on the eager
+    path, whatever ``backend`` says. The yielded :class:`Manipulation` counts the attention calls.
+    """
+    if mode not in MODES:
+        raise AtmanError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if backend not in BACKENDS:
+        raise AtmanError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if multipliers.ndim != 2:
+        raise AtmanError(f"multipliers must be 2-D (rows, key positions), got shape {tuple(multipliers.shape)}")
+    if bool((multipliers < 0).any()):
+        raise AtmanError("multipliers must be >= 0")
+    state = Manipulation(multipliers=multipliers, mode=mode, backend=backend)
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active() -> Manipulation | None:
+    """The manipulation in force in this context, if any."""
+    return _ACTIVE.get()
+
+
+def atman_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention function with the signature of transformers' AttentionInterface."""
+    state = _ACTIVE.get()
+    if state is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    state.calls += 1
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(query.shape[-1])
+    multipliers = _row_multipliers(state.multipliers, query.shape[0], key.shape[-2], query.device)
+    base = _additive_mask(module, attention_mask, query, key, kwargs.get("is_causal"))
+    if state.mode == "multiplicative" or state.backend == "eager":
+        return _eager(module, query, key, value, base, multipliers, state.mode, dropout, scaling, kwargs)
+    bias = base + torch.log(multipliers)[:, None, None, :]
+    dead = torch.isneginf(bias).all(dim=-1)
+    if state.backend == "flex_attention":
+        out = _flex(query, key, value, bias, scaling)
+    else:
+        kwargs.pop("is_causal", None)
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, bias.to(query.dtype), dropout=dropout, scaling=scaling,
+            is_causal=False, **kwargs,
+        )
+    return _zero_dead_rows(out, dead), None
+
+
+def _row_multipliers(multipliers: torch.Tensor, rows: int, keys: int, device: torch.device) -> torch.Tensor:
+    if multipliers.shape[1] != keys:
+        raise AtmanError(
+            f"multipliers cover {multipliers.shape[1]} key positions but the attention layer sees {keys}"
+        )
+    if multipliers.shape[0] not in (1, rows):
+        raise AtmanError(f"multipliers have {multipliers.shape[0]} rows for a batch of {rows}")
+    return multipliers.to(device=device, dtype=torch.float32).expand(rows, keys)
+
+
+def _additive_mask(
+    module: torch.nn.Module,
+    attention_mask: torch.Tensor | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    is_causal: bool | None,
+) -> torch.Tensor:
+    """The model's own mask as float32 0 / -inf of shape (batch or 1, 1, queries, keys)."""
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        base = torch.zeros(1, 1, q_len, k_len, device=query.device)
+        if causal and q_len > 1:
+            q_pos = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+            k_pos = torch.arange(k_len, device=query.device)[None, :]
+            base = base.masked_fill(k_pos > q_pos, float("-inf"))
+        return base
+    mask = attention_mask[:, :, :, :k_len]
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=query.device).masked_fill(~mask, float("-inf"))
+    mask = mask.to(torch.float32)
+    return mask.masked_fill(mask <= torch.finfo(attention_mask.dtype).min / 2, float("-inf"))
+
+
+def _zero_dead_rows(out: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """``out`` is (batch, queries, heads, dim); ``dead`` marks (batch, 1, queries) rows with no key."""
+    if not bool(dead.any()):
+        return out
+    return out.masked_fill(dead.expand(out.shape[0], 1, out.shape[1]).permute(0, 2, 1)[..., None], 0.0)
+
+
+def _eager(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    base: torch.Tensor,
+    multipliers: torch.Tensor,
+    mode: str,
+    dropout: float,
+    scaling: float,
+    kwargs: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n_rep = query.shape[1] // key.shape[1]
+    key = repeat_kv(key, n_rep)
+    value = repeat_kv(value, n_rep)
+    scores = torch.matmul(query, key.transpose(2, 3)).to(torch.float32)
+    if mode == "multiplicative":
+        scores = (scores - scores.amin(dim=-1, keepdim=True)) * multipliers[:, None, None, :]
+    scores = scores * scaling
+    softcap = kwargs.get("softcap")
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + base
+    if mode == "log-additive":
+        scores = scores + torch.log(multipliers)[:, None, None, :]
+    dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        sink_col = sinks.to(torch.float32).reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        probs = torch.softmax(torch.cat([scores, sink_col], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    probs = probs.masked_fill(dead, 0.0).to(value.dtype)
+    if dropout and module.training:
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def _flex(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias[b, 0, q_idx, kv_idx]
+
+    gqa = query.shape[1] != key.shape[1]
+    out = flex_attention(query, key, value, score_mod=score_mod, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous()

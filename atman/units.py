@@ -1,0 +1,243 @@
+"""From the user's text to units (sets of token positions) and back to character offsets.
+
+A :class:`Unit` is what AtMan suppresses in one perturbation: one or more token positions of the
+model's input, with the character span of the user's text it stands for. Text units come from
+character spans (words, sentences, ...) intersected with the tokenizer's offsets, so every score
+maps back to characters. Template and special tokens belong to no unit and are never suppressed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import AtmanError, EmptyInputError, GranularityError, NoUnitsError
+
+GRANULARITIES = ("auto", "token", "word", "sentence", "paragraph", "delimiter", "spans")
+TARGET_GRANULARITIES = ("complete", "token")
+AUTO_UNITS = 30
+
+_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)|\n+")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Token ``positions`` that are suppressed together; ``start``/``length`` in the prompt or target."""
+
+    kind: str
+    positions: tuple[int, ...]
+    start: int
+    length: int
+    text: str
+
+
+@dataclass(frozen=True)
+class EncodedInput:
+    """Prompt and target as one token sequence, with character offsets of every explainable token.
+
+    ``prompt_spans[i]`` is the (start, end) character span in ``prompt`` of token ``i``, or None for
+    tokens that are not the user's prompt text (BOS, chat template). Target tokens occupy positions
+    ``target_start`` onwards; ``target_spans`` are their spans in ``target``.
+    """
+
+    input_ids: tuple[int, ...]
+    prompt: str
+    target: str
+    prompt_spans: tuple[tuple[int, int] | None, ...]
+    target_start: int
+    target_spans: tuple[tuple[int, int], ...]
+
+    @property
+    def target_positions(self) -> range:
+        return range(self.target_start, len(self.input_ids))
+
+
+def encode(
+    tokenizer,
+    prompt: str,
+    target: str | Sequence[int],
+    *,
+    chat: bool = False,
+    system: str | None = None,
+) -> EncodedInput:
+    """Tokenize ``prompt`` (optionally inside the chat template) followed by ``target``.
+
+    ``target`` is text, or token ids (a generated continuation, kept exactly as generated).
+    """
+    if not prompt or not prompt.strip():
+        raise EmptyInputError("the prompt is empty")
+    if chat:
+        ids, spans = _encode_chat(tokenizer, prompt, system)
+    else:
+        enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        spans = [_explainable(a, b) for a, b in enc["offset_mapping"]]
+        special = set(tokenizer.all_special_ids)
+        spans = [None if tok in special else span for tok, span in zip(ids, spans)]
+    if isinstance(target, str):
+        if not target:
+            raise EmptyInputError("the target is empty")
+        tenc = tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
+        target_ids = list(tenc["input_ids"])
+        target_spans = [(int(a), int(b)) for a, b in tenc["offset_mapping"]]
+        target_text = target
+    else:
+        target_ids = [int(t) for t in target]
+        target_text, target_spans = _decode_with_offsets(tokenizer, target_ids)
+    if not target_ids:
+        raise EmptyInputError("the target is empty (it has no tokens)")
+    return EncodedInput(
+        input_ids=tuple(ids + target_ids),
+        prompt=prompt,
+        target=target_text,
+        prompt_spans=tuple(spans),
+        target_start=len(ids),
+        target_spans=tuple(target_spans),
+    )
+
+
+def _explainable(a: int, b: int) -> tuple[int, int] | None:
+    return (int(a), int(b)) if b > a else None
+
+
+def _encode_chat(tokenizer, prompt: str, system: str | None) -> tuple[list[int], list]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise AtmanError("this model's tokenizer has no chat template; run without chat mode")
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    search_from = text.find(system) + len(system) if system and system in text else 0
+    offset = text.find(prompt, search_from)
+    if offset < 0:
+        raise AtmanError("the chat template changes the prompt text, so its units cannot be located")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = []
+    for a, b in enc["offset_mapping"]:
+        lo, hi = max(int(a), offset) - offset, min(int(b), offset + len(prompt)) - offset
+        spans.append((lo, hi) if hi > lo else None)
+    return list(enc["input_ids"]), spans
+
+
+def _decode_with_offsets(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    spans, previous = [], 0
+    for i in range(1, len(ids) + 1):
+        length = len(tokenizer.decode(ids[:i], skip_special_tokens=False))
+        spans.append((previous, max(previous, length)))
+        previous = max(previous, length)
+    return tokenizer.decode(ids, skip_special_tokens=False), spans
+
+
+def text_spans(
+    text: str,
+    granularity: str,
+    *,
+    delimiter: str | None = None,
+    spans: Sequence[tuple[int, int]] | None = None,
+) -> list[tuple[int, int]]:
+    """Character spans (start, end) of ``text`` at a text granularity (not ``token`` or ``auto``)."""
+    if granularity == "word":
+        return [m.span() for m in re.finditer(r"\S+", text)]
+    if granularity == "sentence":
+        return _split_after(text, _SENTENCE_END)
+    if granularity == "paragraph":
+        return _split_after(text, _PARAGRAPH_BREAK)
+    if granularity == "delimiter":
+        if not delimiter:
+            raise GranularityError("granularity 'delimiter' needs a non-empty delimiter")
+        return _split_after(text, re.compile(re.escape(delimiter)))
+    if granularity == "spans":
+        if not spans:
+            raise GranularityError("granularity 'spans' needs at least one (start, end) character span")
+        checked = []
+        for start, end in spans:
+            if not 0 <= start < end <= len(text):
+                raise GranularityError(
+                    f"span ({start}, {end}) is not a non-empty range inside the prompt of {len(text)} characters"
+                )
+            checked.append((int(start), int(end)))
+        checked.sort()
+        for (_, end), (start, _) in zip(checked, checked[1:]):
+            if start < end:
+                raise GranularityError("explicit spans must not overlap")
+        return checked
+    raise GranularityError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+
+
+def _split_after(text: str, boundary: re.Pattern) -> list[tuple[int, int]]:
+    """Pieces of ``text`` ending at each boundary match (inclusive), trimmed of whitespace."""
+    cuts = [m.end() for m in boundary.finditer(text)] + [len(text)]
+    pieces, start = [], 0
+    for end in cuts:
+        piece = text[start:end]
+        lead = len(piece) - len(piece.lstrip())
+        trail = len(piece) - len(piece.rstrip())
+        if piece.strip():
+            pieces.append((start + lead, end - trail))
+        start = end
+    return pieces
+
+
+def prompt_units(
+    encoded: EncodedInput,
+    granularity: str = "auto",
+    *,
+    delimiter: str | None = None,
+    spans: Sequence[tuple[int, int]] | None = None,
+) -> list[Unit]:
+    """The units of the prompt at ``granularity``, in text order."""
+    if granularity not in GRANULARITIES:
+        raise GranularityError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    tokens = [(pos, span) for pos, span in enumerate(encoded.prompt_spans) if span is not None]
+    if granularity == "auto":
+        granularity = choose_granularity(encoded)
+    if granularity == "token":
+        units = [Unit("prompt", (pos,), a, b - a, encoded.prompt[a:b]) for pos, (a, b) in tokens]
+    else:
+        char_spans = text_spans(encoded.prompt, granularity, delimiter=delimiter, spans=spans)
+        units = _assign(encoded.prompt, tokens, char_spans)
+    if not units:
+        raise NoUnitsError(f"granularity {granularity!r} yields no unit in this prompt")
+    return units
+
+
+def choose_granularity(encoded: EncodedInput, wanted: int = AUTO_UNITS) -> str:
+    """The granularity whose unit count is closest to ``wanted`` (ties go to the finer one)."""
+    counts = {"token": sum(span is not None for span in encoded.prompt_spans)}
+    for name in ("word", "sentence", "paragraph"):
+        counts[name] = len(text_spans(encoded.prompt, name))
+    return min(counts, key=lambda name: abs(counts[name] - wanted))
+
+
+def _assign(text: str, tokens: list[tuple[int, tuple[int, int]]], spans: list[tuple[int, int]]) -> list[Unit]:
+    """Give each token to the span it overlaps most; spans left without a token are dropped."""
+    members: list[list[int]] = [[] for _ in spans]
+    j = 0
+    for pos, (a, b) in tokens:
+        best, best_overlap = None, 0
+        # spans are sorted; only those near the token can overlap it
+        while j < len(spans) and spans[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(spans) and spans[k][0] < b:
+            overlap = min(b, spans[k][1]) - max(a, spans[k][0])
+            if overlap > best_overlap:
+                best, best_overlap = k, overlap
+            k += 1
+        if best is not None:
+            members[best].append(pos)
+    return [
+        Unit("prompt", tuple(pos), s, e - s, text[s:e])
+        for (s, e), pos in zip(spans, members)
+        if pos
+    ]
+
+
+def target_units(encoded: EncodedInput) -> list[Unit]:
+    """Each target token but the last as a unit (it can explain the target tokens after it)."""
+    units = []
+    for i, (a, b) in enumerate(encoded.target_spans[:-1]):
+        units.append(Unit("target", (encoded.target_start + i,), a, b - a, encoded.target[a:b]))
+    return units
