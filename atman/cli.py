@@ -1,0 +1,357 @@
+"""Command line: ``atman explain`` mirrors :meth:`atman.Explainer.explain`; ``atman demo`` shows it off.
+
+Exit codes: 0 success; 1 a batch finished but some of its lines failed (their error objects are in
+the output); 2 bad input or options (a clear message on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from .errors import AtmanError
+from .explanation import POSTPROCESSING, Explanation
+from .manipulation import BACKENDS, MODES
+from .units import GRANULARITIES, TARGET_GRANULARITIES
+
+FORMATS = ("text", "json", "html")
+# fields a batch line may set, with the type each must have
+LINE_FIELDS: dict[str, tuple[type, ...]] = {
+    "prompt": (str,),
+    "target": (str, type(None)),
+    "granularity": (str,),
+    "target_granularity": (str,),
+    "delimiter": (str, type(None)),
+    "spans": (list,),
+    "factor": (int, float),
+    "kappa": (int, float, type(None)),
+    "conceptual": (bool,),
+    "mode": (str,),
+    "chat": (bool,),
+    "system": (str, type(None)),
+    "max_new_tokens": (int,),
+    "postprocessing": (str,),
+    "normalize": (bool,),
+}
+DEMO_PROMPT = (
+    "Welcome to the Varnholt archive.\n\n"
+    "Tamsin Orrelby keeps bees on the island of Quellmark. "
+    "Doran Vesk repairs clocks in the town of Lindhaven. "
+    "The river Sorrow runs past the mill at Brackwater. "
+    "Mirela Castaine teaches music in the village of Olvereth.\n\n"
+    "Question: Where does Doran Vesk repair clocks?\n"
+    "Answer: Doran Vesk repairs clocks in the town of"
+)
+DEMO_TARGET = " Lindhaven"
+
+
+class UsageError(AtmanError):
+    """Options that do not fit together."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atman",
+        description="Explain which parts of a prompt made a transformer produce its output (AtMan).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    explain = sub.add_parser("explain", help="explain a target continuation of a prompt")
+    explain.add_argument("prompt", nargs="?", help="the prompt (or use --prompt-file, --input or stdin)")
+    explain.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    explain.add_argument("--target", "-t", help="the continuation to explain (default: the model's greedy one)")
+    explain.add_argument("--input", type=Path, metavar="FILE.jsonl",
+                         help="batch: one JSON request per line, one JSON result per line out")
+    explain.add_argument("--fail-fast", action="store_true", help="batch: stop at the first bad line")
+    _model_options(explain)
+    explain.add_argument("--granularity", "-g", default="auto", choices=GRANULARITIES)
+    explain.add_argument("--delimiter", help="split the prompt at this string (sets --granularity delimiter)")
+    explain.add_argument("--span", action="append", metavar="START:END", dest="spans",
+                         help="explicit character span of the prompt as a unit (repeatable)")
+    explain.add_argument("--target-granularity", default="complete", choices=TARGET_GRANULARITIES)
+    explain.add_argument("--factor", type=float, help="suppression strength f: multiplier 1-f (default 0.9)")
+    explain.add_argument("--kappa", type=float, help="similarity threshold of conceptual suppression")
+    explain.add_argument("--no-conceptual", action="store_true", help="switch conceptual suppression off")
+    explain.add_argument("--mode", choices=MODES, help="log-additive (default) or multiplicative")
+    explain.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    explain.add_argument("--system", help="system message for --chat")
+    explain.add_argument("--max-new-tokens", type=int, default=32,
+                         help="length of the generated target when none is given")
+    explain.add_argument("--postprocessing", default="none", choices=POSTPROCESSING)
+    explain.add_argument("--normalize", action="store_true", help="scale scores to [0, 1] per target")
+    explain.add_argument("--format", "-f", default="text", choices=FORMATS)
+    explain.add_argument("--output", "-o", type=Path, help="write the result here instead of stdout")
+    explain.add_argument("--quiet", "-q", action="store_true", help="no progress bar or status messages")
+
+    demo = sub.add_parser("demo", help="explain a built-in example and write an HTML report")
+    _model_options(demo)
+    demo.add_argument("--output", "-o", type=Path, default=Path("atman-demo.html"))
+    demo.add_argument("--quiet", "-q", action="store_true")
+    return parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=None,
+                        help="hub id, model directory, .gguf file, 'smollm2' (default) or 'gemma3-270m'")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    parser.add_argument("--backend", default="sdpa", choices=BACKENDS, help="attention kernel for log-additive")
+    parser.add_argument("--batch-size", type=int, help="perturbations per forward pass (default: automatic)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        return _explain(args)
+    except AtmanError as exc:
+        print(f"atman: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("atman: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _load(args) -> Any:
+    from .explainer import Explainer
+    from .models import load_model
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    with _status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}", args.quiet):
+        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    return Explainer(lm, backend=args.backend, batch_size=args.batch_size)
+
+
+def _explain(args) -> int:
+    if args.input is not None:
+        if args.prompt or args.prompt_file or args.target:
+            raise UsageError("--input takes the prompts from the file; do not also give a prompt or --target")
+        if args.format == "html":
+            raise UsageError("--input writes JSON lines; --format html is for a single explanation")
+        lines = _read_text(args.input).splitlines()
+        explainer = _load(args)
+        return _batch(explainer, lines, args)
+    request = _request_from_args(args)
+    explainer = _load(args)
+    with _progress("explaining", args.quiet) as progress:
+        explanation = explainer.explain(progress=progress, **request)
+    _write(explanation, args.format, args.output)
+    return 0
+
+
+def _request_from_args(args) -> dict[str, Any]:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UsageError("give the prompt either as an argument or with --prompt-file, not both")
+    if args.prompt_file is not None:
+        prompt = _read_text(args.prompt_file)
+    elif args.prompt is not None:
+        prompt = args.prompt
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    else:
+        raise UsageError("no prompt: give one as an argument, with --prompt-file, --input or on stdin")
+    request = {"prompt": prompt, "target": args.target}
+    for name in ("granularity", "target_granularity", "delimiter", "factor", "kappa", "mode", "system",
+                 "max_new_tokens", "postprocessing", "normalize", "chat"):
+        request[name] = getattr(args, name)
+    request["conceptual"] = not args.no_conceptual
+    if args.spans:
+        request["spans"] = [_parse_span(text) for text in args.spans]
+    return _normalise_request(request)
+
+
+def _parse_span(text: str) -> list[int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise UsageError(f"--span must look like START:END (character offsets), got {text!r}") from None
+    return [start, end]
+
+
+def _normalise_request(request: dict[str, Any]) -> dict[str, Any]:
+    """Turn a request in the CLI/JSON vocabulary into keyword arguments of Explainer.explain."""
+    out = {k: v for k, v in request.items() if v is not None and k not in ("conceptual",)}
+    if "target" in request:
+        out["target"] = request["target"]
+    if request.get("delimiter") and request.get("granularity", "auto") == "auto":
+        out["granularity"] = "delimiter"
+    if request.get("spans") and request.get("granularity", "auto") == "auto":
+        out["granularity"] = "spans"
+    if "spans" in out:
+        spans = out["spans"]
+        if not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) for s in spans):
+            raise UsageError("spans must be a list of [start, end] pairs of integers")
+        out["spans"] = [tuple(s) for s in spans]
+    if request.get("conceptual") is False:
+        out["kappa"] = None
+    elif "kappa" not in out:
+        out["kappa"] = "default"
+    return out
+
+
+def _batch(explainer, lines: list[str], args) -> int:
+    failed = 0
+    with _open_output(args.output) as out, _progress("batch", args.quiet, total=len(lines)) as progress:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                request = _parse_line(line)
+                result = explainer.explain(**request).to_dict()
+            except AtmanError as exc:
+                failed += 1
+                result = {"error": str(exc), "line": number}
+                if args.fail_fast:
+                    out.write(json.dumps(result, ensure_ascii=False) + "\n")
+                    print(f"atman: error on line {number}: {exc}", file=sys.stderr)
+                    return 2
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+            out.flush()
+            progress(number, len(lines))
+    if failed:
+        print(f"atman: {failed} of {sum(bool(x.strip()) for x in lines)} lines failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parse_line(line: str) -> dict[str, Any]:
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise UsageError("each line must be a JSON object")
+    unknown = sorted(set(request) - set(LINE_FIELDS))
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(unknown)}; known: {', '.join(LINE_FIELDS)}")
+    if "prompt" not in request:
+        raise UsageError("missing field: prompt")
+    for name, value in request.items():
+        if not isinstance(value, LINE_FIELDS[name]) or (isinstance(value, bool) and bool not in LINE_FIELDS[name]):
+            raise UsageError(f"field {name!r} has the wrong type ({type(value).__name__})")
+    request.setdefault("target", None)
+    return _normalise_request(request)
+
+
+def _write(explanation: Explanation, fmt: str, output: Path | None) -> None:
+    if fmt == "json":
+        text = explanation.to_json(indent=1) + "\n"
+    elif fmt == "html":
+        from .render.html import render_html
+
+        text = render_html(explanation)
+    else:
+        from rich.console import Console
+
+        from .render.terminal import render_terminal
+
+        if output is None:
+            render_terminal(explanation)
+            return
+        console = Console(record=True, file=open(os.devnull, "w"), width=100)  # noqa: SIM115
+        render_terminal(explanation, console)
+        text = console.export_text()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        _write_file(output, text)
+
+
+def _write_file(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _open_output(path: Path | None) -> Iterator[TextIO]:
+    if path is None:
+        yield sys.stdout
+        return
+    try:
+        handle = path.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    with handle:
+        yield handle
+
+
+def _interactive(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def _status(message: str, quiet: bool) -> Iterator[None]:
+    if not _interactive(quiet):
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(message + " ..."):
+        yield
+
+
+@contextlib.contextmanager
+def _progress(description: str, quiet: bool, total: int | None = None):
+    """A callback ``(done, total)`` that drives a rich progress bar on stderr, or does nothing."""
+    if not _interactive(quiet):
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+
+        def update(done: int, all_: int) -> None:
+            bar.update(task, completed=done, total=all_)
+
+        yield update
+
+
+def _demo(args) -> int:
+    from rich.console import Console
+
+    from .render.html import render_html
+    from .render.terminal import render_terminal
+
+    explainer = _load(args)
+    console = Console()
+    explanations = []
+    for granularity in ("sentence", "word"):
+        with _progress(f"explaining ({granularity})", args.quiet) as progress:
+            explanation = explainer.explain(DEMO_PROMPT, DEMO_TARGET, granularity=granularity, progress=progress)
+        render_terminal(explanation, console)
+        explanations.append(explanation)
+    _write_file(args.output, render_html(explanations[-1], title="atman demo: which words made the answer"))
+    console.print(f"\nHTML report written to [bold]{args.output}[/bold]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
