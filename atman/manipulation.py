@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -247,14 +248,26 @@ def _eager(
     return out, probs
 
 
+_COMPILED_FLEX = None
+
+
 def _flex(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor, scaling: float
 ) -> torch.Tensor:
+    global _COMPILED_FLEX
     from torch.nn.attention.flex_attention import flex_attention
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + bias[b, 0, q_idx, kv_idx]
 
     gqa = query.shape[1] != key.shape[1]
-    out = flex_attention(query, key, value, score_mod=score_mod, scale=scaling, enable_gqa=gqa)
+    if query.is_cuda:
+        # only the compiled kernel is fused; uncompiled flex materialises the scores like eager
+        if _COMPILED_FLEX is None:
+            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+        out = _COMPILED_FLEX(query, key, value, score_mod=score_mod, scale=scaling, enable_gqa=gqa)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out = flex_attention(query, key, value, score_mod=score_mod, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2).contiguous()
