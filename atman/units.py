@@ -20,6 +20,9 @@ AUTO_UNITS = 30
 
 _SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)|\n+")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
+# a period after these does not end a sentence
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "vs", "etc", "e.g", "i.e", "no", "fig",
+                  "approx", "inc", "ltd", "co", "mt"}
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ def text_spans(
     if granularity == "word":
         return [m.span() for m in re.finditer(r"\S+", text)]
     if granularity == "sentence":
-        return _split_after(text, _SENTENCE_END)
+        return _split_after(text, _SENTENCE_END, keep=_is_abbreviation)
     if granularity == "paragraph":
         return _split_after(text, _PARAGRAPH_BREAK)
     if granularity == "delimiter":
@@ -166,9 +169,19 @@ def text_spans(
     raise GranularityError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
 
 
-def _split_after(text: str, boundary: re.Pattern) -> list[tuple[int, int]]:
-    """Pieces of ``text`` ending at each boundary match (inclusive), trimmed of whitespace."""
-    cuts = [m.end() for m in boundary.finditer(text)] + [len(text)]
+def _is_abbreviation(text: str, match: re.Match) -> bool:
+    if match.group().strip() != ".":
+        return False
+    word = text[:match.start()].rsplit(None, 1)[-1] if text[:match.start()].strip() else ""
+    return word.lower() in _ABBREVIATIONS or (len(word) == 1 and word.isupper())
+
+
+def _split_after(text: str, boundary: re.Pattern, keep=None) -> list[tuple[int, int]]:
+    """Pieces of ``text`` ending at each boundary match (inclusive), trimmed of whitespace.
+
+    ``keep(text, match)`` true means the match does not end a piece (an abbreviation's period).
+    """
+    cuts = [m.end() for m in boundary.finditer(text) if keep is None or not keep(text, m)] + [len(text)]
     pieces, start = [], 0
     for end in cuts:
         piece = text[start:end]

@@ -1,0 +1,1 @@
+"""Datasets and checks that tell whether explanations point at the right evidence."""
