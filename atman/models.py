@@ -91,6 +91,8 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
             raise ModelLoadError(f"no such GGUF file: {name}")
         display = path.stem
         model, tokenizer = _load_gguf(path, torch_dtype)
+    elif name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise ModelLoadError(f"no such model directory: {name}")
     else:
         display = name.rstrip("/").split("/")[-1] if Path(name).is_dir() else name
         model, tokenizer = _load_pretrained(name, torch_dtype)
