@@ -109,7 +109,7 @@ class Explanation:
                 low, high = min(scores), max(scores)
                 span = high - low
                 scores = [(s - low) / span if span > 0 else 0.0 for s in scores]
-            items = tuple(replace(item, score=s) for item, s in zip(exp.items, scores))
+            items = tuple(replace(item, score=s) for item, s in zip(exp.items, scores, strict=True))
             out.append(replace(exp, items=items))
         settings = dict(self.settings, postprocessing=postprocessing, normalize=normalize)
         return replace(self, explanations=tuple(out), settings=settings)

@@ -78,7 +78,7 @@ def encode(
         ids = list(enc["input_ids"])
         spans = [_explainable(a, b) for a, b in enc["offset_mapping"]]
         special = set(tokenizer.all_special_ids)
-        spans = [None if tok in special else span for tok, span in zip(ids, spans)]
+        spans = [None if tok in special else span for tok, span in zip(ids, spans, strict=True)]
     if isinstance(target, str):
         if not target:
             raise EmptyInputError("the target is empty")
@@ -162,7 +162,7 @@ def text_spans(
                 )
             checked.append((int(start), int(end)))
         checked.sort()
-        for (_, end), (start, _) in zip(checked, checked[1:]):
+        for (_, end), (start, _) in zip(checked, checked[1:], strict=False):
             if start < end:
                 raise GranularityError("explicit spans must not overlap")
         return checked
@@ -243,7 +243,7 @@ def _assign(text: str, tokens: list[tuple[int, tuple[int, int]]], spans: list[tu
             members[best].append(pos)
     return [
         Unit("prompt", tuple(pos), s, e - s, text[s:e])
-        for (s, e), pos in zip(spans, members)
+        for (s, e), pos in zip(spans, members, strict=True)
         if pos
     ]
 

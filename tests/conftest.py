@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    GemmaConfig,
     Gemma3TextConfig,
+    GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,

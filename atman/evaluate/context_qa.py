@@ -80,7 +80,7 @@ def make_examples(n: int, seed: int = 0, facts: int = 5) -> list[QAExample]:
         templates = [asked, asked] + [rng.randrange(len(_TEMPLATES)) for _ in range(facts - 2)]
         rng.shuffle(templates)
         sentences, slots = [], []
-        for name, t in zip(names, templates):
+        for name, t in zip(names, templates, strict=True):
             fact = _TEMPLATES[t][0]
             slot = {"name": name, "animal": rng.choice(_ANIMALS), "object": rng.choice(_OBJECTS),
                     "value": _value(rng, _TEMPLATES[t][3])}
