@@ -1,7 +1,8 @@
 """Command line: ``atman explain`` mirrors :meth:`atman.Explainer.explain`; ``atman demo`` shows it off.
 
 Exit codes: 0 success; 1 a batch finished but some of its lines failed (their error objects are in
-the output); 2 bad input or options (a clear message on stderr, never a traceback).
+the output); 2 bad input or options (a clear message on stderr, never a traceback); 3 an unexpected
+internal error (one line on stderr; set ATMAN_DEBUG=1 for the traceback).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import AtmanError
+from .explainer import CONCEPTUAL_KAPPA
 from .explanation import POSTPROCESSING, Explanation
 from .manipulation import BACKENDS, MODES
 from .units import GRANULARITIES, TARGET_GRANULARITIES
@@ -76,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="explicit character span of the prompt as a unit (repeatable)")
     explain.add_argument("--target-granularity", default="complete", choices=TARGET_GRANULARITIES)
     explain.add_argument("--factor", type=float, help="suppression strength f: multiplier 1-f (default 0.9)")
-    explain.add_argument("--kappa", type=float, help="similarity threshold of conceptual suppression")
-    explain.add_argument("--no-conceptual", action="store_true", help="switch conceptual suppression off")
+    explain.add_argument("--conceptual", action="store_true",
+                         help="switch conceptual suppression on (threshold 0.7 unless --kappa)")
+    explain.add_argument("--kappa", type=float, help="switch conceptual suppression on with this similarity threshold")
+    explain.add_argument("--no-conceptual", action="store_true", help="conceptual suppression off (the default)")
     explain.add_argument("--mode", choices=MODES, help="log-additive (default) or multiplicative")
     explain.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     explain.add_argument("--system", help="system message for --chat")
@@ -118,6 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("atman: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): not an error of ours
+        sys.stderr.close()
+        return 0
+    except Exception as exc:
+        if os.environ.get("ATMAN_DEBUG"):
+            raise
+        print(f"atman: internal error: {type(exc).__name__}: {exc} (ATMAN_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 3
 
 
 def _quiet_libraries() -> None:
@@ -144,7 +158,11 @@ def _explain(args) -> int:
             raise UsageError("--input takes the prompts from the file; do not also give a prompt or --target")
         if args.format == "html":
             raise UsageError("--input writes JSON lines; --format html is for a single explanation")
-        lines = _read_text(args.input).splitlines()
+        # JSON lines are separated by \n only: str.splitlines would also split at U+2028 and friends,
+        # which json.dumps(ensure_ascii=False) writes unescaped inside strings
+        lines = [line.rstrip("\r") for line in _read_text(args.input).split("\n")]
+        if lines and not lines[-1]:
+            lines.pop()
         explainer = _load(args)
         return _batch(explainer, lines, args)
     request = _request_from_args(args)
@@ -159,21 +177,34 @@ def _request_from_args(args) -> dict[str, Any]:
     if args.prompt is not None and args.prompt_file is not None:
         raise UsageError("give the prompt either as an argument or with --prompt-file, not both")
     if args.prompt_file is not None:
-        prompt = _read_text(args.prompt_file)
+        prompt = _strip_final_newline(_read_text(args.prompt_file))
     elif args.prompt is not None:
         prompt = args.prompt
     elif not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+        prompt = _strip_final_newline(sys.stdin.read())
     else:
         raise UsageError("no prompt: give one as an argument, with --prompt-file, --input or on stdin")
     request = {"prompt": prompt, "target": args.target}
-    for name in ("granularity", "target_granularity", "delimiter", "factor", "kappa", "mode", "system",
+    for name in ("granularity", "target_granularity", "delimiter", "factor", "mode", "system",
                  "max_new_tokens", "postprocessing", "normalize", "chat"):
         request[name] = getattr(args, name)
+    if (args.kappa is not None or args.conceptual) and args.no_conceptual:
+        raise UsageError("--kappa/--conceptual switch conceptual suppression on, --no-conceptual off: choose one")
+    if args.kappa is not None:
+        request["kappa"] = args.kappa
+    if args.conceptual or args.no_conceptual:
+        request["conceptual"] = args.conceptual
     request["conceptual"] = not args.no_conceptual
     if args.spans:
         request["spans"] = [_parse_span(text) for text in args.spans]
     return _normalise_request(request)
+
+
+def _strip_final_newline(text: str) -> str:
+    """Files and pipes end with a newline the user did not mean as part of the prompt."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
 
 
 def _parse_span(text: str) -> list[int]:
@@ -189,19 +220,20 @@ def _normalise_request(request: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in request.items() if v is not None and k not in ("conceptual",)}
     if "target" in request:
         out["target"] = request["target"]
-    if request.get("delimiter") and request.get("granularity", "auto") == "auto":
-        out["granularity"] = "delimiter"
-    if request.get("spans") and request.get("granularity", "auto") == "auto":
-        out["granularity"] = "spans"
+    granularity = request.get("granularity") or "auto"
+    if request.get("delimiter") and granularity not in ("auto", "delimiter"):
+        raise UsageError(f"a delimiter only applies to granularity 'delimiter', not {granularity!r}")
+    if request.get("spans") and granularity not in ("auto", "spans"):
+        raise UsageError(f"spans only apply to granularity 'spans', not {granularity!r}")
     if "spans" in out:
         spans = out["spans"]
         if not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) for s in spans):
             raise UsageError("spans must be a list of [start, end] pairs of integers")
         out["spans"] = [tuple(s) for s in spans]
-    if request.get("conceptual") is False:
+    if request.get("conceptual") is False or ("kappa" in request and request["kappa"] is None):
         out["kappa"] = None
     elif "kappa" not in out:
-        out["kappa"] = "default"
+        out["kappa"] = CONCEPTUAL_KAPPA if request.get("conceptual") else "default"
     return out
 
 
@@ -214,9 +246,10 @@ def _batch(explainer, lines: list[str], args) -> int:
             try:
                 request = _parse_line(line)
                 result = explainer.explain(**request).to_dict()
-            except AtmanError as exc:
+            except Exception as exc:  # one bad line never costs the others their results
                 failed += 1
-                result = {"error": str(exc), "line": number}
+                message = str(exc) if isinstance(exc, AtmanError) else f"{type(exc).__name__}: {exc}"
+                result = {"error": message, "line": number}
                 if args.fail_fast:
                     out.write(json.dumps(result, ensure_ascii=False) + "\n")
                     print(f"atman: error on line {number}: {exc}", file=sys.stderr)
@@ -282,7 +315,7 @@ def _write_file(path: Path, text: str) -> None:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read {path}: {exc}") from None
 

@@ -92,8 +92,13 @@ def _check_interface_is_used(model: torch.nn.Module) -> None:
     device = next(model.parameters()).device
     vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 8))
     ids = (torch.arange(4, device=device) % max(vocab - 1, 1) + 1).unsqueeze(0)
-    with torch.no_grad(), manipulate(torch.ones(1, 4, device=device)) as state:
-        model(input_ids=ids, use_cache=False)
+    try:
+        with torch.no_grad(), manipulate(torch.ones(1, 4, device=device)) as state:
+            model(input_ids=ids, use_cache=False)
+    except Exception as exc:  # any failure here means the model cannot run under AtMan
+        raise UnsupportedModelError(
+            f"{type(model).__name__} fails to run with AtMan attention: {type(exc).__name__}: {exc}"
+        ) from exc
     if state.calls == 0:
         raise UnsupportedModelError(
             f"{type(model).__name__} computes attention without transformers' AttentionInterface; "
@@ -117,8 +122,8 @@ def manipulate(
         raise AtmanError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if multipliers.ndim != 2:
         raise AtmanError(f"multipliers must be 2-D (rows, key positions), got shape {tuple(multipliers.shape)}")
-    if bool((multipliers < 0).any()):
-        raise AtmanError("multipliers must be >= 0")
+    if not bool(torch.isfinite(multipliers).all()) or bool((multipliers < 0).any()):
+        raise AtmanError("multipliers must be finite and >= 0")
     state = Manipulation(multipliers=multipliers, mode=mode, backend=backend)
     token = _ACTIVE.set(state)
     try:
@@ -144,16 +149,20 @@ def atman_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention function with the signature of transformers' AttentionInterface."""
     state = _ACTIVE.get()
-    if state is None:
+    # SDPA and FlexAttention here cannot apply attention softcapping or sinks: those go eager
+    needs_eager = bool(kwargs.get("softcap")) or kwargs.get("s_aux") is not None
+    if state is None and not needs_eager:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if state is None:
+        state = Manipulation(multipliers=torch.ones(1, key.shape[-2]), backend="eager")
     state.calls += 1
     if scaling is None:
         scaling = 1.0 / math.sqrt(query.shape[-1])
     multipliers = _row_multipliers(state.multipliers, query.shape[0], key.shape[-2], query.device)
     base = _additive_mask(module, attention_mask, query, key, kwargs.get("is_causal"))
-    if state.mode == "multiplicative" or state.backend == "eager":
+    if state.mode == "multiplicative" or state.backend == "eager" or needs_eager:
         return _eager(module, query, key, value, base, multipliers, state.mode, dropout, scaling, kwargs)
     bias = base + torch.log(multipliers)[:, None, None, :]
     dead = torch.isneginf(bias).all(dim=-1)
@@ -226,7 +235,10 @@ def _eager(
     value = repeat_kv(value, n_rep)
     scores = torch.matmul(query, key.transpose(2, 3)).to(torch.float32)
     if mode == "multiplicative":
-        scores = (scores - scores.amin(dim=-1, keepdim=True)) * multipliers[:, None, None, :]
+        # (S - min) * m, shifted back by the row minimum: the same softmax as the paper's formula for
+        # plain attention, and an exact identity at m = 1 under softcapping and sinks too
+        row_min = scores.amin(dim=-1, keepdim=True)
+        scores = row_min + (scores - row_min) * multipliers[:, None, None, :]
     scores = scores * scaling
     softcap = kwargs.get("softcap")
     if softcap:

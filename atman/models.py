@@ -57,9 +57,14 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as exc:
         raise ModelLoadError(f"unknown device {device!r}: {exc}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but this PyTorch build or machine has no CUDA")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but MPS is not available here")
+    return resolved
 
 
 def load_model(name: str | None = None, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
@@ -86,7 +91,7 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
         path, display = _gemma_path(), "gemma-3-270m"
         model, tokenizer = _load_gguf(path, torch_dtype)
     elif name.endswith(".gguf"):
-        path = Path(name)
+        path = Path(name).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"no such GGUF file: {name}")
         display = path.stem
@@ -94,9 +99,14 @@ def load_model(name: str | None = None, *, dtype: str = "float32", device: str =
     elif name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
         raise ModelLoadError(f"no such model directory: {name}")
     else:
+        if Path(name).expanduser().is_dir():
+            name = str(Path(name).expanduser())
         display = name.rstrip("/").split("/")[-1] if Path(name).is_dir() else name
         model, tokenizer = _load_pretrained(name, torch_dtype)
-    model = model.to(target).eval()
+    try:
+        model = model.to(target).eval()
+    except (RuntimeError, AssertionError) as exc:
+        raise ModelLoadError(f"cannot move the model to {target}: {exc}") from exc
     enable(model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=display)
 
@@ -121,7 +131,10 @@ def _gemma_path() -> Path:
 
     out = cache_dir() / "gguf" / gemma.MODEL_NAME
     try:
-        return Path(gemma.assemble(output_path=out))
+        try:
+            return Path(gemma.assemble(output_path=out))
+        except FileExistsError:  # an interrupted earlier assembly left a partial file
+            return Path(gemma.assemble(output_path=out, overwrite=True))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot assemble the Gemma-3-270M GGUF file: {exc}") from exc
 
@@ -130,8 +143,9 @@ def _load_pretrained(name: str, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}") from exc
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        hint = f" (a damaged conversion cache? delete it: {name})" if str(cache_dir()) in name else ""
+        raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}{hint}") from exc
     return model, tokenizer
 
 
@@ -154,12 +168,15 @@ def _load_gguf(path: Path, dtype: torch.dtype):
 
 
 def _save_converted(model, tokenizer, converted: Path) -> None:
-    """Write atomically, so that an interrupted conversion is never mistaken for a finished one."""
+    """Write atomically, so that an interrupted conversion is never mistaken for a finished one.
+
+    A read-only or full cache only costs the next load its speed, so failures are not errors.
+    """
     try:
         converted.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".tmp-"))
     except OSError:
-        return  # a read-only cache only costs the next load its speed
+        return
     try:
         # the weights are already dequantised: save them as a plain model
         model.hf_quantizer = None
@@ -168,10 +185,14 @@ def _save_converted(model, tokenizer, converted: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "complete").write_text("ok\n")
-        if converted.exists():
-            shutil.rmtree(converted)
-        tmp.rename(converted)
+        tmp.chmod(0o755)
+        if converted.exists() and not (converted / "complete").is_file():
+            shutil.rmtree(converted)  # a damaged earlier attempt
+        if not converted.exists():  # another process may have finished first: keep its copy
+            tmp.rename(converted)
     except OSError:
+        pass
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -71,6 +71,9 @@ def encode(
     """
     if not prompt or not prompt.strip():
         raise EmptyInputError("the prompt is empty")
+    _check_text(prompt, "prompt")
+    if isinstance(target, str):
+        _check_text(target, "target")
     if chat:
         ids, spans = _encode_chat(tokenizer, prompt, system)
     else:
@@ -101,36 +104,65 @@ def encode(
     )
 
 
+def _check_text(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise AtmanError(f"the {what} is not valid text (undecodable bytes at character {exc.start})") from None
+
+
 def _explainable(a: int, b: int) -> tuple[int, int] | None:
     return (int(a), int(b)) if b > a else None
+
+
+_SENTINEL = "\u2063ATMAN-USER-TEXT\u2063"
 
 
 def _encode_chat(tokenizer, prompt: str, system: str | None) -> tuple[list[int], list]:
     if not getattr(tokenizer, "chat_template", None):
         raise AtmanError("this model's tokenizer has no chat template; run without chat mode")
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}
-    ]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    search_from = text.find(system) + len(system) if system and system in text else 0
-    offset = text.find(prompt, search_from)
-    if offset < 0:
+
+    def render(content: str) -> str:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": content}
+        ]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    # locate the user's text by rendering a sentinel in its place: the prompt itself may also
+    # occur in the system message or in the template's own words
+    skeleton = render(_SENTINEL)
+    if skeleton.count(_SENTINEL) != 1:
+        raise AtmanError("the chat template does not place the user message exactly once")
+    offset = skeleton.index(_SENTINEL)
+    text = render(prompt)
+    if text != skeleton[:offset] + prompt + skeleton[offset + len(_SENTINEL):]:
         raise AtmanError("the chat template changes the prompt text, so its units cannot be located")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    special = set(tokenizer.all_special_ids)
     spans = []
-    for a, b in enc["offset_mapping"]:
+    for token, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
         lo, hi = max(int(a), offset) - offset, min(int(b), offset + len(prompt)) - offset
-        spans.append((lo, hi) if hi > lo else None)
+        spans.append((lo, hi) if hi > lo and token not in special else None)
     return list(enc["input_ids"]), spans
 
 
 def _decode_with_offsets(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """Text of generated ``ids`` and each token's character span in it.
+
+    A prefix decode counts only once it is a stable prefix of the final text: a token holding part
+    of a multi-byte character decodes to replacement characters until the character completes,
+    and gets an empty span (the completing token gets the character).
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=False)
     spans, previous = [], 0
     for i in range(1, len(ids) + 1):
-        length = len(tokenizer.decode(ids[:i], skip_special_tokens=False))
-        spans.append((previous, max(previous, length)))
-        previous = max(previous, length)
-    return tokenizer.decode(ids, skip_special_tokens=False), spans
+        prefix = tokenizer.decode(ids[:i], skip_special_tokens=False)
+        if text.startswith(prefix) and not prefix.endswith("\ufffd") and len(prefix) >= previous:
+            spans.append((previous, len(prefix)))
+            previous = len(prefix)
+        else:
+            spans.append((previous, previous))
+    return text, spans
 
 
 def text_spans(
@@ -211,6 +243,13 @@ def prompt_units(
     else:
         char_spans = text_spans(encoded.prompt, granularity, delimiter=delimiter, spans=spans)
         units = _assign(encoded.prompt, tokens, char_spans)
+        if granularity == "spans" and len(units) < len(char_spans):
+            kept = {(u.start, u.start + u.length) for u in units}
+            lost = [span for span in char_spans if span not in kept]
+            raise GranularityError(
+                f"span(s) {lost} hold no token of their own (a token is given to the span it overlaps most); "
+                "widen them or use token boundaries"
+            )
     if not units:
         raise NoUnitsError(f"granularity {granularity!r} yields no unit in this prompt")
     return units

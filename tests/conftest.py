@@ -8,10 +8,12 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     OPTConfig,
@@ -31,6 +33,13 @@ TINY_CONFIGS = {
     "gemma3": lambda: Gemma3TextConfig(**COMMON, num_key_value_heads=1, head_dim=8, sliding_window=4,
                                        layer_types=["sliding_attention", "full_attention"]),
     "gemma": lambda: GemmaConfig(**COMMON, num_key_value_heads=1, head_dim=8),
+    # attention softcapping
+    "gemma2": lambda: Gemma2Config(**COMMON, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=2.0,
+                                   sliding_window=4),
+    # attention sinks
+    "gpt_oss": lambda: GptOssConfig(**COMMON, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                    num_experts_per_tok=1, sliding_window=4,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     "phi3": lambda: Phi3Config(**COMMON, num_key_value_heads=4, pad_token_id=0),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128),
     "gpt_neox": lambda: GPTNeoXConfig(**COMMON),
@@ -39,9 +48,19 @@ TINY_CONFIGS = {
 }
 
 
+# transformers' own SDPA path cannot run these (softcap) or ignores part of them (sinks)
+EAGER_ONLY = {"gemma2", "gpt_oss"}
+
+
 def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
+    if family in EAGER_ONLY:
+        attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS[family](), attn_implementation=attn_implementation)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("sinks"):  # initialised to zero: make them matter
+                param.copy_(torch.randn_like(param))
     return model.eval()
 
 

@@ -157,7 +157,9 @@ def test_manipulation_is_scoped():
 
 def test_bad_multipliers_are_rejected():
     model = enable(tiny_model("llama"))
-    with pytest.raises(AtmanError, match=">= 0"), manipulate(-torch.ones(1, SEQ)):
+    with pytest.raises(AtmanError, match="finite and >= 0"), manipulate(-torch.ones(1, SEQ)):
+        pass
+    with pytest.raises(AtmanError, match="finite"), manipulate(torch.full((1, SEQ), float("nan"))):
         pass
     with pytest.raises(AtmanError, match="2-D"), manipulate(torch.ones(SEQ)):
         pass
