@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import AtmanError
-from .explainer import CONCEPTUAL_KAPPA
+from .explainer import CONCEPTUAL_KAPPA, ENGINES
 from .explanation import POSTPROCESSING, Explanation
 from .manipulation import BACKENDS, MODES
 from .units import GRANULARITIES, TARGET_GRANULARITIES
@@ -40,6 +40,8 @@ LINE_FIELDS: dict[str, tuple[type, ...]] = {
     "max_new_tokens": (int,),
     "postprocessing": (str,),
     "normalize": (bool,),
+    "refine_from": (str,),
+    "refine_top": (int,),
 }
 DEMO_PROMPT = (
     "Welcome to the Varnholt archive.\n\n"
@@ -76,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--delimiter", help="split the prompt at this string (sets --granularity delimiter)")
     explain.add_argument("--span", action="append", metavar="START:END", dest="spans",
                          help="explicit character span of the prompt as a unit (repeatable)")
+    explain.add_argument("--refine-from", default="sentence", choices=("sentence", "paragraph", "word"),
+                         help="--granularity refine: the coarse granularity explained first")
+    explain.add_argument("--refine-top", type=int, default=3,
+                         help="--granularity refine: how many coarse units to refine to tokens")
     explain.add_argument("--target-granularity", default="complete", choices=TARGET_GRANULARITIES)
     explain.add_argument("--factor", type=float, help="suppression strength f: multiplier 1-f (default 0.9)")
     explain.add_argument("--conceptual", action="store_true",
@@ -107,6 +113,11 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     parser.add_argument("--backend", default="sdpa", choices=BACKENDS, help="attention kernel for log-additive")
     parser.add_argument("--batch-size", type=int, help="perturbations per forward pass (default: automatic)")
+    parser.add_argument("--max-memory", metavar="SIZE",
+                        help="memory budget for a batch, e.g. 2GB (default: a quarter of free RAM; on GPU "
+                             "a few plain forward passes)")
+    parser.add_argument("--engine", default="cached", choices=ENGINES,
+                        help="cached: reuse the unperturbed prefix (exact, faster); naive: full passes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +160,8 @@ def _load(args) -> Any:
         raise UsageError("--batch-size must be at least 1")
     with _status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}", args.quiet):
         lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    return Explainer(lm, backend=args.backend, batch_size=args.batch_size)
+    return Explainer(lm, backend=args.backend, batch_size=args.batch_size, engine=args.engine,
+                     max_memory=args.max_memory)
 
 
 def _explain(args) -> int:
@@ -186,7 +198,7 @@ def _request_from_args(args) -> dict[str, Any]:
         raise UsageError("no prompt: give one as an argument, with --prompt-file, --input or on stdin")
     request = {"prompt": prompt, "target": args.target}
     for name in ("granularity", "target_granularity", "delimiter", "factor", "mode", "system",
-                 "max_new_tokens", "postprocessing", "normalize", "chat"):
+                 "max_new_tokens", "postprocessing", "normalize", "chat", "refine_from", "refine_top"):
         request[name] = getattr(args, name)
     if (args.kappa is not None or args.conceptual) and args.no_conceptual:
         raise UsageError("--kappa/--conceptual switch conceptual suppression on, --no-conceptual off: choose one")

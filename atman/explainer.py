@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .budget import MemoryModel, default_budget, parse_memory
 from .errors import AtmanError, ContextLengthError, EmptyInputError, GranularityError
 from .explanation import POSTPROCESSING, Explanation, Item, TargetExplanation, TargetSpan
 from .manipulation import BACKENDS, MODES, manipulate
@@ -34,11 +35,12 @@ DEFAULT_FACTOR = 0.9
 # 100 % to 90 % (docs/defaults.md). CONCEPTUAL_KAPPA is the threshold used when it is switched on.
 DEFAULT_KAPPA: float | None = None
 CONCEPTUAL_KAPPA = 0.7
+# token-forwards per batch: enough to keep the CPU's cores busy; a GPU wants far more rows
 DEFAULT_TOKEN_BUDGET = 8192
+GPU_TOKEN_BUDGET = 131072
 ENGINES = ("cached", "naive")
 # the naive engine computes logits at every position (as the paper's code did): keep its batches small
 NAIVE_TOKEN_BUDGET = 2048
-KV_TOKEN_BUDGET = 4 * DEFAULT_TOKEN_BUDGET
 GROUP_WASTE = 0.05
 GROUP_ALLOWANCE = 16
 Progress = Callable[[int, int], None]
@@ -76,6 +78,7 @@ class Explainer:
         backend: str = "sdpa",
         batch_size: int | None = None,
         engine: str = "cached",
+        max_memory: int | str | None = None,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise AtmanError(f"batch_size must be at least 1, got {batch_size}")
@@ -84,6 +87,7 @@ class Explainer:
         _check_options(factor, kappa, mode, backend, "complete", "none")
         self.lm = model
         self.engine = engine
+        self.max_memory = parse_memory(max_memory) if max_memory is not None else None
         self.factor = factor
         self.kappa = kappa
         self.mode = mode
@@ -111,12 +115,16 @@ class Explainer:
         mode: str | None = None,
         postprocessing: str = "none",
         normalize: bool = False,
+        refine_from: str = "sentence",
+        refine_top: int = 3,
         progress: Progress | None = None,
     ) -> Explanation:
         """Explain ``target`` (or the model's greedy continuation when None) given ``prompt``.
 
         ``granularity``: auto | token | word | sentence | paragraph | delimiter (with ``delimiter``)
-        | spans (with ``spans``, (start, end) character ranges of the prompt). ``target_granularity``:
+        | spans (with ``spans``, (start, end) character ranges of the prompt) | refine (coarse to
+        fine: explain at ``refine_from`` granularity, then at token level inside the ``refine_top``
+        most relevant units only; refined items are marked ``refined``). ``target_granularity``:
         complete (one explanation summed over the target) or token (one per target token).
         ``kappa=None`` switches conceptual suppression off.
         """
@@ -135,13 +143,28 @@ class Explainer:
         else:
             encoded = encode(self.lm.tokenizer, prompt, target, chat=chat, system=system)
         self._check_length(len(encoded.input_ids))
-        plan = self.plan(encoded, granularity, target_granularity, factor, kappa, delimiter, spans)
-        losses = self.losses(plan.encoded, plan.multipliers, mode=mode, progress=progress)
+        settings: dict = {}
+        if granularity == "refine":
+            if refine_from not in ("sentence", "paragraph", "word", "delimiter", "spans"):
+                raise GranularityError(f"refine_from must be a coarse text granularity, got {refine_from!r}")
+            if refine_top < 1:
+                raise GranularityError(f"refine_top must be at least 1, got {refine_top}")
+            plan = self.plan(encoded, refine_from, target_granularity, factor, kappa, delimiter, spans)
+            losses = self.losses(encoded, plan.multipliers, mode=mode, progress=progress)
+            units, delta, refined = self._refine(plan, losses, refine_top, factor, kappa, mode)
+            settings.update(refine_from=refine_from, refine_top=refine_top)
+            resolved = "refine"
+        else:
+            plan = self.plan(encoded, granularity, target_granularity, factor, kappa, delimiter, spans)
+            losses = self.losses(encoded, plan.multipliers, mode=mode, progress=progress)
+            units, delta, refined = plan.units, losses[1:] - losses[0:1], set()
+            resolved = plan.granularity
         explanation = _build(
-            plan, losses, target_granularity,
+            encoded, units, delta, refined, target_granularity,
             model=self.lm.name,
             settings={
-                "granularity": plan.granularity,
+                "granularity": resolved,
+                **settings,
                 "target_granularity": target_granularity,
                 "factor": factor,
                 "kappa": kappa,
@@ -169,14 +192,38 @@ class Explainer:
         units = prompt_units(encoded, resolved, delimiter=delimiter, spans=spans)
         if target_granularity == "token":
             units = units + target_units(encoded)
+        return Plan(encoded=encoded, units=units, multipliers=self.multipliers(encoded, units, factor, kappa),
+                    granularity=resolved)
+
+    def multipliers(self, encoded: EncodedInput, units: list[Unit], factor: float, kappa: float | None) -> torch.Tensor:
+        """Row 0 unperturbed, row u + 1 suppressing ``units[u]`` (and its conceptual neighbours)."""
         multipliers = torch.ones(len(units) + 1, len(encoded.input_ids))
         for row, unit in enumerate(units, start=1):
             multipliers[row, list(unit.positions)] = 1.0 - factor
         if kappa is not None:
-            candidates = {pos for unit in units for pos in unit.positions}
+            candidates = {pos for pos, span in enumerate(encoded.prompt_spans) if span is not None}
             candidates.update(u.positions[0] for u in target_units(encoded))
             _conceptual(self._embeddings(encoded), units, sorted(candidates), multipliers, factor, kappa)
-        return Plan(encoded=encoded, units=units, multipliers=multipliers, granularity=resolved)
+        return multipliers
+
+    def _refine(
+        self, plan: Plan, losses: torch.Tensor, top: int, factor: float, kappa: float | None, mode: str
+    ) -> tuple[list[Unit], torch.Tensor, set[int]]:
+        """Token-level scores inside the ``top`` coarse prompt units; the other units stay coarse."""
+        coarse_delta = losses[1:] - losses[0:1]
+        totals = coarse_delta.sum(dim=1)
+        prompt_rows = [i for i, unit in enumerate(plan.units) if unit.kind == "prompt"]
+        chosen = sorted(prompt_rows, key=lambda i: float(totals[i]), reverse=True)[:top]
+        tokens = [unit for unit in prompt_units(plan.encoded, "token")
+                  if any(unit.positions[0] in plan.units[i].positions for i in chosen)]
+        fine = self.losses(plan.encoded, self.multipliers(plan.encoded, tokens, factor, kappa), mode=mode)
+        fine_delta = fine[1:] - fine[0:1]
+        entries = [(plan.units[i], coarse_delta[i], False) for i in range(len(plan.units)) if i not in chosen]
+        entries += [(unit, fine_delta[j], True) for j, unit in enumerate(tokens)]
+        entries.sort(key=lambda e: (e[0].kind != "prompt", e[0].start))
+        units = [unit for unit, _, _ in entries]
+        refined = {k for k, (_, _, fine_unit) in enumerate(entries) if fine_unit}
+        return units, torch.stack([row for _, row, _ in entries]), refined
 
     def losses(
         self,
@@ -244,8 +291,13 @@ class Explainer:
             )
 
 
+_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if cls
+)
+
+
 class _Run:
-    """The forward passes of one explanation; counts the token-forwards it does."""
+    """The forward passes of one explanation; counts the token-forwards it does and the peak batch."""
 
     def __init__(self, explainer: Explainer, ids: torch.Tensor, n_target: int, mode: str,
                  progress: Progress | None, rows: int) -> None:
@@ -260,12 +312,17 @@ class _Run:
         self.rows = rows
         self.done = 0
         self.token_forwards = 0
+        self.memory = MemoryModel(self.model)
+        device = explainer.lm.device
+        self.budget = explainer.max_memory or default_budget(device, self.memory, self.length)
+        self.token_budget = GPU_TOKEN_BUDGET if device.type == "cuda" else DEFAULT_TOKEN_BUDGET
 
-    def _max_rows(self) -> int:
-        return self.explainer.batch_size or max(1, DEFAULT_TOKEN_BUDGET // self.length)
-
-    def _token_budget(self) -> int:
-        return self._max_rows() * self.length if self.explainer.batch_size else DEFAULT_TOKEN_BUDGET
+    def _fits(self, count: int, start: int, logits: int, token_budget: int) -> bool:
+        """May ``count`` rows recomputing positions ``start``.. run as one batch?"""
+        if self.explainer.batch_size is not None:
+            return count <= self.explainer.batch_size
+        queries = self.length - start
+        return count * queries <= token_budget and self.memory.batch(count, queries, self.length, logits) <= self.budget
 
     def _tick(self, rows: int) -> None:
         self.done += rows
@@ -274,8 +331,10 @@ class _Run:
 
     def _nll(self, logits: torch.Tensor, first_target: int) -> torch.Tensor:
         """Negative log-likelihood of target tokens ``first_target``.. from the logits predicting them."""
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
         targets = self.targets[first_target:].expand(logits.shape[0], -1)
+        if logits.shape[1] != targets.shape[1]:
+            raise RuntimeError(f"{logits.shape[1]} logits for {targets.shape[1]} target tokens")
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         return -logprobs.gather(-1, targets[..., None])[..., 0].cpu()
 
     def _forward(self, input_ids: torch.Tensor, multipliers: torch.Tensor, keep: int, cache=None) -> torch.Tensor:
@@ -290,14 +349,34 @@ class _Run:
         self.token_forwards += input_ids.numel()
         return logits[:, -keep:]
 
+    def _split_on_oom(self, rows: list[int], run: Callable[[list[int]], None]) -> None:
+        """Run ``rows`` as one batch; if the device runs out of memory, in two halves."""
+        try:
+            run(rows)
+        except _OOM_ERRORS:
+            if len(rows) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(rows) // 2
+            self._split_on_oom(rows[:half], run)
+            self._split_on_oom(rows[half:], run)
+
     def naive(self, multipliers: torch.Tensor) -> torch.Tensor:
-        size = self.explainer.batch_size or max(1, NAIVE_TOKEN_BUDGET // self.length)
         out = torch.empty(multipliers.shape[0], self.n_target)
-        for first in range(0, multipliers.shape[0], size):
-            chunk = multipliers[first:first + size]
-            logits = self._forward(self.ids.expand(chunk.shape[0], -1), chunk, self.length)
-            out[first:first + chunk.shape[0]] = self._nll(logits[:, :-1], 0)
-            self._tick(chunk.shape[0])
+
+        def run(rows: list[int]) -> None:
+            logits = self._forward(self.ids.expand(len(rows), -1), multipliers[rows], self.length)
+            out[rows] = self._nll(logits[:, -(self.n_target + 1):-1], 0)
+            self._tick(len(rows))
+
+        first = 0
+        while first < multipliers.shape[0]:
+            count = 1
+            while (first + count < multipliers.shape[0]
+                   and self._fits(count + 1, 0, self.length, NAIVE_TOKEN_BUDGET)):
+                count += 1
+            self._split_on_oom(list(range(first, first + count)), run)
+            first += count
         return out
 
     def cached(self, multipliers: torch.Tensor) -> torch.Tensor:
@@ -313,50 +392,54 @@ class _Run:
         prefix = [(layer.keys, layer.values) for layer in cache.layers]
         damped = multipliers[1:] != 1
         # a row with nothing damped is the unperturbed pass; it starts "after the end"
-        starts = torch.where(damped.any(dim=1), damped.int().argmax(dim=1), self.length)
-        # every row of a batch holds its own copy of the prefix's keys and values: bound the rows too
-        max_rows = self.explainer.batch_size or max(1, KV_TOKEN_BUDGET // self.length)
-        groups = _groups(starts.tolist(), self.length, self._token_budget(), max_rows)
-        for group in groups:
+        starts = torch.where(damped.any(dim=1), damped.int().argmax(dim=1), self.length).tolist()
+
+        def run(group: list[int]) -> None:
             rows = [r + 1 for r in group]
-            start = min(int(starts[r]) for r in group)
+            start = min(starts[r] for r in group)
             if start >= self.length:
-                out[rows] = out[0]
+                out[rows] = out[0].clone()
                 self._tick(len(rows))
-                continue
+                return
             # target predictions before ``start`` cannot see any damped key: they are the baseline's
             begin = max(start, first_prediction)
-            keep = self.length - begin
             batch_cache = DynamicCache()
             if start > 0:
                 for index, (keys, values) in enumerate(prefix):
                     batch_cache.update(keys[:, :, :start].expand(len(rows), -1, -1, -1).contiguous(),
                                        values[:, :, :start].expand(len(rows), -1, -1, -1).contiguous(), index)
             suffix = self.ids[:, start:].expand(len(rows), -1)
-            logits = self._forward(suffix, multipliers[rows], keep, cache=batch_cache)
+            logits = self._forward(suffix, multipliers[rows], self.length - begin, cache=batch_cache)
             first_target = begin - first_prediction
-            out[rows, :first_target] = out[0, :first_target]
+            out[rows, :first_target] = out[0, :first_target].clone()
             out[rows, first_target:] = self._nll(logits[:, :-1], first_target)
             self._tick(len(rows))
+
+        def fits(count: int, start: int) -> bool:
+            return self._fits(count, start, self.n_target + 1, self.token_budget)
+
+        for group in _groups(starts, self.length, fits):
+            self._split_on_oom(group, run)
         return out
 
 
-def _groups(starts: list[int], length: int, budget: int, max_rows: int | None = None) -> list[list[int]]:
+def _groups(starts: list[int], length: int, fits: Callable[[int, int], bool]) -> list[list[int]]:
     """Rows in batches of similar first damped position.
 
     A batch recomputes every row from its earliest start, so a row joins a batch only while the
-    recomputation stays within ``GROUP_WASTE`` of the useful work (plus a small per-pass allowance),
-    within ``budget`` token-forwards and ``max_rows`` rows. Rows are taken latest start first.
+    recomputation stays within ``GROUP_WASTE`` of the useful work (plus a small per-pass allowance)
+    and ``fits(rows, earliest start)`` allows it. Rows are taken latest start first.
     """
     order = sorted(range(len(starts)), key=lambda r: -starts[r])
     groups: list[list[int]] = []
     current: list[int] = []
     useful = 0
     for row in order:
-        suffix = length - min(starts[row], length - 1)
+        start = min(starts[row], length - 1)
+        suffix = length - start
         cost = (len(current) + 1) * suffix
-        fits = cost <= budget and cost <= (useful + suffix) * (1 + GROUP_WASTE) + GROUP_ALLOWANCE
-        if current and (not fits or (max_rows is not None and len(current) >= max_rows)):
+        cheap = cost <= (useful + suffix) * (1 + GROUP_WASTE) + GROUP_ALLOWANCE
+        if current and not (cheap and fits(len(current) + 1, start)):
             groups.append(current)
             current, useful = [], 0
         current.append(row)
@@ -411,27 +494,38 @@ def _conceptual(
             multipliers[row, positions] = torch.minimum(multipliers[row, positions], damped)
 
 
-def _build(plan: Plan, losses: torch.Tensor, target_granularity: str, *, model: str, settings: dict) -> Explanation:
-    encoded = plan.encoded
-    delta = (losses[1:] - losses[0:1]).double()
-    prompt_idx = [i for i, u in enumerate(plan.units) if u.kind == "prompt"]
+def _build(
+    encoded: EncodedInput,
+    units: list[Unit],
+    delta: torch.Tensor,
+    refined: set[int],
+    target_granularity: str,
+    *,
+    model: str,
+    settings: dict,
+) -> Explanation:
+    """Scores ``delta[unit, target token]`` as an Explanation; ``refined`` marks refined units."""
+    delta = delta.double()
+    prompt_idx = [i for i, u in enumerate(units) if u.kind == "prompt"]
+
+    def item(i: int, score: float) -> Item:
+        unit = units[i]
+        return Item(kind=unit.kind, text=unit.text, start=unit.start, length=unit.length, score=score,
+                    refined=i in refined)
+
     if target_granularity == "complete":
         totals = delta.sum(dim=1)
-        items = tuple(_item(plan.units[i], float(totals[i])) for i in prompt_idx)
+        items = tuple(item(i, float(totals[i])) for i in prompt_idx)
         spans = [TargetExplanation(TargetSpan(encoded.target, 0, len(encoded.target)), items)]
     else:
         spans = []
-        target_idx = [i for i, u in enumerate(plan.units) if u.kind == "target"]
+        target_idx = [i for i, u in enumerate(units) if u.kind == "target"]
         for t, (a, b) in enumerate(encoded.target_spans):
-            items = [_item(plan.units[i], float(delta[i, t])) for i in prompt_idx]
-            items += [_item(plan.units[i], float(delta[i, t])) for i in target_idx[:t]]
+            items = [item(i, float(delta[i, t])) for i in prompt_idx]
+            items += [item(i, float(delta[i, t])) for i in target_idx[:t]]
             spans.append(TargetExplanation(TargetSpan(encoded.target[a:b], a, b - a), tuple(items)))
     return Explanation(model=model, prompt=encoded.prompt, target=encoded.target,
                        explanations=tuple(spans), settings=settings)
-
-
-def _item(unit: Unit, score: float) -> Item:
-    return Item(kind=unit.kind, text=unit.text, start=unit.start, length=unit.length, score=score)
 
 
 def _eos_ids(lm: LoadedModel) -> set[int]:
@@ -471,7 +565,7 @@ def explain(prompt: str, target: str | None = None, *, model: LoadedModel | None
         if _DEFAULT is None:
             _DEFAULT = load_model()
         model = _DEFAULT
-    explainer_keys = ("batch_size", "backend", "engine")
+    explainer_keys = ("batch_size", "backend", "engine", "max_memory")
     explainer = Explainer(model, **{k: options.pop(k) for k in explainer_keys if k in options})
     return explainer.explain(prompt, target, **options)
 

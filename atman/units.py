@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import AtmanError, EmptyInputError, GranularityError, NoUnitsError
 
-GRANULARITIES = ("auto", "token", "word", "sentence", "paragraph", "delimiter", "spans")
+GRANULARITIES = ("auto", "token", "word", "sentence", "paragraph", "delimiter", "spans", "refine")
 TARGET_GRANULARITIES = ("complete", "token")
 AUTO_UNITS = 30
 

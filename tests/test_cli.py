@@ -87,6 +87,25 @@ def test_batch_keeps_going_past_bad_lines(capsys, tmp_path):
     assert results[7]["settings"]["generated_target"] is True and results[7]["settings"]["kappa"] is None
 
 
+def test_batch_line_fields_and_unicode(capsys, tmp_path):
+    lines = [
+        {"prompt": PROMPT, "target": " Quillmere", "granularity": "sentence", "kappa": None},
+        {"prompt": PROMPT, "target": " Quillmere", "granularity": "sentence", "conceptual": True},
+        {"prompt": PROMPT + "\u2028 and more", "target": " Quillmere", "granularity": "sentence"},
+        {"prompt": PROMPT, "target": " Quillmere", "spans": [[0, 12]]},
+    ]
+    batch = tmp_path / "in.jsonl"
+    batch.write_text("\ufeff" + "\r\n".join(json.dumps(x, ensure_ascii=False) for x in lines), encoding="utf-8")
+    code, out, err = run(capsys, "explain", "--input", str(batch), "-q")
+    assert code == 0, err
+    results = [json.loads(line) for line in out.split("\n") if line]
+    assert len(results) == 4
+    assert results[0]["settings"]["kappa"] is None
+    assert results[1]["settings"]["kappa"] == 0.7
+    assert results[2]["prompt"].endswith("\u2028 and more")
+    assert results[3]["settings"]["granularity"] == "spans"
+
+
 def test_batch_fail_fast_stops_at_the_first_bad_line(capsys, tmp_path):
     batch = tmp_path / "in.jsonl"
     batch.write_text("\n".join([
@@ -114,6 +133,9 @@ def test_batch_fail_fast_stops_at_the_first_bad_line(capsys, tmp_path):
         (["explain", PROMPT, "-t", " x", "--model", "./no/such/dir"], "no such model directory"),
         (["explain", PROMPT, "-t", " x", "--model", "/no/such/model.gguf"], "no such GGUF file"),
         (["explain", PROMPT, "-t", " x", "--batch-size", "0"], "batch-size"),
+        (["explain", PROMPT, "-t", " x", "--kappa", "0.6", "--no-conceptual"], "choose one"),
+        (["explain", PROMPT, "-t", " x", "-g", "word", "--span", "0:4"], "spans only apply"),
+        (["explain", PROMPT, "-t", " x", "--device", "cuda:0"], "CUDA"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(capsys, argv, message):
@@ -144,7 +166,7 @@ def test_console_script_unknown_hub_id_and_stdin(tmp_path):
                            "no-such-org/no-such-model"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "no-such-org/no-such-model" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = subprocess.run(["atman", "explain", "-t", " Quillmere", "-g", "sentence", "-f", "json"], input=PROMPT,
+    proc = subprocess.run(["atman", "explain", "-t", " Quillmere", "-g", "sentence", "-f", "json"], input=PROMPT + "\n",
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["prompt"] == PROMPT

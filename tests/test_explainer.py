@@ -109,6 +109,29 @@ def test_chat_mode_never_suppresses_template_tokens(explainer, smollm2):
     assert "<|im_start|>" not in "".join(i.text for i in exp.explanations[0].items)
 
 
+@pytest.mark.parametrize("prompt", ["Hugging Face", "user", "You are"])
+def test_chat_mode_finds_the_users_text_not_the_template(smollm2, prompt):
+    """SmolLM2's template has a default system message containing these words."""
+    encoded = encode(smollm2.tokenizer, prompt, TARGET, chat=True)
+    positions = [p for p, span in enumerate(encoded.prompt_spans) if span is not None]
+    text = smollm2.tokenizer.decode([encoded.input_ids[p] for p in positions])
+    assert text == prompt
+    tail = smollm2.tokenizer.decode(list(encoded.input_ids[positions[-1] + 1:encoded.target_start]))
+    assert "assistant" in tail and prompt not in tail
+    head = smollm2.tokenizer.decode(list(encoded.input_ids[:positions[0]]))
+    assert head.rstrip().endswith("user")
+
+
+def test_generated_target_offsets_survive_multibyte_characters(smollm2):
+    from atman.units import _decode_with_offsets
+
+    ids = smollm2.tokenizer("a 𓀀 bc de 日本語", add_special_tokens=False)["input_ids"]
+    text, spans = _decode_with_offsets(smollm2.tokenizer, ids)
+    assert text == "a 𓀀 bc de 日本語"
+    assert "".join(text[a:b] for a, b in spans) == text
+    assert all(b >= a for a, b in spans)
+
+
 def test_conceptual_suppression_damps_similar_tokens(explainer, smollm2):
     encoded = encode(smollm2.tokenizer, PROMPT, TARGET)
     units_off = explainer.plan(encoded, "word", kappa=None)
@@ -165,6 +188,8 @@ def test_multiplicative_mode_explains_too(explainer):
         ({"prompt": PROMPT, "target": TARGET, "factor": 1.5}, ValueError),
         ({"prompt": PROMPT, "target": TARGET, "kappa": 0.0}, ValueError),
         ({"prompt": PROMPT, "target": TARGET, "postprocessing": "cube"}, ValueError),
+        ({"prompt": "caf\udce9 au lait", "target": TARGET}, ValueError),
+        ({"prompt": PROMPT, "target": TARGET, "granularity": "spans", "spans": [(13, 15), (15, 17)]}, GranularityError),
     ],
 )
 def test_bad_input_raises_a_specific_value_error(explainer, kwargs, error):

@@ -78,6 +78,16 @@ def test_explainer_scores_do_not_depend_on_batch_size(smollm2):
     assert one.explanations[0].scores == pytest.approx(many.explanations[0].scores, abs=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["log-additive", "multiplicative"])
+def test_cached_engine_equals_naive_on_smollm2(smollm2, mode):
+    ex = make_examples(1, seed=4)[0]
+    options = dict(granularity="word", target_granularity="token", kappa=0.7, mode=mode)
+    naive = Explainer(smollm2, engine="naive").explain(ex.prompt, ex.target, **options)
+    cached = Explainer(smollm2, engine="cached").explain(ex.prompt, ex.target, **options)
+    for a, b in zip(naive.explanations, cached.explanations, strict=True):
+        assert a.scores == pytest.approx(b.scores, abs=1e-4)
+
+
 def test_context_qa_top_units_are_the_evidence(smollm2):
     """The acceptance check: >= 90 % top sentence, >= 80 % top token inside the evidence sentence."""
     examples = make_examples(20, seed=0, facts=4)

@@ -1,0 +1,74 @@
+"""How many perturbations fit in one forward pass: a memory model of an inference batch.
+
+The estimate counts what a no-grad forward pass holds at its peak: one layer's activations for
+every query token, the additive attention bias and (on kernels that materialise them) the
+attention scores, the copied key/value prefix of every row, and the logits with their
+log-softmax. It errs on the high side, so a budget is an upper bound in practice.
+"""
+
+from __future__ import annotations
+
+import re
+
+import psutil
+import torch
+
+from .errors import AtmanError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+CPU_SHARE = 0.25
+GPU_PLAIN_MULTIPLE = 4
+
+
+def parse_memory(text: str | int) -> int:
+    """``"2GB"``, ``"512MiB"``, ``"1.5g"`` or a number of bytes.
+
+    >>> parse_memory("512MiB")
+    536870912
+    """
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise AtmanError(f"cannot read memory size {text!r}; write e.g. 2GB, 512MiB or a number of bytes")
+        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise AtmanError(f"a memory budget must be positive, got {text!r}")
+    return value
+
+
+class MemoryModel:
+    """Bytes a forward pass of ``rows`` x ``queries`` tokens attending to ``keys`` positions needs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.dtype_bytes = next(model.parameters()).element_size()
+        hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 768))
+        inter = int(getattr(config, "intermediate_size", 0) or getattr(config, "ffn_dim", 0) or 4 * hidden)
+        self.heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 12))
+        kv_heads = int(getattr(config, "num_key_value_heads", 0) or self.heads)
+        head_dim = int(getattr(config, "head_dim", 0) or hidden // self.heads)
+        layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 12))
+        self.vocab = int(getattr(config, "vocab_size", 32000))
+        # live tensors inside one layer: residual, normed copy, q/k/v/out projections, two MLP branches
+        self.per_query = (6 * hidden + 3 * inter) * self.dtype_bytes
+        # every row copies the prefix's keys and values, and appending to the cache copies again
+        self.per_key = 2 * 2 * layers * kv_heads * head_dim * self.dtype_bytes
+
+    def batch(self, rows: int, queries: int, keys: int, logits: int) -> int:
+        attention = queries * keys * 4 * (1 + self.heads)  # float32 bias, plus scores where materialised
+        return rows * (queries * self.per_query + attention + keys * self.per_key + logits * self.vocab * 4 * 3)
+
+    def plain_forward(self, length: int) -> int:
+        """A plain forward of one sequence with logits at every position (what users compare with)."""
+        return self.batch(1, length, length, length)
+
+
+def default_budget(device: torch.device, model: MemoryModel, length: int) -> int:
+    """CPU: a quarter of the memory available now. GPU: a few plain forwards, within free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(min(0.8 * free, GPU_PLAIN_MULTIPLE * model.plain_forward(length)))
+    return int(CPU_SHARE * psutil.virtual_memory().available)

@@ -1,0 +1,205 @@
+"""AtMan against the alternatives: wall time and peak memory, side by side in one process.
+
+    python benchmarks/speed.py --lengths 64 128 256 512 --json benchmarks/results/cpu-smollm2.json
+
+For prompts of each length (token granularity, a short fixed target) it runs, one after another in
+the same process on the same loaded model:
+
+  plain        one forward pass of prompt + target (logits at every position)
+  atman-naive  AtMan, one full forward per token (the paper's way)
+  atman        AtMan, cached engine (prefix reuse, logits only at the target)
+  captum-fa    Captum FeatureAblation through LLMAttribution (token features)
+  captum-ig16  Captum LayerIntegratedGradients, 16 steps, through LLMGradientAttribution
+  captum-ig50  the same, 50 steps
+  captum-gxa   Captum LayerGradientXActivation through LLMGradientAttribution
+
+Time is the median of --reps runs (a method whose first run takes longer than --long-run seconds
+runs once). Memory is the peak growth over the call: on CPU the resident set size, sampled every
+2 ms against the size just before the call (after freeing what the allocator holds); on CUDA
+torch.cuda.max_memory_allocated. Ratios are to `plain` and to `atman-naive`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import torch
+
+from atman import Explainer, load_model
+from atman.evaluate.context_qa import make_examples
+
+TARGET = " Lindhaven"
+METHODS = ("plain", "atman-naive", "atman", "captum-fa", "captum-ig16", "captum-ig50", "captum-gxa")
+
+
+def build_prompt(tokenizer, length: int) -> str:
+    """A context of invented fact sentences cut to exactly ``length`` prompt tokens."""
+    sentences = []
+    for ex in make_examples(200, seed=length, facts=5):
+        sentences.append(ex.prompt.split("\n")[0])
+        text = " ".join(sentences)
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        if len(enc["input_ids"]) > length:
+            end = enc["offset_mapping"][length - 1][1]
+            prompt = text[:end]
+            if len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) == length:
+                return prompt
+    raise RuntimeError(f"could not build a prompt of {length} tokens")
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
+    """(seconds, peak memory growth in bytes) of one call."""
+    _trim()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        return seconds, torch.cuda.max_memory_allocated() - before
+    process = psutil.Process()
+    before = process.memory_info().rss
+    peak = [before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    peak[0] = max(peak[0], process.memory_info().rss)
+    return seconds, peak[0] - before
+
+
+def methods(lm, prompt: str) -> dict[str, Callable[[], object]]:
+    from captum.attr import (
+        FeatureAblation,
+        LayerGradientXActivation,
+        LayerIntegratedGradients,
+        LLMAttribution,
+        LLMGradientAttribution,
+        TextTokenInput,
+    )
+
+    model, tokenizer = lm.model, lm.tokenizer
+    ids = torch.tensor([tokenizer(prompt + TARGET)["input_ids"]], device=lm.device)
+    naive = Explainer(lm, engine="naive")
+    cached = Explainer(lm, engine="cached")
+    skip = list(tokenizer.all_special_ids)
+    embeddings = model.get_input_embeddings()
+
+    def plain():
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+
+    def captum_fa():
+        attr = LLMAttribution(FeatureAblation(model), tokenizer)
+        return attr.attribute(TextTokenInput(prompt, tokenizer, skip_tokens=skip), target=TARGET,
+                              forward_in_tokens=False)
+
+    def captum_gradient(method, **kwargs):
+        def run():
+            attr = LLMGradientAttribution(method(model, embeddings), tokenizer)
+            return attr.attribute(TextTokenInput(prompt, tokenizer, skip_tokens=skip), target=TARGET, **kwargs)
+        return run
+
+    return {
+        "plain": plain,
+        "atman-naive": lambda: naive.explain(prompt, TARGET, granularity="token"),
+        "atman": lambda: cached.explain(prompt, TARGET, granularity="token"),
+        "captum-fa": captum_fa,
+        "captum-ig16": captum_gradient(LayerIntegratedGradients, n_steps=16),
+        "captum-ig50": captum_gradient(LayerIntegratedGradients, n_steps=50),
+        "captum-gxa": captum_gradient(LayerGradientXActivation),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model to load (default: the embedded SmolLM2)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--long-run", type=float, default=60.0)
+    parser.add_argument("--json", type=Path, help="write all measurements here")
+    args = parser.parse_args()
+
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    device = lm.device
+    machine = (f"{platform.machine()}, {psutil.cpu_count()} cores, "
+               f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)}; host {machine}"
+    print(f"model {lm.name} ({args.dtype}) on {device}; {machine}", flush=True)
+    rows = []
+    for length in args.lengths:
+        prompt = build_prompt(lm.tokenizer, length)
+        fns = methods(lm, prompt)
+        results = {}
+        for name in args.methods:
+            times, memories = [], []
+            for _ in range(args.reps):
+                seconds, memory = measure(fns[name], device)
+                times.append(seconds)
+                memories.append(memory)
+                if seconds > args.long_run:
+                    break
+            results[name] = {"seconds": statistics.median(times), "runs": len(times),
+                             "peak_bytes": max(memories)}
+            print(f"  {length:>4} tokens  {name:<12} {results[name]['seconds']:9.2f} s "
+                  f"(n={len(times)})  {results[name]['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
+        for name, result in results.items():
+            row = {"tokens": length, "method": name, **result}
+            for base in ("plain", "atman-naive"):
+                if base in results:
+                    row[f"time_vs_{base}"] = result["seconds"] / results[base]["seconds"]
+                    row[f"memory_vs_{base}"] = result["peak_bytes"] / max(results[base]["peak_bytes"], 1)
+            rows.append(row)
+    print()
+    print("| tokens | method | time (s) | runs | peak memory (MiB) | time / plain | time / naive "
+          "| memory / plain | memory / naive |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['tokens']} | {row['method']} | {row['seconds']:.2f} | {row['runs']} | "
+              f"{row['peak_bytes'] / 2**20:.1f} | {row.get('time_vs_plain', float('nan')):.1f}x | "
+              f"{row.get('time_vs_atman-naive', float('nan')):.2f}x | "
+              f"{row.get('memory_vs_plain', float('nan')):.2f}x | "
+              f"{row.get('memory_vs_atman-naive', float('nan')):.2f}x |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model": lm.name, "device": str(device), "machine": machine,
+                                         "dtype": args.dtype, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

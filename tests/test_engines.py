@@ -1,0 +1,126 @@
+"""The cached engine (prefix reuse) gives the naive engine's losses, on tiny models of every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_CONFIGS, tiny_model
+
+from atman import AtmanError, Explainer, LoadedModel, enable
+from atman.budget import MemoryModel, parse_memory
+from atman.explainer import _groups, _Run
+from atman.units import EncodedInput
+
+FAMILIES = sorted(TINY_CONFIGS)
+LENGTH, N_TARGET = 14, 3
+
+
+def _encoded() -> EncodedInput:
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 100, (LENGTH,), generator=generator).tolist()
+    n_prompt = LENGTH - N_TARGET
+    return EncodedInput(input_ids=tuple(ids), prompt="x" * n_prompt, target="y" * N_TARGET,
+                        prompt_spans=tuple((i, i + 1) for i in range(n_prompt)), target_start=n_prompt,
+                        target_spans=tuple((i, i + 1) for i in range(N_TARGET)))
+
+
+def _multipliers() -> torch.Tensor:
+    rows = torch.ones(9, LENGTH)
+    rows[1, 0] = 0.1           # starts at the first position: nothing to reuse
+    rows[2, 5] = 0.1
+    rows[3, [6, 9]] = 0.0      # removal, two positions
+    rows[4, 10] = 0.1          # the last prompt token
+    rows[5, 12] = 0.1          # a target token: only the last target prediction can change
+    rows[6, 3:8] = 0.5
+    rows[7, 7] = 2.0           # amplification
+    # row 8 left at 1: the unperturbed pass again
+    return rows
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["log-additive", "multiplicative"])
+def test_cached_equals_naive(family, mode):
+    lm = LoadedModel(model=enable(tiny_model(family)), tokenizer=None, name=family)
+    encoded, rows = _encoded(), _multipliers()
+    naive = Explainer(lm, engine="naive").losses(encoded, rows, mode=mode)
+    for batch_size in (None, 1, 3):
+        cached = Explainer(lm, engine="cached", batch_size=batch_size).losses(encoded, rows, mode=mode)
+        assert torch.allclose(cached, naive, atol=2e-6, rtol=0), (family, batch_size)
+    assert torch.allclose(naive[8], naive[0])
+    assert torch.allclose(naive[5, :2], naive[0, :2])
+    # the perturbations matter by more than the tolerance above
+    assert (naive[1:8] - naive[0]).abs().max() > 1e-5
+
+
+def test_groups_cover_every_row_once_and_respect_limits():
+    starts = [0, 50, 3, 99, 99, 40, 41, 42, 7, 120]
+    def fits(count, start):
+        return count <= 3 and count * (120 - start) <= 200
+
+    groups = _groups(starts, 120, fits)
+    assert sorted(r for g in groups for r in g) == list(range(len(starts)))
+    for g in groups:
+        assert len(g) == 1 or fits(len(g), min(min(starts[r] for r in g), 119))
+
+
+def test_groups_keep_padding_waste_small():
+    starts = list(range(200))
+    groups = _groups(starts, 200, lambda count, start: count * (200 - start) <= 10_000)
+    done = sum(len(g) * (200 - min(starts[r] for r in g)) for g in groups)
+    bound = sum(200 - s for s in starts)
+    assert done <= 1.1 * bound + 16 * len(groups)
+
+
+def test_memory_budget_splits_batches_without_changing_results():
+    lm = LoadedModel(model=enable(tiny_model("llama")), tokenizer=None, name="llama")
+    encoded, rows = _encoded(), _multipliers()
+    roomy = Explainer(lm).losses(encoded, rows)
+    memory = MemoryModel(lm.model)
+    budget = memory.batch(1, LENGTH, LENGTH, N_TARGET + 1) + 1
+    tight = Explainer(lm, max_memory=budget)
+    calls = []
+    original = _Run._forward
+
+    def spy(self, input_ids, *args, **kwargs):
+        calls.append(input_ids.shape)
+        return original(self, input_ids, *args, **kwargs)
+
+    _Run._forward = spy
+    try:
+        squeezed = tight.losses(encoded, rows)
+    finally:
+        _Run._forward = original
+    assert len(calls) > 3
+    for rows_, queries in calls:
+        assert rows_ == 1 or memory.batch(rows_, queries, LENGTH, N_TARGET + 1) <= budget
+    assert torch.allclose(squeezed, roomy, atol=2e-6)
+
+
+def test_out_of_memory_halves_the_batch(monkeypatch):
+    lm = LoadedModel(model=enable(tiny_model("llama")), tokenizer=None, name="llama")
+    encoded, rows = _encoded(), _multipliers()
+    expected = Explainer(lm).losses(encoded, rows)
+    original = _Run._forward
+    sizes = []
+
+    def fragile(self, input_ids, *args, **kwargs):
+        sizes.append(input_ids.shape[0])
+        if input_ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return original(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(_Run, "_forward", fragile)
+    for engine in ("cached", "naive"):
+        got = Explainer(lm, engine=engine, batch_size=8).losses(encoded, rows)
+        assert torch.allclose(got, expected, atol=2e-6), engine
+    assert max(sizes) > 2 and sizes[-1] <= 2
+
+
+def test_parse_memory():
+    assert parse_memory("2GB") == 2 * 10**9
+    assert parse_memory("512MiB") == 512 * 2**20
+    assert parse_memory("1.5g") == 1_500_000_000
+    assert parse_memory(1234) == 1234
+    for bad in ("lots", "-1GB", "0", "3 parsecs"):
+        with pytest.raises(AtmanError):
+            parse_memory(bad)
