@@ -63,12 +63,33 @@ def test_groups_cover_every_row_once_and_respect_limits():
         assert len(g) == 1 or fits(len(g), min(min(starts[r] for r in g), 119))
 
 
-def test_groups_keep_padding_waste_small():
+def _cost(groups, starts, length, overhead):
+    return sum(overhead + len(g) * (length - min(starts[r] for r in g)) for g in groups)
+
+
+def test_groups_are_optimal_under_the_cost_model():
+    import itertools
+
+    starts = [9, 0, 4, 7, 7, 2, 11]
+    length, overhead = 12, 5
+    groups = _groups(starts, length, lambda count, start: True, overhead)
+    order = sorted(range(len(starts)), key=lambda r: -starts[r])
+    best = min(
+        _cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)), strict=True)], starts, length, overhead)
+        for n_cuts in range(len(order))
+        for cuts in itertools.combinations(range(1, len(order)), n_cuts)
+    )
+    assert _cost(groups, starts, length, overhead) == best
+
+
+def test_groups_trade_call_overhead_against_padding():
     starts = list(range(200))
-    groups = _groups(starts, 200, lambda count, start: count * (200 - start) <= 10_000)
-    done = sum(len(g) * (200 - min(starts[r] for r in g)) for g in groups)
-    bound = sum(200 - s for s in starts)
-    assert done <= 1.1 * bound + 16 * len(groups)
+    one_call = _groups(starts, 200, lambda count, start: True, overhead=10**6)
+    assert len(one_call) == 1
+    no_overhead = _groups(starts, 200, lambda count, start: True, overhead=0)
+    assert len(no_overhead) == 200
+    balanced = _groups(starts, 200, lambda count, start: True, overhead=32)
+    assert _cost(balanced, starts, 200, 32) <= 1.1 * (sum(200 - s for s in starts) + 32)
 
 
 def test_memory_budget_splits_batches_without_changing_results():
