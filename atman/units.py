@@ -18,7 +18,7 @@ GRANULARITIES = ("auto", "token", "word", "sentence", "paragraph", "delimiter", 
 TARGET_GRANULARITIES = ("complete", "token")
 AUTO_UNITS = 30
 
-_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)|\n+")
+_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)|[。！？]+[」』”’）]*|\n+")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
 # a period after these does not end a sentence
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "vs", "etc", "e.g", "i.e", "no", "fig",

@@ -145,3 +145,15 @@ def test_parse_memory():
     for bad in ("lots", "-1GB", "0", "3 parsecs"):
         with pytest.raises(AtmanError):
             parse_memory(bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["sdpa", "eager", "flex_attention"])
+def test_cuda_losses_equal_cpu_losses(backend):
+    cpu = LoadedModel(model=enable(tiny_model("llama")), tokenizer=None, name="llama")
+    gpu = LoadedModel(model=enable(tiny_model("llama").cuda()), tokenizer=None, name="llama")
+    encoded, rows = _encoded(), _multipliers()
+    expected = Explainer(cpu).losses(encoded, rows)
+    for engine in ("cached", "naive"):
+        got = Explainer(gpu, engine=engine, backend=backend).losses(encoded, rows)
+        assert torch.allclose(got, expected, atol=1e-4), (engine, backend)

@@ -91,6 +91,23 @@ def test_token_target_granularity_explains_each_target_token(explainer):
     assert summed == pytest.approx(complete.explanations[0].scores, abs=1e-4)
 
 
+def test_refine_explains_only_the_top_sentences_at_token_level(explainer):
+    exp = explainer.explain(PROMPT, TARGET, granularity="refine", refine_top=1)
+    items = exp.explanations[0].items
+    refined = [i for i in items if i.refined]
+    coarse = [i for i in items if not i.refined]
+    assert [i.text for i in coarse] == ["Kira Denholm lives in Vostrand.", "Where does Omar live?", "Omar lives in"]
+    assert "".join(i.text for i in refined).strip() == "Omar Pelle lives in Quillmere."
+    assert [i.start for i in items] == sorted(i.start for i in items)
+    assert exp.top(1)[0].refined
+    assert exp.settings["granularity"] == "refine" and exp.settings["refine_top"] == 1
+    token_level = explainer.explain(PROMPT, TARGET, granularity="token")
+    by_start = {i.start: i.score for i in token_level.explanations[0].items}
+    for item in refined:
+        assert item.score == pytest.approx(by_start[item.start], abs=1e-4)
+    assert Explanation.from_json(exp.to_json()) == exp
+
+
 def test_missing_target_explains_the_greedy_continuation(explainer):
     exp = explainer.explain(PROMPT, granularity="sentence", max_new_tokens=4)
     assert exp.settings["generated_target"] is True
@@ -186,6 +203,8 @@ def test_multiplicative_mode_explains_too(explainer):
         ({"prompt": PROMPT, "target": TARGET, "granularity": "spans", "spans": [(0, 9), (5, 12)]}, GranularityError),
         ({"prompt": PROMPT, "target": TARGET, "target_granularity": "word"}, GranularityError),
         ({"prompt": PROMPT, "target": TARGET, "factor": 1.5}, ValueError),
+        ({"prompt": PROMPT, "target": TARGET, "granularity": "refine", "refine_top": 0}, GranularityError),
+        ({"prompt": PROMPT, "target": TARGET, "granularity": "refine", "refine_from": "token"}, GranularityError),
         ({"prompt": PROMPT, "target": TARGET, "kappa": 0.0}, ValueError),
         ({"prompt": PROMPT, "target": TARGET, "postprocessing": "cube"}, ValueError),
         ({"prompt": "caf\udce9 au lait", "target": TARGET}, ValueError),

@@ -29,6 +29,11 @@ def test_abbreviations_and_initials_do_not_end_sentences():
         "Mr. J. Vesk met Prof. Ode, e.g. at noon.", "Then he left."]
 
 
+def test_cjk_sentence_punctuation_ends_sentences():
+    text = "東京は大きい。大阪も大きい！ Fine."
+    assert [text[a:b] for a, b in text_spans(text, "sentence")] == ["東京は大きい。", "大阪も大きい！", "Fine."]
+
+
 def test_paragraphs_split_at_blank_lines():
     assert _pieces("paragraph") == ["Dr. Vesk fixed it. Really?  Yes!\nNew line here",
                                     "Second paragraph, one sentence."]
