@@ -206,7 +206,6 @@ def _request_from_args(args) -> dict[str, Any]:
         request["kappa"] = args.kappa
     if args.conceptual or args.no_conceptual:
         request["conceptual"] = args.conceptual
-    request["conceptual"] = not args.no_conceptual
     if args.spans:
         request["spans"] = [_parse_span(text) for text in args.spans]
     return _normalise_request(request)

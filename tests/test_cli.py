@@ -36,6 +36,15 @@ def test_explain_json_output(capsys):
     exp = Explanation.from_json(out)
     assert exp.top(1)[0].text == "Omar Pelle lives in Quillmere."
     assert exp.model == "SmolLM2-135M-Instruct"
+    assert exp.settings["kappa"] is None  # conceptual suppression is off unless asked for
+
+
+def test_conceptual_switches(capsys):
+    for argv, kappa in ((["--conceptual"], 0.7), (["--kappa", "0.8"], 0.8), (["--no-conceptual"], None)):
+        code, out, err = run(capsys, "explain", PROMPT, "-t", " Quillmere", "-g", "sentence", "-f", "json", "-q",
+                             *argv)
+        assert code == 0, err
+        assert Explanation.from_json(out).settings["kappa"] == kappa
 
 
 def test_explain_text_and_html_outputs(capsys, tmp_path):
