@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import sys
@@ -308,7 +309,7 @@ def _write(explanation: Explanation, fmt: str, output: Path | None) -> None:
         if output is None:
             render_terminal(explanation)
             return
-        console = Console(record=True, file=open(os.devnull, "w"), width=100)  # noqa: SIM115
+        console = Console(record=True, file=io.StringIO(), width=100)
         render_terminal(explanation, console)
         text = console.export_text()
     if output is None:

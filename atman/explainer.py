@@ -146,26 +146,26 @@ class Explainer:
             encoded = encode(self.lm.tokenizer, prompt, target, chat=chat, system=system)
         self._check_length(len(encoded.input_ids))
         settings: dict = {}
-        if granularity == "refine":
+        refine = granularity == "refine"
+        if refine:
             if refine_from not in ("sentence", "paragraph", "word", "delimiter", "spans"):
                 raise GranularityError(f"refine_from must be a coarse text granularity, got {refine_from!r}")
             if refine_top < 1:
                 raise GranularityError(f"refine_top must be at least 1, got {refine_top}")
-            plan = self.plan(encoded, refine_from, target_granularity, factor, kappa, delimiter, spans)
-            losses = self.losses(encoded, plan.multipliers, mode=mode, progress=progress)
-            units, delta, refined = self._refine(plan, losses, refine_top, factor, kappa, mode)
             settings.update(refine_from=refine_from, refine_top=refine_top)
-            resolved = "refine"
+        plan = self.plan(encoded, refine_from if refine else granularity, target_granularity, factor, kappa,
+                         delimiter, spans)
+        losses = self.losses(encoded, plan.multipliers, mode=mode, progress=progress)
+        delta = losses[1:] - losses[0:1]
+        if refine:
+            units, delta, refined = self._refine(plan, delta, refine_top, factor, kappa, mode)
         else:
-            plan = self.plan(encoded, granularity, target_granularity, factor, kappa, delimiter, spans)
-            losses = self.losses(encoded, plan.multipliers, mode=mode, progress=progress)
-            units, delta, refined = plan.units, losses[1:] - losses[0:1], set()
-            resolved = plan.granularity
+            units, refined = plan.units, set()
         explanation = _build(
             encoded, units, delta, refined, target_granularity,
             model=self.lm.name,
             settings={
-                "granularity": resolved,
+                "granularity": "refine" if refine else plan.granularity,
                 **settings,
                 "target_granularity": target_granularity,
                 "factor": factor,
@@ -209,10 +209,9 @@ class Explainer:
         return multipliers
 
     def _refine(
-        self, plan: Plan, losses: torch.Tensor, top: int, factor: float, kappa: float | None, mode: str
+        self, plan: Plan, coarse_delta: torch.Tensor, top: int, factor: float, kappa: float | None, mode: str
     ) -> tuple[list[Unit], torch.Tensor, set[int]]:
         """Token-level scores inside the ``top`` coarse prompt units; the other units stay coarse."""
-        coarse_delta = losses[1:] - losses[0:1]
         totals = coarse_delta.sum(dim=1)
         prompt_rows = [i for i, unit in enumerate(plan.units) if unit.kind == "prompt"]
         chosen = sorted(prompt_rows, key=lambda i: float(totals[i]), reverse=True)[:top]
@@ -299,7 +298,7 @@ _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
 
 
 class _Run:
-    """The forward passes of one explanation; counts the token-forwards it does and the peak batch."""
+    """The forward passes of one explanation, batched within the memory budget."""
 
     def __init__(self, explainer: Explainer, ids: torch.Tensor, n_target: int, mode: str,
                  progress: Progress | None, rows: int) -> None:
@@ -313,7 +312,6 @@ class _Run:
         self.progress = progress
         self.rows = rows
         self.done = 0
-        self.token_forwards = 0
         self.memory = MemoryModel(self.model)
         device = explainer.lm.device
         self.budget = explainer.max_memory or default_budget(device, self.memory, self.length)
@@ -348,7 +346,6 @@ class _Run:
             extra["use_cache"] = False
         with manipulate(multipliers.to(input_ids.device), mode=self.mode, backend=self.explainer.backend):
             logits = self.model(input_ids=input_ids, **extra).logits
-        self.token_forwards += input_ids.numel()
         return logits[:, -keep:]
 
     def _split_on_oom(self, rows: list[int], run: Callable[[list[int]], None]) -> None:
@@ -371,14 +368,13 @@ class _Run:
             out[rows] = self._nll(logits[:, -(self.n_target + 1):-1], 0)
             self._tick(len(rows))
 
-        first = 0
-        while first < multipliers.shape[0]:
-            count = 1
-            while (first + count < multipliers.shape[0]
-                   and self._fits(count + 1, 0, self.length, NAIVE_TOKEN_BUDGET)):
-                count += 1
-            self._split_on_oom(list(range(first, first + count)), run)
-            first += count
+        # every row recomputes the whole sequence, so one batch size serves all batches
+        total = multipliers.shape[0]
+        size = 1
+        while size < total and self._fits(size + 1, 0, self.length, NAIVE_TOKEN_BUDGET):
+            size += 1
+        for first in range(0, total, size):
+            self._split_on_oom(list(range(first, min(first + size, total))), run)
         return out
 
     def cached(self, multipliers: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def test_groups_trade_call_overhead_against_padding():
     assert _cost(balanced, starts, 200, 32) <= 1.1 * (sum(200 - s for s in starts) + 32)
 
 
-def test_memory_budget_splits_batches_without_changing_results():
+def test_memory_budget_splits_batches_without_changing_results(monkeypatch):
     lm = LoadedModel(model=enable(tiny_model("llama")), tokenizer=None, name="llama")
     encoded, rows = _encoded(), _multipliers()
     roomy = Explainer(lm).losses(encoded, rows)
@@ -106,11 +106,8 @@ def test_memory_budget_splits_batches_without_changing_results():
         calls.append(input_ids.shape)
         return original(self, input_ids, *args, **kwargs)
 
-    _Run._forward = spy
-    try:
-        squeezed = tight.losses(encoded, rows)
-    finally:
-        _Run._forward = original
+    monkeypatch.setattr(_Run, "_forward", spy)
+    squeezed = tight.losses(encoded, rows)
     assert len(calls) > 3
     for rows_, queries in calls:
         assert rows_ == 1 or memory.batch(rows_, queries, LENGTH, N_TARGET + 1) <= budget
