@@ -566,7 +566,7 @@ def explain(prompt: str, target: str | None = None, *, model: LoadedModel | None
     Example::
 
         >>> explain("The capital of France is", " Paris", granularity="word").top(1)[0].text
-        'France'
+        'capital'
     """
     from .models import load_model
 

@@ -81,7 +81,8 @@ class Explanation:
 
     Example::
 
-        >>> exp = explain("Ada lives in Oslo. Where does Ada live? In", target=" Oslo")
+        >>> exp = explain("Ada lives in Oslo. Where does Ada live? Ada lives in", target=" Oslo",
+        ...               granularity="sentence")
         >>> exp.top(1)[0].text
         'Ada lives in Oslo.'
         >>> Explanation.from_json(exp.to_json()) == exp
