@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -54,6 +55,8 @@ DEMO_PROMPT = (
     "Answer: Doran Vesk repairs clocks in the town of"
 )
 DEMO_TARGET = " Lindhaven"
+# modules that contribute further sub-commands through ``add_parser(subparsers)``
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
 
 
 class UsageError(AtmanError):
@@ -104,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(demo)
     demo.add_argument("--output", "-o", type=Path, default=Path("atman-demo.html"))
     demo.add_argument("--quiet", "-q", action="store_true")
+    for name in SUBCOMMAND_MODULES:
+        # each module adds its sub-parser and sets ``handler`` (a function of the parsed args -> exit code)
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 
@@ -127,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if getattr(args, "handler", None) is not None:
+            return args.handler(args)
         return _explain(args)
     except AtmanError as exc:
         print(f"atman: error: {exc}", file=sys.stderr)

@@ -178,13 +178,19 @@ def atman_attention(
 
 
 def _row_multipliers(multipliers: torch.Tensor, rows: int, keys: int, device: torch.device) -> torch.Tensor:
-    if multipliers.shape[1] != keys:
+    """Multipliers for ``keys`` key positions; positions past the given ones (tokens generated after
+    the manipulated prompt, e.g. during steered generation with a KV cache) are left untouched."""
+    if multipliers.shape[1] > keys:
         raise AtmanError(
-            f"multipliers cover {multipliers.shape[1]} key positions but the attention layer sees {keys}"
+            f"multipliers cover {multipliers.shape[1]} key positions but the attention layer sees only {keys}"
         )
     if multipliers.shape[0] not in (1, rows):
         raise AtmanError(f"multipliers have {multipliers.shape[0]} rows for a batch of {rows}")
-    return multipliers.to(device=device, dtype=torch.float32).expand(rows, keys)
+    multipliers = multipliers.to(device=device, dtype=torch.float32)
+    if multipliers.shape[1] < keys:
+        pad = torch.ones(multipliers.shape[0], keys - multipliers.shape[1], device=device)
+        multipliers = torch.cat([multipliers, pad], dim=1)
+    return multipliers.expand(rows, keys)
 
 
 def _additive_mask(

@@ -175,3 +175,18 @@ def test_architecture_bypassing_the_interface_is_refused_by_name():
     bloom = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4))
     with pytest.raises(UnsupportedModelError, match="BloomForCausalLM"):
         enable(bloom)
+
+
+def test_shorter_multipliers_leave_later_keys_untouched():
+    """Keys past the multipliers (generated after a manipulated prompt) are not manipulated."""
+    model = enable(tiny_model("llama"))
+    ids = _ids()
+    short = torch.ones(2, SEQ - 3)
+    short[1, 2] = 0.0
+    full = torch.cat([short, torch.ones(2, 3)], dim=1)
+    with manipulate(short):
+        got = _forward(model, ids.expand(2, -1))
+    with manipulate(full):
+        expected = _forward(model, ids.expand(2, -1))
+    assert torch.equal(got, expected)
+    assert not torch.allclose(got[0], got[1])
