@@ -2,8 +2,9 @@
 
 The estimate counts what a no-grad forward pass holds at its peak: one layer's activations for
 every query token, the additive attention bias and (on kernels that materialise them) the
-attention scores, the copied key/value prefix of every row, and the logits with their
-log-softmax. It errs on the high side, so a budget is an upper bound in practice.
+attention scores, one layer's keys and values of every row (the shared prefix joined to the row's
+suffix), and the logits with their log-softmax; plus, once per explanation, the unperturbed pass's
+key/value cache. It errs on the high side, so a budget is an upper bound in practice.
 """
 
 from __future__ import annotations
@@ -19,20 +20,26 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 CPU_SHARE = 0.25
 GPU_PLAIN_MULTIPLE = 4
+PLAIN = "plain"
 
 
-def parse_memory(text: str | int) -> int:
-    """``"2GB"``, ``"512MiB"``, ``"1.5g"`` or a number of bytes.
+def parse_memory(text: str | int) -> int | str:
+    """``"2GB"``, ``"512MiB"``, ``"1.5g"``, a number of bytes, or ``"plain"`` (as much as one plain
+    forward pass of the input being explained needs, estimated per input).
 
     >>> parse_memory("512MiB")
     536870912
     """
+    if isinstance(text, str) and text.strip().lower() == PLAIN:
+        return PLAIN
     if isinstance(text, int):
         value = text
     else:
         match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
         if not match or match.group(2).lower() not in _UNITS:
-            raise AtmanError(f"cannot read memory size {text!r}; write e.g. 2GB, 512MiB or a number of bytes")
+            raise AtmanError(
+                f"cannot read memory size {text!r}; write e.g. 2GB, 512MiB, a number of bytes or 'plain'"
+            )
         value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if value <= 0:
         raise AtmanError(f"a memory budget must be positive, got {text!r}")
@@ -50,12 +57,19 @@ class MemoryModel:
         self.heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 12))
         kv_heads = int(getattr(config, "num_key_value_heads", 0) or self.heads)
         head_dim = int(getattr(config, "head_dim", 0) or hidden // self.heads)
-        layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 12))
+        self.layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 12))
         self.vocab = int(getattr(config, "vocab_size", 32000))
         # live tensors inside one layer: residual, normed copy, q/k/v/out projections, two MLP branches
         self.per_query = (6 * hidden + 3 * inter) * self.dtype_bytes
-        # every row copies the prefix's keys and values, and appending to the cache copies again
-        self.per_key = 2 * 2 * layers * kv_heads * head_dim * self.dtype_bytes
+        # keys and values of one position in one layer, as a cache stores them
+        self.kv_per_position = 2 * kv_heads * head_dim * self.dtype_bytes
+        # inside one layer, a row's keys and values are the shared prefix joined to its own suffix, and
+        # grouped-query kernels may expand them to every query head
+        self.per_key = 2 * (kv_heads + self.heads) * head_dim * self.dtype_bytes
+
+    def cache(self, length: int) -> int:
+        """The unperturbed pass's key/value cache over all layers, kept while the perturbations run."""
+        return length * self.layers * self.kv_per_position
 
     def batch(self, rows: int, queries: int, keys: int, logits: int) -> int:
         """An AtMan batch: its logits are also turned into float32 log-probabilities."""
@@ -63,8 +77,8 @@ class MemoryModel:
         return rows * (queries * self.per_query + attention + keys * self.per_key + logits * self.vocab * 4 * 3)
 
     def plain_forward(self, length: int) -> int:
-        """A plain forward of one sequence: logits at every position, no bias, keys not copied."""
-        return length * (self.per_query + self.per_key // 2 + self.vocab * self.dtype_bytes)
+        """A plain forward of one sequence: logits at every position and a key/value cache."""
+        return length * (self.per_query + self.vocab * self.dtype_bytes) + self.cache(length)
 
 
 def default_budget(device: torch.device, model: MemoryModel, length: int) -> int:

@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from .budget import MemoryModel, default_budget, parse_memory
+from .budget import PLAIN, MemoryModel, default_budget, parse_memory
 from .errors import AtmanError, ContextLengthError, EmptyInputError, GranularityError
 from .explanation import POSTPROCESSING, Explanation, Item, TargetExplanation, TargetSpan
 from .manipulation import BACKENDS, MODES, manipulate
@@ -314,7 +315,12 @@ class _Run:
         self.done = 0
         self.memory = MemoryModel(self.model)
         device = explainer.lm.device
-        self.budget = explainer.max_memory or default_budget(device, self.memory, self.length)
+        if explainer.max_memory == PLAIN:
+            budget = self.memory.plain_forward(self.length)
+        else:
+            budget = explainer.max_memory or default_budget(device, self.memory, self.length)
+        # the unperturbed pass's cache stays in memory while the batches run
+        self.budget = budget - self.memory.cache(self.length)
         self.token_budget = GPU_TOKEN_BUDGET if device.type == "cuda" else DEFAULT_TOKEN_BUDGET
 
     def _fits(self, count: int, start: int, logits: int, token_budget: int) -> bool:
@@ -401,11 +407,7 @@ class _Run:
                 return
             # target predictions before ``start`` cannot see any damped key: they are the baseline's
             begin = max(start, first_prediction)
-            batch_cache = DynamicCache()
-            if start > 0:
-                for index, (keys, values) in enumerate(prefix):
-                    batch_cache.update(keys[:, :, :start].expand(len(rows), -1, -1, -1).contiguous(),
-                                       values[:, :, :start].expand(len(rows), -1, -1, -1).contiguous(), index)
+            batch_cache = _SharedPrefix(prefix, start) if start > 0 else None
             suffix = self.ids[:, start:].expand(len(rows), -1)
             logits = self._forward(suffix, multipliers[rows], self.length - begin, cache=batch_cache)
             first_target = begin - first_prediction
@@ -420,6 +422,32 @@ class _Run:
         for group in _groups(starts, self.length, fits, overhead):
             self._split_on_oom(group, run)
         return out
+
+
+class _PrefixLayer(DynamicLayer):
+    """One layer's unperturbed keys and values, shared by every row of a batch and never grown.
+
+    Each call returns the prefix (broadcast, not copied, over the rows) joined to the rows' own new
+    keys and values; nothing is stored, so a batch holds one layer's keys and values at a time.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device = keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        rows = key_states.shape[0]
+        return (torch.cat([self.keys.expand(rows, -1, -1, -1), key_states], dim=-2),
+                torch.cat([self.values.expand(rows, -1, -1, -1), value_states], dim=-2))
+
+
+class _SharedPrefix(Cache):
+    """A read-only cache: the first ``start`` positions of the unperturbed pass, for a whole batch."""
+
+    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], start: int) -> None:
+        super().__init__(layers=[_PrefixLayer(keys[:, :, :start], values[:, :, :start]) for keys, values in prefix])
 
 
 def _groups(

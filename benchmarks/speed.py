@@ -8,7 +8,7 @@ the same process on the same loaded model:
   plain        one forward pass of prompt + target (logits at every position)
   atman-naive  AtMan, one full forward per token (the paper's way)
   atman        AtMan, cached engine (prefix reuse, logits only at the target), default memory budget
-  atman-lean   the same with --max-memory set to the model's estimate of one plain forward pass
+  atman-lean   the same with --max-memory plain (the memory model's estimate of one plain forward pass)
   captum-fa    Captum FeatureAblation through LLMAttribution (token features)
   captum-ig16  Captum LayerIntegratedGradients, 16 steps, through LLMGradientAttribution
   captum-ig50  the same, 50 steps
@@ -40,7 +40,6 @@ import psutil
 import torch
 
 from atman import Explainer, load_model
-from atman.budget import MemoryModel
 from atman.evaluate.context_qa import make_examples
 
 TARGET = " Lindhaven"
@@ -117,7 +116,7 @@ def methods(lm, prompt: str) -> dict[str, Callable[[], object]]:
     ids = torch.tensor([tokenizer(prompt + TARGET)["input_ids"]], device=lm.device)
     naive = Explainer(lm, engine="naive")
     cached = Explainer(lm, engine="cached")
-    lean = Explainer(lm, engine="cached", max_memory=MemoryModel(model).plain_forward(ids.shape[1]))
+    lean = Explainer(lm, engine="cached", max_memory="plain")
     internal = max(1, 4096 // ids.shape[1])
     skip = list(tokenizer.all_special_ids)
     embeddings = model.get_input_embeddings()

@@ -114,6 +114,29 @@ def test_memory_budget_splits_batches_without_changing_results(monkeypatch):
     assert torch.allclose(squeezed, roomy, atol=2e-6)
 
 
+def test_budget_counts_the_unperturbed_cache_and_plain_means_one_plain_pass(monkeypatch):
+    lm = LoadedModel(model=enable(tiny_model("llama")), tokenizer=None, name="llama")
+    encoded, rows = _encoded(), _multipliers()
+    roomy = Explainer(lm).losses(encoded, rows)
+    memory = MemoryModel(lm.model)
+    budgets = []
+    original = _Run.cached
+
+    def spy(self, multipliers):
+        budgets.append(self.budget)
+        return original(self, multipliers)
+
+    monkeypatch.setattr(_Run, "cached", spy)
+    given = memory.batch(2, LENGTH, LENGTH, N_TARGET + 1)
+    squeezed = Explainer(lm, max_memory=given).losses(encoded, rows)
+    plain = Explainer(lm, max_memory="plain").losses(encoded, rows)
+    # the unperturbed pass's cache is held while the batches run: it comes out of the budget
+    assert budgets == [given - memory.cache(LENGTH), memory.plain_forward(LENGTH) - memory.cache(LENGTH)]
+    assert memory.plain_forward(LENGTH) > memory.cache(LENGTH) > 0
+    assert torch.allclose(squeezed, roomy, atol=2e-6)
+    assert torch.allclose(plain, roomy, atol=2e-6)
+
+
 def test_out_of_memory_halves_the_batch(monkeypatch):
     lm = LoadedModel(model=enable(tiny_model("llama")), tokenizer=None, name="llama")
     encoded, rows = _encoded(), _multipliers()
@@ -139,6 +162,7 @@ def test_parse_memory():
     assert parse_memory("512MiB") == 512 * 2**20
     assert parse_memory("1.5g") == 1_500_000_000
     assert parse_memory(1234) == 1234
+    assert parse_memory(" Plain ") == "plain"
     for bad in ("lots", "-1GB", "0", "3 parsecs"):
         with pytest.raises(AtmanError):
             parse_memory(bad)
