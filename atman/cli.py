@@ -44,6 +44,7 @@ LINE_FIELDS: dict[str, tuple[type, ...]] = {
     "normalize": (bool,),
     "refine_from": (str,),
     "refine_top": (int,),
+    "refine_share": (int, float, type(None)),
 }
 DEMO_PROMPT = (
     "Welcome to the Varnholt archive.\n\n"
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="--granularity refine: the coarse granularity explained first")
     explain.add_argument("--refine-top", type=int, default=3,
                          help="--granularity refine: how many coarse units to refine to tokens")
+    explain.add_argument("--refine-share", type=float, metavar="S",
+                         help="--granularity refine: refine only the fewest top units holding S (0-1] of the "
+                              "positive relevance (at most --refine-top)")
     explain.add_argument("--target-granularity", default="complete", choices=TARGET_GRANULARITIES)
     explain.add_argument("--factor", type=float, help="suppression strength f: multiplier 1-f (default 0.9)")
     explain.add_argument("--conceptual", action="store_true",
@@ -207,7 +211,8 @@ def _request_from_args(args) -> dict[str, Any]:
         raise UsageError("no prompt: give one as an argument, with --prompt-file, --input or on stdin")
     request = {"prompt": prompt, "target": args.target}
     for name in ("granularity", "target_granularity", "delimiter", "factor", "mode", "system",
-                 "max_new_tokens", "postprocessing", "normalize", "chat", "refine_from", "refine_top"):
+                 "max_new_tokens", "postprocessing", "normalize", "chat", "refine_from", "refine_top",
+                 "refine_share"):
         request[name] = getattr(args, name)
     if (args.kappa is not None or args.conceptual) and args.no_conceptual:
         raise UsageError("--kappa/--conceptual switch conceptual suppression on, --no-conceptual off: choose one")

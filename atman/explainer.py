@@ -120,6 +120,7 @@ class Explainer:
         normalize: bool = False,
         refine_from: str = "sentence",
         refine_top: int = 3,
+        refine_share: float | None = None,
         progress: Progress | None = None,
     ) -> Explanation:
         """Explain ``target`` (or the model's greedy continuation when None) given ``prompt``.
@@ -127,7 +128,9 @@ class Explainer:
         ``granularity``: auto | token | word | sentence | paragraph | delimiter (with ``delimiter``)
         | spans (with ``spans``, (start, end) character ranges of the prompt) | refine (coarse to
         fine: explain at ``refine_from`` granularity, then at token level inside the ``refine_top``
-        most relevant units only; refined items are marked ``refined``). ``target_granularity``:
+        most relevant units only; refined items are marked ``refined``; with ``refine_share`` s, only
+        the fewest top units that hold at least s of the positive relevance, at most ``refine_top``
+        of them). ``target_granularity``:
         complete (one explanation summed over the target) or token (one per target token).
         ``kappa=None`` switches conceptual suppression off.
         """
@@ -153,13 +156,17 @@ class Explainer:
                 raise GranularityError(f"refine_from must be a coarse text granularity, got {refine_from!r}")
             if refine_top < 1:
                 raise GranularityError(f"refine_top must be at least 1, got {refine_top}")
+            if refine_share is not None and not 0.0 < refine_share <= 1.0:
+                raise GranularityError(f"refine_share must lie in (0, 1], got {refine_share}")
             settings.update(refine_from=refine_from, refine_top=refine_top)
+            if refine_share is not None:
+                settings["refine_share"] = refine_share
         plan = self.plan(encoded, refine_from if refine else granularity, target_granularity, factor, kappa,
                          delimiter, spans)
         losses = self.losses(encoded, plan.multipliers, mode=mode, progress=progress)
         delta = losses[1:] - losses[0:1]
         if refine:
-            units, delta, refined = self._refine(plan, delta, refine_top, factor, kappa, mode)
+            units, delta, refined = self._refine(plan, delta, refine_top, refine_share, factor, kappa, mode)
         else:
             units, refined = plan.units, set()
         explanation = _build(
@@ -210,12 +217,16 @@ class Explainer:
         return multipliers
 
     def _refine(
-        self, plan: Plan, coarse_delta: torch.Tensor, top: int, factor: float, kappa: float | None, mode: str
+        self, plan: Plan, coarse_delta: torch.Tensor, top: int, share: float | None, factor: float,
+        kappa: float | None, mode: str,
     ) -> tuple[list[Unit], torch.Tensor, set[int]]:
         """Token-level scores inside the ``top`` coarse prompt units; the other units stay coarse."""
         totals = coarse_delta.sum(dim=1)
         prompt_rows = [i for i, unit in enumerate(plan.units) if unit.kind == "prompt"]
         chosen = sorted(prompt_rows, key=lambda i: float(totals[i]), reverse=True)[:top]
+        if share is not None:
+            chosen = _covering(chosen, [float(totals[i]) for i in chosen],
+                               float(totals[prompt_rows].clamp(min=0).sum()), share)
         tokens = [unit for unit in prompt_units(plan.encoded, "token")
                   if any(unit.positions[0] in plan.units[i].positions for i in chosen)]
         fine = self.losses(plan.encoded, self.multipliers(plan.encoded, tokens, factor, kappa), mode=mode)
@@ -485,6 +496,16 @@ def _groups(
         groups.append(order[j - size[j]:j])
         j -= size[j]
     return groups[::-1]
+
+
+def _covering(ranked: list[int], scores: list[float], positive_total: float, share: float) -> list[int]:
+    """The shortest head of ``ranked`` whose scores sum to ``share`` of ``positive_total`` (at least one)."""
+    held = 0.0
+    for count, score in enumerate(scores, start=1):
+        held += max(score, 0.0)
+        if held >= share * positive_total:
+            return ranked[:count]
+    return ranked
 
 
 def _check_options(factor, kappa, mode, backend, target_granularity, postprocessing) -> None:

@@ -108,6 +108,22 @@ def test_refine_explains_only_the_top_sentences_at_token_level(explainer):
     assert Explanation.from_json(exp.to_json()) == exp
 
 
+def test_refine_share_refines_the_fewest_units_holding_that_share(explainer):
+    sentences = explainer.explain(PROMPT, TARGET, granularity="sentence").explanations[0]
+    ranked = sorted(sentences.items, key=lambda i: i.score, reverse=True)
+    positive = sum(max(i.score, 0.0) for i in sentences.items)
+    # a share just above what the top sentence holds needs the second one too
+    share = max(ranked[0].score, 0.0) / positive + 1e-3
+    exp = explainer.explain(PROMPT, TARGET, granularity="refine", refine_top=3, refine_share=share)
+    refined_text = "".join(i.text for i in exp.explanations[0].items if i.refined)
+    for sentence in ranked[:2]:
+        assert sentence.text.strip() in refined_text
+    assert ranked[2].text not in refined_text
+    assert exp.settings["refine_share"] == share
+    one = explainer.explain(PROMPT, TARGET, granularity="refine", refine_top=3, refine_share=share - 2e-3)
+    assert "".join(i.text for i in one.explanations[0].items if i.refined).strip() == ranked[0].text.strip()
+
+
 def test_missing_target_explains_the_greedy_continuation(explainer):
     exp = explainer.explain(PROMPT, granularity="sentence", max_new_tokens=4)
     assert exp.settings["generated_target"] is True
@@ -205,6 +221,8 @@ def test_multiplicative_mode_explains_too(explainer):
         ({"prompt": PROMPT, "target": TARGET, "factor": 1.5}, ValueError),
         ({"prompt": PROMPT, "target": TARGET, "granularity": "refine", "refine_top": 0}, GranularityError),
         ({"prompt": PROMPT, "target": TARGET, "granularity": "refine", "refine_from": "token"}, GranularityError),
+        ({"prompt": PROMPT, "target": TARGET, "granularity": "refine", "refine_share": 0.0}, GranularityError),
+        ({"prompt": PROMPT, "target": TARGET, "granularity": "refine", "refine_share": 1.5}, GranularityError),
         ({"prompt": PROMPT, "target": TARGET, "kappa": 0.0}, ValueError),
         ({"prompt": PROMPT, "target": TARGET, "postprocessing": "cube"}, ValueError),
         ({"prompt": "caf\udce9 au lait", "target": TARGET}, ValueError),

@@ -1,0 +1,140 @@
+"""Coarse to fine on a long context: cost and agreement of `granularity="refine"` vs token level.
+
+    python benchmarks/refine.py --tokens 1000 --full --json benchmarks/results/cpu-smollm2-refine-1000.json
+
+Builds a context of invented fact sentences (about --tokens prompt tokens; one of them answers the
+closing question), then explains the answer
+
+  refine       sentences first, then tokens inside the --top most relevant sentences
+  token        every prompt token (only with --full: about L^2/2 token-forwards)
+
+and reports, side by side in one process: wall time, forward calls and token-forwards (tokens run
+through the model, summed over batch rows: the cost model of docs/method.md), the refined cost as
+a share of token level, and the agreement of the top-10 tokens (the share of token level's ten
+highest-scoring prompt tokens that are also among the refined explanation's ten highest tokens).
+Without --full, token level's cost is given by its lower bound L + sum over tokens of (L - p).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from atman import Explainer, load_model
+from atman.evaluate.context_qa import make_examples
+from atman.explainer import _Run
+from atman.units import encode, prompt_units
+
+
+class Meter:
+    """Counts the forward calls and token-forwards of the explainer's engine."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.token_forwards = 0
+        self._original = _Run._forward
+
+    def __enter__(self) -> Meter:
+        meter = self
+
+        def counted(run, input_ids, *args, **kwargs):
+            meter.calls += 1
+            meter.token_forwards += input_ids.shape[0] * input_ids.shape[1]
+            return meter._original(run, input_ids, *args, **kwargs)
+
+        _Run._forward = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _Run._forward = self._original
+
+
+def long_example(tokenizer, tokens: int, seed: int):
+    """A context-QA example whose prompt has about ``tokens`` tokens."""
+    facts = 8
+    while True:
+        example = make_examples(1, seed=seed, facts=facts)[0]
+        length = len(tokenizer(example.prompt)["input_ids"])
+        if length >= tokens or facts > 2000:
+            return example, length
+        facts = max(facts + 1, int(facts * tokens / length))
+
+
+def top_tokens(items, k: int = 10) -> list[int]:
+    """Start offsets of the ``k`` highest-scoring prompt tokens among ``items``."""
+    tokens = [item for item in items if item.kind == "prompt"]
+    return [item.start for item in sorted(tokens, key=lambda i: i.score, reverse=True)[:k]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--tokens", type=int, default=2000)
+    parser.add_argument("--top", type=int, default=3, help="sentences refined to tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full", action="store_true", help="also run token level (slow: ~L^2/2 token-forwards)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    lm = load_model(args.model)
+    explainer = Explainer(lm)
+    example, length = long_example(lm.tokenizer, args.tokens, args.seed)
+    encoded = encode(lm.tokenizer, example.prompt, example.target)
+    total = len(encoded.input_ids)
+    token_units = prompt_units(encoded, "token")
+    bound = total + sum(total - unit.positions[0] for unit in token_units)
+    machine = (f"{platform.machine()}, {psutil.cpu_count()} cores, "
+               f"{round(psutil.virtual_memory().total / 2**30)} GiB RAM, torch {torch.__version__}")
+    print(f"model {lm.name}; {machine}; prompt {length} tokens, {len(token_units)} token units, "
+          f"target {example.target!r}", flush=True)
+
+    results: dict = {"model": lm.name, "machine": machine, "prompt_tokens": length, "sequence_tokens": total,
+                     "target": example.target, "refine_top": args.top,
+                     "token_level_lower_bound_token_forwards": bound}
+    with Meter() as meter:
+        start = time.perf_counter()
+        refined = explainer.explain(example.prompt, example.target, granularity="refine", refine_top=args.top)
+        seconds = time.perf_counter() - start
+    items = refined.explanations[0].items
+    sentences = [i for i in items if not i.refined and i.kind == "prompt"]
+    refined_tokens = [i for i in items if i.refined]
+    evidence_refined = any(example.evidence_start <= i.start < example.evidence_end for i in refined_tokens)
+    results["refine"] = {"seconds": seconds, "forward_calls": meter.calls, "token_forwards": meter.token_forwards,
+                         "coarse_units": len(sentences) + args.top, "refined_tokens": len(refined_tokens),
+                         "evidence_sentence_refined": evidence_refined}
+    print(f"refine: {seconds:.1f} s, {meter.calls} calls, {meter.token_forwards} token-forwards "
+          f"({meter.token_forwards / bound:.3f} of token level's lower bound {bound}); "
+          f"evidence sentence refined: {evidence_refined}", flush=True)
+
+    if args.full:
+        with Meter() as meter:
+            start = time.perf_counter()
+            full = explainer.explain(example.prompt, example.target, granularity="token")
+            full_seconds = time.perf_counter() - start
+        reference = top_tokens(full.explanations[0].items)
+        got = top_tokens(refined_tokens)
+        agreement = len(set(reference) & set(got)) / len(reference)
+        results["token"] = {"seconds": full_seconds, "forward_calls": meter.calls,
+                            "token_forwards": meter.token_forwards}
+        results["cost_share_time"] = seconds / full_seconds
+        results["cost_share_token_forwards"] = results["refine"]["token_forwards"] / meter.token_forwards
+        results["top10_agreement"] = agreement
+        results["top10_token_level_in_evidence"] = sum(
+            example.evidence_start <= s < example.evidence_end for s in reference) / len(reference)
+        print(f"token: {full_seconds:.1f} s, {meter.calls} calls, {meter.token_forwards} token-forwards", flush=True)
+        print(f"refine / token: time {results['cost_share_time']:.3f}, token-forwards "
+              f"{results['cost_share_token_forwards']:.3f}; top-10 agreement {agreement:.0%}", flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
