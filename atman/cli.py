@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     explain.add_argument("--target", "-t", help="the continuation to explain (default: the model's greedy one)")
     explain.add_argument("--input", type=Path, metavar="FILE.jsonl",
-                         help="batch: one JSON request per line, one JSON result per line out")
+                         help="batch: one JSON request per line (- reads stdin), one JSON result per line out")
     explain.add_argument("--fail-fast", action="store_true", help="batch: stop at the first bad line")
     _model_options(explain)
     explain.add_argument("--granularity", "-g", default="auto", choices=GRANULARITIES)
@@ -185,7 +185,8 @@ def _explain(args) -> int:
             raise UsageError("--input writes JSON lines; --format html is for a single explanation")
         # JSON lines are separated by \n only: str.splitlines would also split at U+2028 and friends,
         # which json.dumps(ensure_ascii=False) writes unescaped inside strings
-        lines = [line.rstrip("\r") for line in _read_text(args.input).split("\n")]
+        text = sys.stdin.read().lstrip("\ufeff") if str(args.input) == "-" else _read_text(args.input)
+        lines = [line.rstrip("\r") for line in text.split("\n")]
         if lines and not lines[-1]:
             lines.pop()
         explainer = _load(args)

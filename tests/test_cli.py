@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -113,6 +114,15 @@ def test_batch_line_fields_and_unicode(capsys, tmp_path):
     assert results[1]["settings"]["kappa"] == 0.7
     assert results[2]["prompt"].endswith("\u2028 and more")
     assert results[3]["settings"]["granularity"] == "spans"
+
+
+def test_batch_from_stdin(capsys, monkeypatch):
+    lines = [{"prompt": PROMPT, "target": " Quillmere", "granularity": "sentence"}, {"prompt": PROMPT, "factor": 7}]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(json.dumps(x) for x in lines) + "\n"))
+    code, out, err = run(capsys, "explain", "--input", "-", "-q")
+    results = [json.loads(line) for line in out.split("\n") if line]
+    assert code == 1
+    assert results[0]["target"] == " Quillmere" and "factor" in results[1]["error"]
 
 
 def test_batch_fail_fast_stops_at_the_first_bad_line(capsys, tmp_path):
