@@ -327,19 +327,18 @@ class _Run:
         self.memory = MemoryModel(self.model)
         device = explainer.lm.device
         if explainer.max_memory == PLAIN:
-            budget = self.memory.plain_forward(self.length)
+            self.budget = self.memory.plain_forward(self.length)
         else:
-            budget = explainer.max_memory or default_budget(device, self.memory, self.length)
-        # the unperturbed pass's cache stays in memory while the batches run
-        self.budget = budget - self.memory.cache(self.length)
+            self.budget = explainer.max_memory or default_budget(device, self.memory, self.length)
         self.token_budget = GPU_TOKEN_BUDGET if device.type == "cuda" else DEFAULT_TOKEN_BUDGET
 
-    def _fits(self, count: int, start: int, logits: int, token_budget: int) -> bool:
-        """May ``count`` rows recomputing positions ``start``.. run as one batch?"""
+    def _fits(self, count: int, start: int, logits: int, token_budget: int, held: int = 0) -> bool:
+        """May ``count`` rows recomputing positions ``start``.. run as one batch, beside ``held`` bytes?"""
         if self.explainer.batch_size is not None:
             return count <= self.explainer.batch_size
         queries = self.length - start
-        return count * queries <= token_budget and self.memory.batch(count, queries, self.length, logits) <= self.budget
+        return (count * queries <= token_budget
+                and held + self.memory.batch(count, queries, self.length, logits) <= self.budget)
 
     def _tick(self, rows: int) -> None:
         self.done += rows
@@ -404,7 +403,10 @@ class _Run:
         logits = self._forward(self.ids, multipliers[:1], self.n_target + 1, cache=cache)
         out[0] = self._nll(logits[:, :-1], 0)[0]
         self._tick(1)
+        # batches run latest start first, so the kept prefix only ever shrinks: it is cut to the
+        # current batch's start, and the memory of the positions no later batch needs is freed
         prefix = [(layer.keys, layer.values) for layer in cache.layers]
+        del cache
         damped = multipliers[1:] != 1
         # a row with nothing damped is the unperturbed pass; it starts "after the end"
         starts = torch.where(damped.any(dim=1), damped.int().argmax(dim=1), self.length).tolist()
@@ -416,6 +418,13 @@ class _Run:
                 out[rows] = out[0].clone()
                 self._tick(len(rows))
                 return
+            kept = prefix[0][0].shape[-2] if prefix else 0
+            if kept > start:
+                for layer, (keys, values) in enumerate(prefix):
+                    prefix[layer] = (keys[:, :, :start].clone(), values[:, :, :start].clone())
+            # a retried half of a batch that ran out of memory may start later than what is kept:
+            # recomputing from the kept length is exact too
+            start = min(start, kept)
             # target predictions before ``start`` cannot see any damped key: they are the baseline's
             begin = max(start, first_prediction)
             batch_cache = _SharedPrefix(prefix, start) if start > 0 else None
@@ -427,7 +436,8 @@ class _Run:
             self._tick(len(rows))
 
         def fits(count: int, start: int) -> bool:
-            return self._fits(count, start, self.n_target + 1, self.token_budget)
+            # while this batch runs, the unperturbed keys/values before ``start`` are held
+            return self._fits(count, start, self.n_target + 1, self.token_budget, self.memory.cache(start))
 
         overhead = GPU_CALL_OVERHEAD if self.explainer.lm.device.type == "cuda" else CPU_CALL_OVERHEAD
         for group in _groups(starts, self.length, fits, overhead):

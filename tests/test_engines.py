@@ -114,26 +114,40 @@ def test_memory_budget_splits_batches_without_changing_results(monkeypatch):
     assert torch.allclose(squeezed, roomy, atol=2e-6)
 
 
-def test_budget_counts_the_unperturbed_cache_and_plain_means_one_plain_pass(monkeypatch):
+def test_budget_holds_the_kept_prefix_and_plain_means_one_plain_pass(monkeypatch):
     lm = LoadedModel(model=enable(tiny_model("llama")), tokenizer=None, name="llama")
     encoded, rows = _encoded(), _multipliers()
     roomy = Explainer(lm).losses(encoded, rows)
     memory = MemoryModel(lm.model)
-    budgets = []
-    original = _Run.cached
+    budgets, calls = [], []
+    original_cached, original_forward = _Run.cached, _Run._forward
 
-    def spy(self, multipliers):
+    def spy_cached(self, multipliers):
         budgets.append(self.budget)
-        return original(self, multipliers)
+        return original_cached(self, multipliers)
 
-    monkeypatch.setattr(_Run, "cached", spy)
+    def spy_forward(self, input_ids, *args, **kwargs):
+        kept = kwargs.get("cache")
+        kept = kept.get_seq_length() if kept is not None else 0
+        calls.append((input_ids.shape[0], input_ids.shape[1], kept))
+        return original_forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(_Run, "cached", spy_cached)
+    monkeypatch.setattr(_Run, "_forward", spy_forward)
     given = memory.batch(2, LENGTH, LENGTH, N_TARGET + 1)
     squeezed = Explainer(lm, max_memory=given).losses(encoded, rows)
-    plain = Explainer(lm, max_memory="plain").losses(encoded, rows)
-    # the unperturbed pass's cache is held while the batches run: it comes out of the budget
-    assert budgets == [given - memory.cache(LENGTH), memory.plain_forward(LENGTH) - memory.cache(LENGTH)]
-    assert memory.plain_forward(LENGTH) > memory.cache(LENGTH) > 0
+    batches = calls[1:]
+    # a batch runs beside the unperturbed keys/values it reuses, which count against the budget
+    assert all(n == 1 or memory.cache(kept) + memory.batch(n, q, LENGTH, N_TARGET + 1) <= given
+               for n, q, kept in batches)
+    # latest start first: the kept prefix only shrinks, and a batch reuses exactly what precedes it
+    assert [kept for _, _, kept in batches] == sorted((kept for _, _, kept in batches), reverse=True)
+    assert all(kept + q == LENGTH for _, q, kept in batches)
     assert torch.allclose(squeezed, roomy, atol=2e-6)
+    calls.clear()
+    plain = Explainer(lm, max_memory="plain").losses(encoded, rows)
+    assert budgets == [given, memory.plain_forward(LENGTH)]
+    assert memory.plain_forward(LENGTH) > memory.cache(LENGTH) > 0
     assert torch.allclose(plain, roomy, atol=2e-6)
 
 
