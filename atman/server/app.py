@@ -39,6 +39,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+BEARER = HTTPBearer(auto_error=False, description="the server's token, when it was started with one")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+
+
 class BodyLimit:
     """ASGI middleware: answer 413 once a request body exceeds ``limit`` bytes (declared or streamed)."""
 
@@ -140,9 +144,7 @@ def create_app(
     app.state.limits = limits
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
 
-    bearer = HTTPBearer(auto_error=False, description="the server's token, when it was started with one")
-
-    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    def authorize(credentials: Credentials) -> None:
         if token is None:
             return
         given = credentials.credentials if credentials is not None else ""
