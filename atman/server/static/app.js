@@ -85,7 +85,7 @@ function showTargets() {
     const b = document.createElement("button");
     b.type = "button";
     b.setAttribute("role", "tab");
-    b.textContent = exp.target;
+    b.textContent = exp.target.replace(/\n/g, "\u23ce") || "\u2205";
     b.addEventListener("click", () => select(index));
     return b;
   });
