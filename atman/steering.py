@@ -27,7 +27,10 @@ Example::
 
     >>> steerer = Steerer(load_model())
     >>> prompt = "Ada lives in Oslo. Bo lives in Rome. Ada lives in"
-    >>> steerer.generate(prompt, [TextControl(0, 18, 0.0)], max_new_tokens=3).text   # hide Ada's sentence
+    >>> steerer.generate(prompt, max_new_tokens=2).text
+    ' Rome.'
+    >>> steerer.generate(prompt, [TextControl(19, 17, 0.0)], max_new_tokens=2).text   # hide Bo's sentence
+    ' Oslo.'
 """
 
 from __future__ import annotations
@@ -457,7 +460,8 @@ def generate(
     Example::
 
         >>> generate("Ada lives in Oslo. Bo lives in Rome. Ada lives in",
-        ...          [TextControl(0, 18, 0.0)], max_new_tokens=3).text
+        ...          [TextControl(19, 17, 0.0)], max_new_tokens=2).text
+        ' Oslo.'
     """
     global _DEFAULT
     if model is None:
