@@ -288,3 +288,39 @@ def test_serve_command_rejects_bad_limits():
     done = subprocess.run([sys.executable, "-m", "atman.cli", "serve", "--max-units", "0"], cwd=root,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--max-units must be positive" in done.stderr
+
+
+def test_serve_command_serves_and_shuts_down_gracefully(tmp_path):
+    import os
+    import signal
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, ATMAN_SERVER_TOKEN="t0ken", PYTHONPATH=str(root))
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "atman.cli", "serve", "--port", str(port), "--max-tokens", "4"],
+                               cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.5)
+        client = Client(token="t0ken", host=base, total_retries=0)
+        done = client.complete(CompletionRequest(Prompt.from_text("The capital of France is"), maximum_tokens=2),
+                               "smollm2")
+        assert done.completions[0].completion.strip()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()

@@ -208,12 +208,15 @@ def create_app(
     @api.post("/tokenize", response_model_exclude_none=True)
     async def tokenize(body: schemas.TokenizationRequest) -> schemas.TokenizationResponse:
         """The model's tokens of a text (no special tokens added)."""
-        return service_for(body.model).tokenize(body)
+        service = service_for(body.model)
+        # through the worker too: a tokenizer must not be used by two threads at once
+        return await queue.run(lambda _: service.tokenize(body))
 
     @api.post("/detokenize")
     async def detokenize(body: schemas.DetokenizationRequest) -> schemas.DetokenizationResponse:
         """The text of token ids."""
-        return service_for(body.model).detokenize(body)
+        service = service_for(body.model)
+        return await queue.run(lambda _: service.detokenize(body))
 
     @api.get("/models_available")
     async def models_available() -> list[schemas.ModelInfo]:
@@ -224,7 +227,8 @@ def create_app(
     @api.get("/models/{model}/tokenizer", response_class=PlainTextResponse)
     async def tokenizer(model: str) -> Response:
         """The model's tokenizer in the JSON format of Hugging Face ``tokenizers``."""
-        return Response(service_for(model).tokenizer_json(), media_type="application/json")
+        service = service_for(model)
+        return Response(await queue.run(lambda _: service.tokenizer_json()), media_type="application/json")
 
     app.include_router(api)
 
