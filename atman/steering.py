@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -98,7 +99,11 @@ class Completion:
 
 
 def _check_factor(factor: float) -> None:
-    if isinstance(factor, bool) or not isinstance(factor, int | float) or not math.isfinite(factor) or factor < 0:
+    try:
+        value = float(factor)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(factor, bool) or not math.isfinite(value) or value < 0:
         raise AtmanError(f"a control factor must be a finite number >= 0, got {factor!r}")
 
 
@@ -351,7 +356,7 @@ class Steerer:
         generator = None
         if temperature > 0:
             generator = torch.Generator(device="cpu")
-            generator.manual_seed(seed if seed is not None else int(torch.seed()))
+            generator.manual_seed(seed if seed is not None else secrets.randbits(63))
         tokenizer = self.lm.tokenizer
         bias = None
         if logit_bias:
