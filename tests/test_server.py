@@ -121,6 +121,21 @@ def test_explain_a_prompt_of_text_and_token_items(client, smollm2):
     assert [(s.start, s.length) for s in items[2].scores] == [(1, 3), (5, 5), (11, 2)]
     best = max(items[0].scores + items[2].scores, key=lambda s: s.score)
     assert (best.start, best.length) == (13, 5)  # "Oslo."
+    # conceptual suppression reaches the token items too
+    request = ExplanationRequest(prompt, " Oslo", prompt_granularity="word", contextual_control_threshold=0.7)
+    assert len(client.explain(request, MODEL).explanations[0].items[1].scores) == len(ids)
+
+
+def test_a_full_queue_answers_503(smollm2):
+    body = {"model": MODEL, "prompt": FACTS, "target": " Oslo", "prompt_granularity": {"type": "word"}}
+
+    async def burst(base):
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(http.post(base + "/explain", json=body) for _ in range(4)))
+
+    with serving(create_app({MODEL: smollm2}, limits=Limits(max_queue=1))) as base:
+        statuses = sorted(r.status_code for r in asyncio.run(burst(base)))
+    assert statuses[0] == 200 and statuses[-1] == 503, statuses
 
 
 def test_complete_without_controls_equals_the_python_api(client, smollm2):
