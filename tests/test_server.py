@@ -245,6 +245,15 @@ def test_explanation_limits(url):
     response = httpx.post(url + "/explain", content=b'{"model": "' + b"x" * 200_000 + b'"}',
                           headers={"Content-Type": "application/json"}, timeout=60)
     assert response.status_code == 413 and "100000 bytes" in response.json()["error"]
+
+    def chunks():  # no Content-Length: the body is counted as it arrives
+        yield b'{"model": "smollm2", "target": " x", "prompt": "'
+        for _ in range(150):
+            yield b"x" * 1000
+        yield b'"}'
+
+    response = httpx.post(url + "/explain", content=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 413 and "100000 bytes" in response.json()["error"]
     response = httpx.post(url + "/explain", json={"model": MODEL, "prompt": "a", "target": ""}, timeout=60)
     assert response.status_code == 400
 

@@ -59,36 +59,36 @@ class BodyLimit:
             await self._reject(send)
             return
         seen = 0
-        started = False
+        started = rejected = False
 
         async def counted_receive() -> dict:
-            nonlocal seen
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    # answer now; the app sees the client go away and its own answer is dropped
+                    rejected = True
+                    if not started:
+                        await self._reject(send)
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracked_send(message: dict) -> None:
             nonlocal started
+            if rejected:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _TooLarge:
-            if not started:
-                await self._reject(send)
+        await self.app(scope, counted_receive, tracked_send)
 
     async def _reject(self, send: Callable) -> None:
         response = JSONResponse(_error(f"the request body exceeds this server's limit of {self.limit} bytes",
                                        "PAYLOAD_TOO_LARGE"), status_code=413)
         await response({"type": "http"}, _no_receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 async def _no_receive() -> dict:
