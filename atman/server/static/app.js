@@ -31,8 +31,13 @@ async function loadModels() {
   try {
     const health = await call("GET", "/health");
     $("token-label").hidden = !health.auth;
+    if (health.auth && !$("token").value) {
+      status("This server needs a token: enter it above.");
+      return;
+    }
     const models = await call("GET", "/models_available");
     $("model").replaceChildren(...models.map((m) => new Option(m.name, m.name)));
+    status("");
   } catch (err) {
     status("Cannot list the models: " + err.message, true);
   }
@@ -180,4 +185,5 @@ $("granularity").addEventListener("change", () => { $("delimiter-label").hidden 
 $("explain").addEventListener("click", explain);
 $("add-control").addEventListener("click", addControl);
 $("complete").addEventListener("click", complete);
+$("token").addEventListener("change", loadModels);
 loadModels();
