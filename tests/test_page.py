@@ -105,3 +105,19 @@ def test_a_control_on_a_selected_span_steers_the_completion(page, tmp_path):
     steered = page.find_element(By.ID, "steered-completion").text
     assert plain.strip().startswith("Rome") and not steered.strip().startswith("Rome")
     page.save_screenshot(str(tmp_path / "steer.png"))
+
+
+def test_the_page_asks_for_the_token_when_auth_is_on(page, smollm2):
+    with serving(create_app({"smollm2": smollm2}, token="s3cret")) as base:
+        page.get(base + "/")
+        wait(page).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "needs a token"))
+        assert page.find_element(By.ID, "token-label").is_displayed()
+        page.find_element(By.ID, "token").send_keys("s3cret")
+        page.find_element(By.ID, "prompt").click()  # leaving the field fires its change event
+        wait(page).until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 1)
+        fill(page, "prompt", FACTS)
+        fill(page, "target", " Oslo")
+        Select(page.find_element(By.ID, "granularity")).select_by_value("sentence")
+        page.find_element(By.ID, "explain").click()
+        wait(page).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Explained"))
+        assert len(page.find_elements(By.CSS_SELECTOR, "#highlighted .unit")) == 3
