@@ -126,6 +126,18 @@ def test_explain_a_prompt_of_text_and_token_items(client, smollm2):
     assert len(client.explain(request, MODEL).explanations[0].items[1].scores) == len(ids)
 
 
+def test_token_controls_steer_a_prompt_of_text_and_token_items(client, smollm2):
+    ids = smollm2.tokenizer(" Bo lives in Rome.", add_special_tokens=False)["input_ids"]
+
+    def prompt(factor):
+        controls = [aa.TokenControl(pos=i, factor=factor) for i in range(len(ids))]
+        return Prompt([Text.from_text("Ada lives in Oslo."), Tokens(ids, controls), Text.from_text(" Ada lives in")])
+
+    plain = client.complete(CompletionRequest(prompt(1.0), maximum_tokens=2), MODEL).completions[0].completion
+    hidden = client.complete(CompletionRequest(prompt(0.0), maximum_tokens=2), MODEL).completions[0].completion
+    assert plain.startswith(" Rome") and hidden.startswith(" Oslo")
+
+
 def test_a_full_queue_answers_503(smollm2):
     body = {"model": MODEL, "prompt": FACTS, "target": " Oslo", "prompt_granularity": {"type": "word"}}
 

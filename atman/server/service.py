@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import AtmanError, EmptyInputError, NoUnitsError
-from ..explainer import DEFAULT_FACTOR, Explainer
+from ..explainer import DEFAULT_FACTOR, Explainer, _context_length
 from ..explanation import Explanation, Item, TargetExplanation, TargetSpan
 from ..models import LoadedModel
 from ..steering import Steerer, TextControl, TokenControl
@@ -101,8 +101,6 @@ class ModelService:
         return self.lm.name
 
     def info(self) -> schemas.ModelInfo:
-        from ..explainer import _context_length
-
         return schemas.ModelInfo(
             name=self.name, description=f"{self.name}, served by atman (AtMan explanations and steering)",
             max_context_size=_context_length(self.lm.model.config), hostings=["aleph-alpha"],
