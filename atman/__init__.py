@@ -13,6 +13,7 @@ from .explainer import Explainer, explain
 from .explanation import Explanation, Item, TargetExplanation, TargetSpan
 from .manipulation import enable, manipulate
 from .models import LoadedModel, load_model
+from .steering import Steerer, TextControl, TokenControl
 
 __all__ = [
     "AtmanError",
@@ -25,8 +26,11 @@ __all__ = [
     "LoadedModel",
     "ModelLoadError",
     "NoUnitsError",
+    "Steerer",
     "TargetExplanation",
     "TargetSpan",
+    "TextControl",
+    "TokenControl",
     "UnsupportedModelError",
     "enable",
     "explain",

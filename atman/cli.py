@@ -57,7 +57,7 @@ DEMO_PROMPT = (
 )
 DEMO_TARGET = " Lindhaven"
 # modules that contribute further sub-commands through ``add_parser(subparsers)``
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("atman.server.cli",)
 
 
 class UsageError(AtmanError):

@@ -1,0 +1,277 @@
+"""Request and response bodies of the HTTP API, in the JSON of Aleph Alpha's API.
+
+The field names and shapes are those that the official ``aleph-alpha-client`` sends and parses
+(``CompletionRequest.to_json``, ``ExplanationResponse.from_json`` and so on). Fields the client
+always sends with a neutral default but that this server does not implement are accepted at that
+default and rejected (400) otherwise; see ``UNSUPPORTED_COMPLETION_FIELDS``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# attention control factors above this overflow the multiplicative variant's float32 scores
+MAX_CONTROL_FACTOR = 1000.0
+Factor = Annotated[float, Field(ge=0.0, le=MAX_CONTROL_FACTOR, allow_inf_nan=False)]
+Overlap = Literal["partial", "complete"]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+def _valid_text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+class _Body(BaseModel):
+    # clients add routing fields (hosting, tags) that do not concern a single server
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextControl(_Body):
+    start: int = Field(ge=0, lt=2**31)
+    length: int = Field(ge=1, lt=2**31)
+    factor: Factor
+    token_overlap: Overlap | None = None
+
+
+class TokenControl(_Body):
+    index: int = Field(ge=0, lt=2**31)
+    factor: Factor
+
+
+class Rect(_Body):
+    left: float = Field(allow_inf_nan=False)
+    top: float = Field(allow_inf_nan=False)
+    width: float = Field(allow_inf_nan=False)
+    height: float = Field(allow_inf_nan=False)
+
+
+class ImageControl(_Body):
+    rect: Rect
+    factor: Factor
+    token_overlap: Overlap | None = None
+
+
+class TextItem(_Body):
+    type: Literal["text"]
+    data: str
+    controls: list[TextControl] = Field(default_factory=list)
+
+    _text = field_validator("data")(_valid_text)
+
+
+class TokensItem(_Body):
+    type: Literal["token_ids"]
+    data: list[TokenId]
+    controls: list[TokenControl] = Field(default_factory=list)
+
+
+class ImageItem(_Body):
+    type: Literal["image"]
+    data: str
+    x: int | None = None
+    y: int | None = None
+    size: int | None = None
+    controls: list[ImageControl] = Field(default_factory=list)
+
+
+PromptItem = Annotated[TextItem | TokensItem | ImageItem, Field(discriminator="type")]
+Prompt = Annotated[str, Field(description="plain text")] | list[PromptItem]
+
+
+class CustomGranularity(_Body):
+    type: Literal["token", "word", "sentence", "paragraph", "custom"]
+    delimiter: str | None = Field(default=None, description="for type 'custom': split the prompt after it")
+
+    _text = field_validator("delimiter")(lambda v: v if v is None else _valid_text(v))
+
+
+class ExplanationRequest(_Body):
+    model: str
+    prompt: Prompt
+    target: str
+    contextual_control_threshold: float | None = Field(default=None, allow_inf_nan=False)
+    control_factor: float | None = Field(default=None, ge=0.0, le=1.0, allow_inf_nan=False,
+                                         description="multiplier of a suppressed unit (default 0.1)")
+    control_token_overlap: Overlap | None = None
+    control_log_additive: bool | None = None
+    prompt_granularity: CustomGranularity | None = None
+    target_granularity: Literal["complete", "token"] | None = None
+    postprocessing: Literal["none", "absolute", "square"] | None = None
+    normalize: bool | None = None
+
+    _text = field_validator("target")(_valid_text)
+
+
+class TextScore(BaseModel):
+    start: int
+    length: int
+    score: float
+
+
+class TextExplanationItem(BaseModel):
+    type: Literal["text", "target"]
+    scores: list[TextScore]
+
+
+class TokenExplanationItem(BaseModel):
+    type: Literal["token_ids"]
+    scores: list[float]
+
+
+class TargetExplanation(BaseModel):
+    target: str
+    items: list[TextExplanationItem | TokenExplanationItem]
+
+
+class ExplanationResponse(BaseModel):
+    model_version: str
+    explanations: list[TargetExplanation]
+
+
+class CompletionRequest(_Body):
+    model: str
+    prompt: Prompt
+    maximum_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    top_k: int = Field(default=0, ge=0, lt=2**31)
+    top_p: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    n: int = Field(default=1, ge=1)
+    logit_bias: dict[int, Annotated[float, Field(ge=-1e4, le=1e4, allow_inf_nan=False)]] | None = None
+    log_probs: int | None = Field(default=None, ge=0, le=100)
+    stop_sequences: list[str] | None = None
+    tokens: bool = False
+    minimum_tokens: int = Field(default=0, ge=0)
+    raw_completion: bool = False
+    disable_optimizations: bool = False
+    contextual_control_threshold: float | None = Field(default=None, allow_inf_nan=False)
+    control_log_additive: bool | None = True
+    # sent by the client with these neutral values; anything else is not implemented here
+    presence_penalty: float = Field(default=0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(default=0.0, allow_inf_nan=False)
+    sequence_penalty: float = Field(default=0.0, allow_inf_nan=False)
+    sequence_penalty_min_length: int = 2
+    repetition_penalties_include_prompt: bool = False
+    repetition_penalties_include_completion: bool = True
+    use_multiplicative_presence_penalty: bool = False
+    use_multiplicative_frequency_penalty: bool = False
+    use_multiplicative_sequence_penalty: bool = False
+    penalty_bias: str | None = None
+    penalty_exceptions: list[str] | None = None
+    penalty_exceptions_include_stop_sequences: bool | None = None
+    best_of: int | None = None
+    echo: bool = False
+    completion_bias_inclusion: list[str] | None = None
+    completion_bias_inclusion_first_token_only: bool = False
+    completion_bias_exclusion: list[str] | None = None
+    completion_bias_exclusion_first_token_only: bool = False
+    steering_concepts: list[str] | None = None
+    stream: bool = False
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stops(cls, value: list[str] | None) -> list[str] | None:
+        return value if value is None else [_valid_text(v) for v in value]
+
+
+# field -> the only value accepted (what the client sends when the feature is not used)
+UNSUPPORTED_COMPLETION_FIELDS: dict[str, Any] = {
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "sequence_penalty": 0.0,
+    "penalty_bias": None,
+    "penalty_exceptions": None,
+    "best_of": None,
+    "echo": False,
+    "completion_bias_inclusion": None,
+    "completion_bias_exclusion": None,
+    "steering_concepts": None,
+    "stream": False,
+}
+
+
+class CompletionResult(BaseModel):
+    completion: str
+    finish_reason: str
+    completion_tokens: list[str] | None = None
+    log_probs: list[dict[str, float]] | None = None
+    raw_completion: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    model_version: str
+    completions: list[CompletionResult]
+    num_tokens_prompt_total: int
+    num_tokens_generated: int
+
+
+class EvaluationRequest(_Body):
+    model: str
+    prompt: Prompt
+    completion_expected: str
+    contextual_control_threshold: float | None = Field(default=None, allow_inf_nan=False)
+    control_log_additive: bool | None = True
+
+    _text = field_validator("completion_expected")(_valid_text)
+
+
+class EvaluationResult(BaseModel):
+    log_probability: float
+    log_perplexity: float
+    log_perplexity_per_token: float
+    log_perplexity_per_character: float
+    correct_greedy: bool
+    token_count: int
+    character_count: int
+    completion: str
+
+
+class EvaluationResponse(BaseModel):
+    model_version: str
+    message: str | None = None
+    result: EvaluationResult
+    num_tokens_prompt_total: int
+
+
+class TokenizationRequest(_Body):
+    model: str
+    prompt: str
+    tokens: bool = True
+    token_ids: bool = True
+
+    _text = field_validator("prompt")(_valid_text)
+
+
+class TokenizationResponse(BaseModel):
+    tokens: list[str] | None = None
+    token_ids: list[int] | None = None
+
+
+class DetokenizationRequest(_Body):
+    model: str
+    token_ids: list[TokenId]
+
+
+class DetokenizationResponse(BaseModel):
+    result: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    description: str
+    max_context_size: int | None
+    hostings: list[str]
+    image_support: bool
+    explanation_support: bool
+    steering_support: bool
+    aliases: list[str]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    code: str

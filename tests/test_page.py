@@ -1,0 +1,123 @@
+"""The web page in a real headless Chromium: explain, see the highlights, steer a completion."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("selenium")
+
+from _server import serving  # noqa: E402
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+from atman.server import Limits, create_app  # noqa: E402
+
+CHROMIUM = os.environ.get("ATMAN_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                       reason="needs Chromium and its driver (Debian: apt-get install chromium chromium-driver)"),
+]
+FACTS = "Ada lives in Oslo. Bo lives in Rome. Ada lives in"
+
+
+@pytest.fixture(scope="module")
+def page(smollm2):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1400"):
+        options.add_argument(argument)
+    # the driver's path is given, so selenium never tries to download one
+    browser = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        with serving(create_app({"smollm2": smollm2}, limits=Limits(max_tokens=16))) as base:
+            browser.get(base + "/")
+            yield browser
+    finally:
+        browser.quit()
+
+
+def wait(browser, seconds=120):
+    return WebDriverWait(browser, seconds)
+
+
+def fill(browser, element_id: str, text: str) -> None:
+    # set the value directly: send_keys would type a newline as Enter
+    browser.execute_script("arguments[0].value = arguments[1];", browser.find_element(By.ID, element_id), text)
+
+
+def test_explain_shows_the_prompt_coloured_by_relevance(page, tmp_path):
+    wait(page).until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 1)
+    fill(page, "prompt", FACTS)
+    fill(page, "target", " Oslo")
+    Select(page.find_element(By.ID, "granularity")).select_by_value("sentence")
+    Select(page.find_element(By.ID, "target-granularity")).select_by_value("token")
+    page.find_element(By.ID, "explain").click()
+    wait(page).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Explained"))
+    units = page.find_elements(By.CSS_SELECTOR, "#highlighted .unit")
+    assert [u.text for u in units] == ["Ada lives in Oslo.", "Bo lives in Rome.", "Ada lives in"]
+    assert page.find_element(By.ID, "highlighted").text == FACTS
+    scores = [float(u.get_attribute("data-score")) for u in units]
+    assert max(scores) == scores[0] > 0
+    assert units[0].get_attribute("title") == f"relevance {scores[0]:.4f}"
+    assert "rgba(220, 38, 38" in units[0].get_attribute("style")  # evidence for the target is red
+    assert [t.text for t in page.find_elements(By.CSS_SELECTOR, "#targets button")] == [" Oslo"]
+    page.save_screenshot(str(tmp_path / "explain.png"))
+
+
+def test_explain_without_target_completes_first(page):
+    fill(page, "target", "")
+    Select(page.find_element(By.ID, "granularity")).select_by_value("word")
+    Select(page.find_element(By.ID, "target-granularity")).select_by_value("token")
+    fill(page, "max-tokens", "3")
+    page.find_element(By.ID, "explain").click()
+    wait(page).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Explained"))
+    tabs = page.find_elements(By.CSS_SELECTOR, "#targets button")
+    assert len(tabs) >= 2 and page.find_element(By.ID, "target").get_attribute("value")
+    first = [u.get_attribute("data-score") for u in page.find_elements(By.CSS_SELECTOR, "#highlighted .unit")]
+    tabs[1].click()
+    assert tabs[1].get_attribute("aria-selected") == "true"
+    second = [u.get_attribute("data-score") for u in page.find_elements(By.CSS_SELECTOR, "#highlighted .unit")]
+    assert len(first) == len(second) == len(FACTS.split()) and first != second
+
+
+def test_a_control_on_a_selected_span_steers_the_completion(page, tmp_path):
+    fill(page, "prompt", FACTS)
+    fill(page, "max-tokens", "2")
+    area = page.find_element(By.ID, "prompt")
+    start = FACTS.index("Bo lives in Rome.")
+    page.execute_script("arguments[0].focus(); arguments[0].setSelectionRange(arguments[1], arguments[2]);",
+                        area, start, start + len("Bo lives in Rome."))
+    fill(page, "steer-factor", "0")
+    page.find_element(By.ID, "add-control").click()
+    assert page.find_element(By.CSS_SELECTOR, "#controls li").text.startswith('×0 on "Bo lives in Rome."')
+    page.find_element(By.ID, "complete").click()
+    wait(page).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Steered by 1"))
+    plain = page.find_element(By.ID, "plain-completion").text
+    steered = page.find_element(By.ID, "steered-completion").text
+    assert plain.strip().startswith("Rome") and not steered.strip().startswith("Rome")
+    page.save_screenshot(str(tmp_path / "steer.png"))
+
+
+def test_the_page_asks_for_the_token_when_auth_is_on(page, smollm2):
+    with serving(create_app({"smollm2": smollm2}, token="s3cret")) as base:
+        page.get(base + "/")
+        wait(page).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "needs a token"))
+        assert page.find_element(By.ID, "token-label").is_displayed()
+        page.find_element(By.ID, "token").send_keys("s3cret")
+        page.find_element(By.ID, "prompt").click()  # leaving the field fires its change event
+        wait(page).until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 1)
+        fill(page, "prompt", FACTS)
+        fill(page, "target", " Oslo")
+        Select(page.find_element(By.ID, "granularity")).select_by_value("sentence")
+        page.find_element(By.ID, "explain").click()
+        wait(page).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Explained"))
+        assert len(page.find_elements(By.CSS_SELECTOR, "#highlighted .unit")) == 3
