@@ -242,8 +242,11 @@ def _eager(
     scores = torch.matmul(query, key.transpose(2, 3)).to(torch.float32)
     if mode == "multiplicative":
         # (S - min) * m, shifted back by the row minimum: the same softmax as the paper's formula for
-        # plain attention, and an exact identity at m = 1 under softcapping and sinks too
-        row_min = scores.amin(dim=-1, keepdim=True)
+        # plain attention, and an exact identity at m = 1 under softcapping and sinks too. The minimum
+        # runs over the keys the query can see, so a position never depends on later tokens (cached
+        # generation equals recomputation); a row that sees no key keeps its scores
+        row_min = scores.masked_fill(torch.isneginf(base), float("inf")).amin(dim=-1, keepdim=True)
+        row_min = row_min.masked_fill(torch.isinf(row_min), 0.0)
         scores = row_min + (scores - row_min) * multipliers[:, None, None, :]
     scores = scores * scaling
     softcap = kwargs.get("softcap")

@@ -13,6 +13,9 @@ through the model, summed over batch rows: the cost model of docs/method.md), th
 a share of token level, and the agreement of the top-10 tokens (the share of token level's ten
 highest-scoring prompt tokens that are also among the refined explanation's ten highest tokens).
 Without --full, token level's cost is given by its lower bound L + sum over tokens of (L - p).
+With --bounds-only nothing is run: it prints the cost model's lower bounds of both (for refine, in
+the worst case that the --top earliest sentences are the ones refined), a model-free upper limit on
+the share refine costs at that length.
 """
 
 from __future__ import annotations
@@ -66,6 +69,23 @@ def long_example(tokenizer, tokens: int, seed: int):
         facts = max(facts + 1, int(facts * tokens / length))
 
 
+def bounds(tokenizer, tokens: int, seed: int, top: int) -> dict:
+    """Lower bounds of token level and of refine (worst case: the ``top`` earliest sentences refined)."""
+    example, length = long_example(tokenizer, tokens, seed)
+    encoded = encode(tokenizer, example.prompt, example.target)
+    total = len(encoded.input_ids)
+
+    def cost(units) -> int:
+        return total + sum(total - unit.positions[0] for unit in units)
+
+    token_units = prompt_units(encoded, "token")
+    sentences = prompt_units(encoded, "sentence")
+    worst = [unit for unit in token_units if any(unit.positions[0] in s.positions for s in sentences[:top])]
+    token_level, refine = cost(token_units), cost(sentences) + cost(worst)
+    return {"prompt_tokens": length, "sentences": len(sentences), "token_level_bound": token_level,
+            "refine_worst_case_bound": refine, "share": refine / token_level}
+
+
 def top_tokens(items, k: int = 10) -> list[int]:
     """Start offsets of the ``k`` highest-scoring prompt tokens among ``items``."""
     tokens = [item for item in items if item.kind == "prompt"]
@@ -79,11 +99,15 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=3, help="sentences refined to tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="also run token level (slow: ~L^2/2 token-forwards)")
+    parser.add_argument("--bounds-only", action="store_true", help="run nothing; print the cost model's bounds")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     torch.manual_seed(0)
     lm = load_model(args.model)
+    if args.bounds_only:
+        print(json.dumps(bounds(lm.tokenizer, args.tokens, args.seed, args.top), indent=1))
+        return
     explainer = Explainer(lm)
     example, length = long_example(lm.tokenizer, args.tokens, args.seed)
     encoded = encode(lm.tokenizer, example.prompt, example.target)

@@ -190,3 +190,17 @@ def test_shorter_multipliers_leave_later_keys_untouched():
         expected = _forward(model, ids.expand(2, -1))
     assert torch.equal(got, expected)
     assert not torch.allclose(got[0], got[1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_oss"])
+def test_multiplicative_positions_do_not_depend_on_later_tokens(family):
+    """The row minimum runs over visible keys only: appending tokens leaves earlier logits unchanged."""
+    model = enable(tiny_model(family))
+    ids = _ids(length=SEQ + 4)
+    multipliers = torch.ones(1, SEQ + 4)
+    multipliers[0, [1, 5]] = torch.tensor([0.3, 2.0])
+    with manipulate(multipliers[:, :SEQ], mode="multiplicative"):
+        short = _forward(model, ids[:, :SEQ])
+    with manipulate(multipliers, mode="multiplicative"):
+        long = _forward(model, ids)
+    assert torch.allclose(long[:, :SEQ], short, atol=1e-5, rtol=0)
