@@ -91,7 +91,7 @@ class InputXGradient(TokenMethod):
 
     def token_scores(self, encoded: EncodedInput) -> torch.Tensor:
         objective = _EmbeddingObjective(self.lm, encoded)
-        return _captum().InputXGradient(objective).attribute(objective.embeddings())[0].sum(dim=-1)
+        return _captum().InputXGradient(objective).attribute(objective.embeddings().requires_grad_())[0].sum(dim=-1)
 
 
 class Saliency(TokenMethod):
@@ -101,7 +101,7 @@ class Saliency(TokenMethod):
 
     def token_scores(self, encoded: EncodedInput) -> torch.Tensor:
         objective = _EmbeddingObjective(self.lm, encoded)
-        grads = _captum().Saliency(objective).attribute(objective.embeddings(), abs=False)
+        grads = _captum().Saliency(objective).attribute(objective.embeddings().requires_grad_(), abs=False)
         return grads[0].norm(dim=-1)
 
 

@@ -86,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
     command = "atman " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     if args.quiet:
         result = run_suite(lm, methods, config)
+    elif not sys.stderr.isatty():
+        # a log file gets one line per explanation instead of a redrawn bar
+        def log(done: int, total: int, what: str) -> None:
+            print(f"{done}/{total} {what}", file=sys.stderr, flush=True)
+
+        result = run_suite(lm, methods, config, progress=log)
     else:
         columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, transient=True) as bar:

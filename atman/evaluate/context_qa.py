@@ -93,10 +93,12 @@ def make_examples(n: int, seed: int = 0, facts: int = 5, extended: bool = False)
     rng = random.Random(seed)
     examples = []
     while len(examples) < n:
-        names = set()
+        # a list, not a set: set order of strings changes from process to process (hash seeds)
+        names: list[str] = []
         while len(names) < facts:
-            names.add(_word(rng, _ENDS) + " " + _word(rng, _ENDS))
-        names = list(names)
+            name = _word(rng, _ENDS) + " " + _word(rng, _ENDS)
+            if name not in names:
+                names.append(name)
         asked = rng.randrange(len(templates_pool))
         templates = [asked, asked] + [rng.randrange(len(templates_pool)) for _ in range(facts - 2)]
         rng.shuffle(templates)
