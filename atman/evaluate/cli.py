@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -84,14 +85,23 @@ def run(args: argparse.Namespace) -> int:
     config.seed = args.seed
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     command = "atman " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    args.output.mkdir(parents=True, exist_ok=True)
+    log_path = args.output / f"{args.name}.records.jsonl"
+    log_path.write_text("", encoding="utf-8")
+
+    def keep(record: dict) -> None:
+        # records as they come: a long run stopped early still leaves its measurements
+        with log_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
     if args.quiet:
-        result = run_suite(lm, methods, config)
+        result = run_suite(lm, methods, config, on_record=keep)
     elif not sys.stderr.isatty():
         # a log file gets one line per explanation instead of a redrawn bar
         def log(done: int, total: int, what: str) -> None:
             print(f"{done}/{total} {what}", file=sys.stderr, flush=True)
 
-        result = run_suite(lm, methods, config, progress=log)
+        result = run_suite(lm, methods, config, progress=log, on_record=keep)
     else:
         columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, transient=True) as bar:
@@ -100,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             def progress(done: int, total: int, what: str) -> None:
                 bar.update(task, completed=done, total=total, description=what)
 
-            result = run_suite(lm, methods, config, progress=progress)
+            result = run_suite(lm, methods, config, progress=progress, on_record=keep)
     md, js = write_report(result, args.output, command=command, stem=args.name)
     if not args.quiet:
         print(f"wrote {md} and {js} ({result['seconds']:.0f} s)", file=sys.stderr)

@@ -59,21 +59,27 @@ class SuiteConfig:
         return cls(qa=2, squad=1, squad_granularities=("sentence",), texts=1)
 
     def datasets(self, lm: LoadedModel) -> list[tuple[str, Example, tuple[str, ...]]]:
-        """(dataset name, example, granularities) for every example; text targets are generated here."""
-        out = [("qa", ex, self.qa_granularities) for ex in context_qa(self.qa, seed=self.seed, facts=self.qa_facts)]
-        out += [("squad", ex, self.squad_granularities) for ex in squad_examples()[:self.squad]]
+        """(dataset name, example, granularities) for every example, the datasets taking turns (so that
+        a run stopped early still covers each); text targets are generated here."""
+        qa = [("qa", ex, self.qa_granularities) for ex in context_qa(self.qa, seed=self.seed, facts=self.qa_facts)]
+        squad = [("squad", ex, self.squad_granularities) for ex in squad_examples()[:self.squad]]
+        texts = []
         if self.texts:
             generator = Explainer(lm)
             for ex in python_texts(self.texts):
                 # kept as token ids: decoding and re-encoding could change the tokens
                 ids = tuple(generator.generate(ex.prompt, max_new_tokens=self.max_new_tokens))
-                out.append(("texts", Example(ex.id, ex.prompt, ids, ex.gold), ()))
-        return out
+                texts.append(("texts", Example(ex.id, ex.prompt, ids, ex.gold), ()))
+        turns = [qa, squad, texts]
+        return [group[i] for i in range(max(map(len, turns))) for group in turns if i < len(group)]
 
 
 def run_suite(lm: LoadedModel, methods: Sequence[str], config: SuiteConfig | None = None,
-              progress: Progress | None = None) -> dict:
-    """Run every method on every example; returns {"config", "records", "summary", "unavailable", ...}."""
+              progress: Progress | None = None, on_record: Callable[[dict], None] | None = None) -> dict:
+    """Run every method on every example; returns {"config", "records", "summary", "unavailable", ...}.
+
+    ``on_record`` receives each per-example record as soon as it exists (e.g. to keep a log).
+    """
     config = config or SuiteConfig()
     started = time.perf_counter()
     built: dict[str, Method] = {}
@@ -112,6 +118,8 @@ def run_suite(lm: LoadedModel, methods: Sequence[str], config: SuiteConfig | Non
                 metrics.update(_faithfulness(lm, encoded, units, scores, config.fractions))
             records.append({"dataset": name, "granularity": gran, "example": ex.id, "method": spec,
                             "units": len(units), "seconds": round(seconds, 3), "metrics": metrics})
+            if on_record is not None:
+                on_record(records[-1])
             done += 1
     if progress is not None:
         progress(done, total, "done")
