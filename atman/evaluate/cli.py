@@ -61,8 +61,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..baselines import parse_spec
     from ..models import load_model
-    from .report import write_report
-    from .suite import SuiteConfig, run_suite
+
+    try:
+        from .report import write_report
+        from .suite import SuiteConfig, run_suite
+    except ImportError as exc:
+        raise AtmanError(f"atman evaluate needs the evaluate extra (pip install 'atman[evaluate]'): {exc}") from None
 
     methods = _methods(args)
     for spec in methods:
