@@ -40,6 +40,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--output", "-o", type=Path, default=DEFAULT_OUTPUT, help="directory for the reports")
     parser.add_argument("--name", default="evaluation", help="file name stem of the reports")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="RECORDS.jsonl",
+                        help="write the report from the record logs of earlier runs instead of running: a method's "
+                             "records come from the last log holding it; only examples every method finished count")
     parser.set_defaults(handler=run)
 
 
@@ -88,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         config.qa_granularities = config.squad_granularities = grans
     config.seed = args.seed
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.merge:
+        return _merge(args, lm, config, write_report)
     command = "atman " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     args.output.mkdir(parents=True, exist_ok=True)
     log_path = args.output / f"{args.name}.records.jsonl"
@@ -118,4 +123,46 @@ def run(args: argparse.Namespace) -> int:
     md, js = write_report(result, args.output, command=command, stem=args.name)
     if not args.quiet:
         print(f"wrote {md} and {js} ({result['seconds']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def _merge(args, lm, config, write_report) -> int:
+    import platform
+    from dataclasses import asdict
+
+    import torch
+
+    from ..baselines import BaselineUnavailableError, get_method
+    from .suite import merge_records, summarize_records
+
+    logs = []
+    for path in args.merge:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            logs.append([json.loads(line) for line in lines if line.strip()])
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AtmanError(f"cannot read the record log {path}: {exc}") from None
+    records = merge_records(logs)
+    if not records:
+        raise AtmanError("the record logs share no example that every method finished")
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    unavailable = {}
+    for spec in (_methods(args) if args.methods or args.ablations else []):
+        try:
+            get_method(spec, lm)
+        except BaselineUnavailableError as exc:
+            unavailable[spec] = str(exc)
+    counts = {name: len({r["example"] for r in records if r["dataset"] == name}) for name in ("qa", "squad", "texts")}
+    config.qa, config.squad, config.texts = counts["qa"], counts["squad"], counts["texts"]
+    result = {
+        "model": lm.name, "methods": methods, "unavailable": unavailable, "config": asdict(config),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "machine": platform.machine(), "threads": torch.get_num_threads()},
+        "seconds": round(sum(r["seconds"] for r in records), 1), "merged_from": [str(p) for p in args.merge],
+        "records": records, "summary": summarize_records(records, seed=config.seed),
+    }
+    command = "atman " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    md, js = write_report(result, args.output, command=command, stem=args.name)
+    if not args.quiet:
+        print(f"wrote {md} and {js}", file=sys.stderr)
     return 0

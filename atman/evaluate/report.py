@@ -67,8 +67,10 @@ def render_markdown(result: dict, reference: str = "atman", command: str | None 
         lines += ["Command:", "", "```bash", command, "```", ""]
     cfg = result["config"]
     lines += [
-        f"Methods: {', '.join(f'`{m}`' for m in result['methods'])}. Run time {result['seconds']:.0f} s "
-        f"(torch {result['environment']['torch']}, {result['environment']['threads']} threads, "
+        f"Methods: {', '.join(f'`{m}`' for m in result['methods'])}. "
+        + (f"Merged from {', '.join(result['merged_from'])}; explanation time {result['seconds']:.0f} s "
+           if result.get("merged_from") else f"Run time {result['seconds']:.0f} s ")
+        + f"(torch {result['environment']['torch']}, {result['environment']['threads']} threads, "
         f"{result['environment']['machine']}).",
         f"Examples: {cfg['qa']} invented-fact QA ({cfg['qa_facts']} facts, seed {cfg['seed']}), "
         f"{cfg['squad']} SQuAD, {cfg['texts']} Python texts (target: greedy {cfg['max_new_tokens']} tokens).",

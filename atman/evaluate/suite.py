@@ -173,3 +173,17 @@ def summarize_records(records: list[dict], seed: int = 0) -> dict:
     for (dataset, gran, method), values in seconds.items():
         out["seconds"].setdefault(dataset, {}).setdefault(gran, {})[method] = float(np.mean(values))
     return out
+
+
+def merge_records(logs: Sequence[Sequence[dict]]) -> list[dict]:
+    """Records of several runs as one: a method's records come from the last log that holds it, and
+    only (dataset, granularity, example) groups that every method finished are kept (fair pairs)."""
+    by_method: dict[str, list[dict]] = {}
+    for log in logs:
+        for method in dict.fromkeys(r["method"] for r in log):
+            by_method[method] = [r for r in log if r["method"] == method]
+    groups: dict = defaultdict(dict)
+    for method, records in by_method.items():
+        for r in records:
+            groups[(r["dataset"], r["granularity"], r["example"])][method] = r
+    return [group[m] for group in groups.values() if len(group) == len(by_method) for m in by_method]
