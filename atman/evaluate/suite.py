@@ -56,7 +56,7 @@ class SuiteConfig:
     @classmethod
     def quick(cls) -> SuiteConfig:
         """A small run for CI: a few examples, token level only on the short QA prompts."""
-        return cls(qa=2, squad=1, squad_granularities=("sentence",), texts=1)
+        return cls(qa=1, squad=1, squad_granularities=("sentence",), texts=1)
 
     def datasets(self, lm: LoadedModel) -> list[tuple[str, Example, tuple[str, ...]]]:
         """(dataset name, example, granularities) for every example, the datasets taking turns (so that
