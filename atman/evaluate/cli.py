@@ -147,7 +147,7 @@ def _merge(args, lm, config, write_report) -> int:
         raise AtmanError("the record logs share no example that every method finished")
     methods = list(dict.fromkeys(r["method"] for r in records))
     unavailable = {}
-    for spec in (_methods(args) if args.methods or args.ablations else []):
+    for spec in _methods(args):
         try:
             get_method(spec, lm)
         except BaselineUnavailableError as exc:
