@@ -35,8 +35,8 @@ class Method:
 
         >>> exp = IntegratedGradients(load_model()).attribute("Ada lives in Oslo. Ada lives in", " Oslo",
         ...                                                   granularity="sentence")
-        >>> [item.text for item in exp.top(1)]
-        ['Ada lives in Oslo.']
+        >>> [item.text for item in exp.explanations[0].items], exp.settings["method"]
+        (['Ada lives in Oslo.', 'Ada lives in'], 'integrated-gradients')
     """
 
     name = "method"

@@ -7,8 +7,8 @@ Python texts, whose target is the model's own greedy continuation.
 Example::
 
     >>> result = run_suite(load_model(), ["atman", "random"], SuiteConfig.quick())
-    >>> sorted(result["summary"])[:1]
-    ['plausibility']
+    >>> sorted(result["summary"])
+    ['faithfulness', 'plausibility', 'seconds']
 """
 
 from __future__ import annotations
