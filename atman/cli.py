@@ -57,7 +57,7 @@ DEMO_PROMPT = (
 )
 DEMO_TARGET = " Lindhaven"
 # modules that contribute further sub-commands through ``add_parser(subparsers)``
-SUBCOMMAND_MODULES: tuple[str, ...] = ("atman.server.cli",)
+SUBCOMMAND_MODULES: tuple[str, ...] = ("atman.server.cli", "atman.evaluate.cli")
 
 
 class UsageError(AtmanError):
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--format", "-f", default="text", choices=FORMATS)
     explain.add_argument("--output", "-o", type=Path, help="write the result here instead of stdout")
     explain.add_argument("--quiet", "-q", action="store_true", help="no progress bar or status messages")
+    explain.add_argument("--method", default="atman",
+                         help="attribution method: atman (default) or a baseline for comparison, e.g. "
+                              "integrated-gradients, occlusion, chefer (see atman.baselines.METHODS)")
 
     demo = sub.add_parser("demo", help="explain a built-in example and write an HTML report")
     _model_options(demo)
@@ -183,6 +186,8 @@ def _explain(args) -> int:
             raise UsageError("--input takes the prompts from the file; do not also give a prompt or --target")
         if args.format == "html":
             raise UsageError("--input writes JSON lines; --format html is for a single explanation")
+        if args.method != "atman":
+            raise UsageError("--input runs AtMan; --method takes a single prompt")
         # JSON lines are separated by \n only: str.splitlines would also split at U+2028 and friends,
         # which json.dumps(ensure_ascii=False) writes unescaped inside strings
         text = sys.stdin.read().lstrip("\ufeff") if str(args.input) == "-" else _read_text(args.input)
@@ -193,10 +198,32 @@ def _explain(args) -> int:
         return _batch(explainer, lines, args)
     request = _request_from_args(args)
     explainer = _load(args)
+    if args.method != "atman":
+        explanation = _explain_baseline(explainer, args.method, request)
+        _write(explanation, args.format, args.output)
+        return 0
     with _progress("explaining", args.quiet) as progress:
         explanation = explainer.explain(progress=progress, **request)
     _write(explanation, args.format, args.output)
     return 0
+
+
+def _explain_baseline(explainer, spec: str, request: dict[str, Any]) -> Explanation:
+    """A comparison method's explanation of the same units (complete target, plain prompt only)."""
+    from .baselines import get_method
+
+    for name, default in (("chat", False), ("target_granularity", "complete")):
+        if request.get(name, default) != default:
+            raise UsageError(f"--method {spec} explains the complete target of a plain prompt; "
+                             f"{name.replace('_', '-')} is for AtMan only")
+    if request.get("granularity") == "refine":
+        raise UsageError("--granularity refine is for AtMan only")
+    method = get_method(spec, explainer.lm)
+    target = request.get("target")
+    if target is None:
+        target = explainer.generate(request["prompt"], max_new_tokens=request.get("max_new_tokens", 32))
+    return method.attribute(request["prompt"], target, granularity=request.get("granularity", "auto"),
+                            delimiter=request.get("delimiter"), spans=request.get("spans"))
 
 
 def _request_from_args(args) -> dict[str, Any]:

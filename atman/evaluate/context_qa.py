@@ -25,6 +25,7 @@ _JOBS = ["baker", "pilot", "carpenter", "nurse", "librarian", "fisherman", "pain
          "blacksmith"]
 _ANIMALS = ["cat", "dog", "parrot", "horse", "goat", "rabbit"]
 _OBJECTS = ["lantern", "violin", "compass", "telescope", "kettle", "map"]
+_SHIPS = ["ferry", "schooner", "barge", "tugboat"]
 
 # (fact, question, answer prefix, kind of value)
 _TEMPLATES = [
@@ -36,6 +37,17 @@ _TEMPLATES = [
      "year"),
     ("The {object} of {name} was made in {value}.", "Where was the {object} of {name} made?",
      "The {object} of {name} was made in", "place"),
+]
+# further phrasings for the evaluation suite (``extended=True``): other relations, the value before
+# the name, and questions whose wording differs from the fact's
+_EXTENDED_TEMPLATES = [
+    ("{name} is married to {value}.", "Who is {name} married to?", "{name} is married to", "person"),
+    ("In {value}, {name} opened a small bakery.", "In which town did {name} open a bakery?",
+     "{name} opened a bakery in", "place"),
+    ("The {ship} that {name} sails is named {value}.", "What is the name of the {ship} that {name} sails?",
+     "The {ship} that {name} sails is named", "name"),
+    ("{name} learned to paint from {value}.", "Who taught {name} to paint?", "{name} was taught to paint by",
+     "person"),
 ]
 
 
@@ -64,33 +76,46 @@ def _value(rng: random.Random, kind: str) -> str:
         return rng.choice(_JOBS)
     if kind == "name":
         return _word(rng, _ENDS)
+    if kind == "person":
+        return _word(rng, _ENDS) + " " + _word(rng, _ENDS)
     return str(rng.randint(1200, 1999))
 
 
-def make_examples(n: int, seed: int = 0, facts: int = 5) -> list[QAExample]:
-    """``n`` examples of ``facts`` fact sentences each; at least one distractor shares the question's template."""
+def make_examples(n: int, seed: int = 0, facts: int = 5, extended: bool = False) -> list[QAExample]:
+    """``n`` examples of ``facts`` fact sentences each; at least one distractor shares the question's template.
+
+    ``extended=True`` draws from four more templates as well (the evaluation suite's setting); the
+    default keeps the original five so that earlier measurements stay reproducible.
+    """
+    if facts < 2:
+        raise ValueError(f"facts must be at least 2 (the answer and a distractor), got {facts}")
+    templates_pool = _TEMPLATES + (_EXTENDED_TEMPLATES if extended else [])
     rng = random.Random(seed)
     examples = []
     while len(examples) < n:
-        names = set()
+        # a list, not a set: set order of strings changes from process to process (hash seeds)
+        names: list[str] = []
         while len(names) < facts:
-            names.add(_word(rng, _ENDS) + " " + _word(rng, _ENDS))
-        names = list(names)
-        asked = rng.randrange(len(_TEMPLATES))
-        templates = [asked, asked] + [rng.randrange(len(_TEMPLATES)) for _ in range(facts - 2)]
+            name = _word(rng, _ENDS) + " " + _word(rng, _ENDS)
+            if name not in names:
+                names.append(name)
+        asked = rng.randrange(len(templates_pool))
+        templates = [asked, asked] + [rng.randrange(len(templates_pool)) for _ in range(facts - 2)]
         rng.shuffle(templates)
         sentences, slots = [], []
         for name, t in zip(names, templates, strict=True):
-            fact = _TEMPLATES[t][0]
+            fact = templates_pool[t][0]
             slot = {"name": name, "animal": rng.choice(_ANIMALS), "object": rng.choice(_OBJECTS),
-                    "value": _value(rng, _TEMPLATES[t][3])}
+                    "value": _value(rng, templates_pool[t][3])}
+            if extended:
+                slot["ship"] = rng.choice(_SHIPS)
             sentences.append(fact.format(**slot))
             slots.append(slot)
         values = [s["value"] for s in slots]
         answer_index = templates.index(asked)
         if values.count(values[answer_index]) > 1:
             continue  # the answer must be stated once only
-        _, question, prefix, _ = _TEMPLATES[asked]
+        _, question, prefix, _ = templates_pool[asked]
         slot = slots[answer_index]
         context = " ".join(sentences)
         prompt = f"{context}\nQuestion: {question.format(**slot)}\nAnswer: {prefix.format(**slot)}"

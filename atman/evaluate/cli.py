@@ -1,0 +1,168 @@
+"""``atman evaluate``: the plausibility and faithfulness suite for one model and a set of methods."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import AtmanError
+
+DEFAULT_OUTPUT = Path("atman-evaluation")
+
+
+def add_parser(subparsers) -> None:
+    """Add the ``evaluate`` sub-command (called by :mod:`atman.cli`)."""
+    from .suite import ABLATION_METHODS, DEFAULT_METHODS
+
+    parser = subparsers.add_parser(
+        "evaluate", help="compare AtMan with baseline methods (plausibility and faithfulness)",
+        description="Run every method on invented-fact QA, the SQuAD excerpt and Python texts; write a "
+                    "markdown and a JSON report.")
+    parser.add_argument("--model", "-m", default=None,
+                        help="hub id, model directory, .gguf file, 'smollm2' (default) or 'gemma3-270m'")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated method specs, options after a colon joined by '+', e.g. "
+                             "'atman,atman:factor=0.5+mode=multiplicative,occlusion' "
+                             f"(default: {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--ablations", action="store_true",
+                        help=f"evaluate AtMan's variants instead: {','.join(ABLATION_METHODS)}")
+    parser.add_argument("--quick", action="store_true", help="a few examples only (for CI)")
+    parser.add_argument("--qa", type=int, help="number of invented-fact QA examples")
+    parser.add_argument("--squad", type=int, help="number of SQuAD examples (at most 5)")
+    parser.add_argument("--texts", type=int, help="number of Python texts for faithfulness")
+    parser.add_argument("--granularities", help="comma-separated plausibility granularities (default sentence,token)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", "-o", type=Path, default=DEFAULT_OUTPUT, help="directory for the reports")
+    parser.add_argument("--name", default="evaluation", help="file name stem of the reports")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="RECORDS.jsonl",
+                        help="write the report from the record logs of earlier runs instead of running: a method's "
+                             "records come from the last log holding it; only examples every method finished count")
+    parser.set_defaults(handler=run)
+
+
+def _methods(args) -> list[str]:
+    from .suite import ABLATION_METHODS, DEFAULT_METHODS
+
+    if args.methods and args.ablations:
+        raise AtmanError("give --methods or --ablations, not both")
+    if args.ablations:
+        return list(ABLATION_METHODS)
+    if not args.methods:
+        return list(DEFAULT_METHODS)
+    # '+' joins a method's options on the command line, where ',' separates methods
+    return [spec.strip().replace("+", ",") for spec in args.methods.split(",") if spec.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..baselines import parse_spec
+    from ..models import load_model
+
+    try:
+        from .report import write_report
+        from .suite import SuiteConfig, run_suite
+    except ImportError as exc:
+        raise AtmanError(f"atman evaluate needs the evaluate extra (pip install 'atman[evaluate]'): {exc}") from None
+
+    methods = _methods(args)
+    for spec in methods:
+        parse_spec(spec)
+    config = SuiteConfig.quick() if args.quick else SuiteConfig()
+    for name in ("qa", "squad", "texts"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 0:
+                raise AtmanError(f"--{name} must not be negative")
+            setattr(config, name, value)
+    if config.squad > 5:
+        raise AtmanError("--squad: the SQuAD excerpt holds 5 questions")
+    if args.granularities:
+        grans = tuple(g.strip() for g in args.granularities.split(",") if g.strip())
+        allowed = ("token", "word", "sentence")
+        if not grans or any(g not in allowed for g in grans):
+            raise AtmanError(f"--granularities takes a comma-separated subset of {', '.join(allowed)}")
+        config.qa_granularities = config.squad_granularities = grans
+    config.seed = args.seed
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.merge:
+        return _merge(args, lm, config, write_report)
+    command = "atman " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    args.output.mkdir(parents=True, exist_ok=True)
+    log_path = args.output / f"{args.name}.records.jsonl"
+    log_path.write_text("", encoding="utf-8")
+
+    def keep(record: dict) -> None:
+        # records as they come: a long run stopped early still leaves its measurements
+        with log_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    if args.quiet:
+        result = run_suite(lm, methods, config, on_record=keep)
+    elif not sys.stderr.isatty():
+        # a log file gets one line per explanation instead of a redrawn bar
+        def log(done: int, total: int, what: str) -> None:
+            print(f"{done}/{total} {what}", file=sys.stderr, flush=True)
+
+        result = run_suite(lm, methods, config, progress=log, on_record=keep)
+    else:
+        columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, transient=True) as bar:
+            task = bar.add_task("loading examples", total=None)
+
+            def progress(done: int, total: int, what: str) -> None:
+                bar.update(task, completed=done, total=total, description=what)
+
+            result = run_suite(lm, methods, config, progress=progress, on_record=keep)
+    md, js = write_report(result, args.output, command=command, stem=args.name)
+    if not args.quiet:
+        print(f"wrote {md} and {js} ({result['seconds']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+def _merge(args, lm, config, write_report) -> int:
+    import platform
+    from dataclasses import asdict
+
+    import torch
+
+    from ..baselines import BaselineUnavailableError, get_method
+    from .suite import merge_records, summarize_records
+
+    logs = []
+    for path in args.merge:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            logs.append([json.loads(line) for line in lines if line.strip()])
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AtmanError(f"cannot read the record log {path}: {exc}") from None
+    records = merge_records(logs)
+    if not records:
+        raise AtmanError("the record logs share no example that every method finished")
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    unavailable = {}
+    for spec in _methods(args):
+        try:
+            get_method(spec, lm)
+        except BaselineUnavailableError as exc:
+            unavailable[spec] = str(exc)
+    counts = {name: len({r["example"] for r in records if r["dataset"] == name}) for name in ("qa", "squad", "texts")}
+    config.qa, config.squad, config.texts = counts["qa"], counts["squad"], counts["texts"]
+    result = {
+        "model": lm.name, "methods": methods, "unavailable": unavailable, "config": asdict(config),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "machine": platform.machine(), "threads": torch.get_num_threads()},
+        "seconds": round(sum(r["seconds"] for r in records), 1), "merged_from": [str(p) for p in args.merge],
+        "records": records, "summary": summarize_records(records, seed=config.seed),
+    }
+    command = "atman " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    md, js = write_report(result, args.output, command=command, stem=args.name)
+    if not args.quiet:
+        print(f"wrote {md} and {js}", file=sys.stderr)
+    return 0

@@ -1,0 +1,189 @@
+"""The evaluation suite: every method on the same examples, units and targets; metrics per example.
+
+Plausibility runs where the ground truth is known (invented-fact QA, SQuAD), at each configured
+granularity; faithfulness (deletion curves) at sentence granularity on every dataset, including the
+Python texts, whose target is the model's own greedy continuation.
+
+Example::
+
+    >>> result = run_suite(load_model(), ["atman", "random"], SuiteConfig.quick())
+    >>> sorted(result["summary"])
+    ['faithfulness', 'plausibility', 'seconds']
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..baselines import BaselineUnavailableError, Method, get_method, sequence_logprobs
+from ..baselines.base import delete_units
+from ..explainer import Explainer
+from ..models import LoadedModel
+from ..units import encode, prompt_units
+from .datasets import Example, context_qa, python_texts, squad_examples
+from .metrics import FRACTIONS, curve_steps, faithfulness, plausibility, summarize
+
+DEFAULT_METHODS = ("atman", "integrated-gradients", "input-x-gradient", "saliency", "feature-ablation",
+                   "attention-rollout", "chefer", "occlusion", "attnlrp", "random")
+ABLATION_METHODS = ("atman", "atman:factor=0.5", "atman:factor=0.99", "atman:factor=1.0",
+                    "atman:mode=multiplicative", "atman:kappa=0.6", "atman:kappa=0.7", "atman:kappa=0.8")
+FAITHFULNESS_GRANULARITY = "sentence"
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class SuiteConfig:
+    """How many examples of each dataset, at which granularities."""
+
+    qa: int = 8
+    qa_facts: int = 3
+    qa_granularities: tuple[str, ...] = ("sentence", "token")
+    squad: int = 5
+    # token-level SQuAD (~190-token prompts) is several times the rest of the run on a CPU: opt in
+    squad_granularities: tuple[str, ...] = ("sentence",)
+    texts: int = 4
+    max_new_tokens: int = 8
+    seed: int = 0
+    fractions: tuple[float, ...] = field(default=FRACTIONS)
+
+    @classmethod
+    def quick(cls) -> SuiteConfig:
+        """A small run for CI: a few examples, token level only on the short QA prompts."""
+        return cls(qa=1, squad=1, squad_granularities=("sentence",), texts=1)
+
+    def datasets(self, lm: LoadedModel) -> list[tuple[str, Example, tuple[str, ...]]]:
+        """(dataset name, example, granularities) for every example, the datasets taking turns (so that
+        a run stopped early still covers each); text targets are generated here."""
+        qa = [("qa", ex, self.qa_granularities) for ex in context_qa(self.qa, seed=self.seed, facts=self.qa_facts)]
+        squad = [("squad", ex, self.squad_granularities) for ex in squad_examples()[:self.squad]]
+        texts = []
+        if self.texts:
+            generator = Explainer(lm)
+            for ex in python_texts(self.texts):
+                # kept as token ids: decoding and re-encoding could change the tokens
+                ids = tuple(generator.generate(ex.prompt, max_new_tokens=self.max_new_tokens))
+                texts.append(("texts", Example(ex.id, ex.prompt, ids, ex.gold), ()))
+        turns = [qa, squad, texts]
+        return [group[i] for i in range(max(map(len, turns))) for group in turns if i < len(group)]
+
+
+def run_suite(lm: LoadedModel, methods: Sequence[str], config: SuiteConfig | None = None,
+              progress: Progress | None = None, on_record: Callable[[dict], None] | None = None) -> dict:
+    """Run every method on every example; returns {"config", "records", "summary", "unavailable", ...}.
+
+    ``on_record`` receives each per-example record as soon as it exists (e.g. to keep a log).
+    """
+    config = config or SuiteConfig()
+    started = time.perf_counter()
+    built: dict[str, Method] = {}
+    unavailable: dict[str, str] = {}
+    for spec in methods:
+        try:
+            built[spec] = get_method(spec, lm)
+        except BaselineUnavailableError as exc:
+            unavailable[spec] = str(exc)
+    items = config.datasets(lm)
+    plausibility_granularities = {ex.id: grans for _, ex, grans in items}
+    jobs = [(name, ex, gran) for name, ex, grans in items
+            for gran in dict.fromkeys((*grans, FAITHFULNESS_GRANULARITY))]
+    total = len(jobs) * len(built)
+    done = 0
+    records = []
+    for name, ex, gran in jobs:
+        target = ex.target
+        encoded = encode(lm.tokenizer, ex.prompt, target)
+        units = prompt_units(encoded, gran)
+        gold = [any(u.start < b and a < u.start + u.length for a, b in ex.gold) for u in units]
+        for spec, method in built.items():
+            if progress is not None:
+                progress(done, total, f"{name} {gran} {spec}")
+            t0 = time.perf_counter()
+            explanation = method.attribute(ex.prompt, target, granularity=gran)
+            seconds = time.perf_counter() - t0
+            items_ = explanation.explanations[0].items
+            if [(i.start, i.length) for i in items_] != [(u.start, u.length) for u in units]:
+                raise RuntimeError(f"{spec} explained other units than the suite's")
+            scores = [i.score for i in items_]
+            metrics: dict[str, float] = {}
+            if ex.gold and gran in plausibility_granularities[ex.id]:
+                metrics.update(plausibility(scores, gold))
+            if gran == FAITHFULNESS_GRANULARITY and len(units) > 1:
+                metrics.update(_faithfulness(lm, encoded, units, scores, config.fractions))
+            records.append({"dataset": name, "granularity": gran, "example": ex.id, "method": spec,
+                            "units": len(units), "seconds": round(seconds, 3), "metrics": metrics})
+            if on_record is not None:
+                on_record(records[-1])
+            done += 1
+    if progress is not None:
+        progress(done, total, "done")
+    return {
+        "model": lm.name,
+        "methods": list(methods),
+        "unavailable": unavailable,
+        "config": asdict(config),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "machine": platform.machine(), "threads": torch.get_num_threads()},
+        "seconds": round(time.perf_counter() - started, 1),
+        "records": records,
+        "summary": summarize_records(records, seed=config.seed),
+    }
+
+
+def _faithfulness(lm: LoadedModel, encoded, units, scores, fractions) -> dict[str, float]:
+    n = len(units)
+    steps = curve_steps(n, fractions)
+    morf_order = sorted(range(n), key=lambda i: -scores[i])
+    lerf_order = sorted(range(n), key=lambda i: scores[i])
+    lerf_steps = sorted(set(steps) | {n - k for k in steps})
+    sequences = [list(encoded.input_ids)]
+    sequences += [delete_units(encoded, [units[i] for i in morf_order[:k]]) for k in steps]
+    sequences += [delete_units(encoded, [units[i] for i in lerf_order[:k]]) for k in lerf_steps]
+    logprobs = sequence_logprobs(lm, sequences, len(encoded.input_ids) - encoded.target_start).tolist()
+    morf = dict(zip(steps, logprobs[1:1 + len(steps)], strict=True))
+    lerf = dict(zip(lerf_steps, logprobs[1 + len(steps):], strict=True))
+    return faithfulness(logprobs[0], morf, lerf, steps, n)
+
+
+def summarize_records(records: list[dict], seed: int = 0) -> dict:
+    """{"plausibility"|"faithfulness": {dataset: {granularity: {method: {metric: summary}}}},
+    "seconds": {dataset: {granularity: {method: mean seconds per explanation}}}}."""
+    from .metrics import FAITHFULNESS, PLAUSIBILITY
+
+    grouped: dict = defaultdict(list)
+    for r in records:
+        for metric, value in r["metrics"].items():
+            grouped[(r["dataset"], r["granularity"], r["method"], metric)].append(value)
+    out: dict = {"plausibility": {}, "faithfulness": {}, "seconds": {}}
+    for (dataset, gran, method, metric), values in grouped.items():
+        kind = "plausibility" if metric in PLAUSIBILITY else "faithfulness" if metric in FAITHFULNESS else None
+        if kind is None:
+            continue
+        slot = out[kind].setdefault(dataset, {}).setdefault(gran, {}).setdefault(method, {})
+        slot[metric] = summarize(values, seed=seed)
+    seconds: dict = defaultdict(list)
+    for r in records:
+        seconds[(r["dataset"], r["granularity"], r["method"])].append(r["seconds"])
+    for (dataset, gran, method), values in seconds.items():
+        out["seconds"].setdefault(dataset, {}).setdefault(gran, {})[method] = float(np.mean(values))
+    return out
+
+
+def merge_records(logs: Sequence[Sequence[dict]]) -> list[dict]:
+    """Records of several runs as one: a method's records come from the last log that holds it, and
+    only (dataset, granularity, example) groups that every method finished are kept (fair pairs)."""
+    by_method: dict[str, list[dict]] = {}
+    for log in logs:
+        for method in dict.fromkeys(r["method"] for r in log):
+            by_method[method] = [r for r in log if r["method"] == method]
+    groups: dict = defaultdict(dict)
+    for method, records in by_method.items():
+        for r in records:
+            groups[(r["dataset"], r["granularity"], r["example"])][method] = r
+    return [group[m] for group in groups.values() if len(group) == len(by_method) for m in by_method]

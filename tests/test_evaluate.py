@@ -1,0 +1,148 @@
+"""The evaluation suite: datasets, metrics (hand-computed values), a tiny run, reports and the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from atman.evaluate.context_qa import make_examples
+from atman.evaluate.datasets import context_qa, python_texts, squad_examples
+from atman.evaluate.metrics import curve_steps, faithfulness, plausibility, summarize
+from atman.evaluate.report import paired, render_markdown, verdict, write_report
+from atman.evaluate.suite import SuiteConfig, run_suite
+from atman.units import text_spans
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_plausibility_by_hand():
+    # ranking: 2.0 (gold), 1.0, 0.5 (gold), -1.0 -> AP = (1/1 + 2/3) / 2
+    m = plausibility([1.0, 2.0, -1.0, 0.5], [False, True, False, True])
+    assert m["ap"] == pytest.approx((1 + 2 / 3) / 2)
+    assert m["precision"] == pytest.approx(2.5 / 3.5)
+    assert m["recall"] == pytest.approx((1.0 + 0.25) / 2)
+    assert m["top1"] == 1.0
+    # equal scores: ties keep text order, so nothing is gained by scoring everything alike
+    assert plausibility([0.0, 0.0, 0.0], [False, False, True]) == {"ap": 1 / 3, "precision": 0.0, "recall": 0.0,
+                                                                   "top1": 0.0}
+    with pytest.raises(ValueError, match="gold"):
+        plausibility([1.0, 2.0], [False, False])
+    with pytest.raises(ValueError, match="same length"):
+        plausibility([1.0], [True, False])
+
+
+def test_faithfulness_by_hand():
+    assert curve_steps(6) == [1, 2, 4, 5]
+    assert curve_steps(2) == [1]
+    assert curve_steps(1) == []
+    full = -1.0
+    morf = {1: -3.0, 2: -5.0}
+    lerf = {1: -1.5, 2: -2.0}
+    m = faithfulness(full, morf, lerf, [1, 2], 3)
+    assert m["aopc_morf"] == pytest.approx(3.0)
+    assert m["aopc_lerf"] == pytest.approx(0.75)
+    assert m["abpc"] == pytest.approx(2.25)
+    # keeping the top 1 of 3 = deleting the bottom 2; keeping the top 2 = deleting the bottom 1
+    assert m["insertion"] == pytest.approx(((-2.0 + 1.0) + (-1.5 + 1.0)) / 2)
+
+
+def test_summaries_and_verdicts():
+    s = summarize([0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    assert s["mean"] == pytest.approx(0.75) and s["low"] <= 0.75 <= s["high"] and s["n"] == 8
+    assert s["iqm"] == pytest.approx(1.0)
+    assert summarize([2.0, 2.0]) == {"n": 2, "mean": 2.0, "iqm": 2.0, "low": 2.0, "high": 2.0}
+    assert verdict({"low": 0.1, "high": 0.3}, "ap") == "better"
+    assert verdict({"low": 0.1, "high": 0.3}, "aopc_lerf") == "worse"
+    assert verdict({"low": -0.1, "high": 0.3}, "ap") == "tie"
+
+
+def test_datasets():
+    squad = squad_examples()
+    assert len(squad) == 5
+    for ex in squad:
+        (start, end), = ex.gold
+        assert ex.prompt[start:end] == ex.target.strip() and ex.prompt.endswith("\nAnswer:")
+    qa = context_qa(6, seed=3, facts=3)
+    assert qa == context_qa(6, seed=3, facts=3)
+    for ex in qa:
+        (start, end), = ex.gold
+        assert ex.target.strip() in ex.prompt[start:end]
+        assert (start, end) in text_spans(ex.prompt, "sentence")
+    texts = python_texts(4)
+    assert len(texts) == 4 and all(len(text_spans(t.prompt, "sentence")) >= 3 for t in texts)
+    assert texts[0].prompt.startswith("Beautiful is better than ugly.")
+
+
+def test_context_qa_is_the_same_in_every_process():
+    code = "from atman.evaluate.context_qa import make_examples; print(make_examples(3, seed=5)[2].prompt)"
+    runs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
+    assert len(runs) == 1 and make_examples(3, seed=5)[2].prompt + "\n" in runs
+    extended = make_examples(40, seed=0, extended=True)
+    assert any("married" in ex.prompt or "sails" in ex.prompt or "bakery" in ex.prompt for ex in extended)
+
+
+@pytest.mark.slow
+def test_tiny_suite_run_and_report(smollm2, tmp_path):
+    config = SuiteConfig(qa=2, squad=1, squad_granularities=("sentence",), texts=1,
+                         qa_granularities=("sentence",), max_new_tokens=3)
+    result = run_suite(smollm2, ["occlusion", "random", "attnlrp"], config)
+    methods = {r["method"] for r in result["records"]}
+    assert methods == {"occlusion", "random"} and "attnlrp" in result["unavailable"]
+    # 2 QA + 1 SQuAD + 1 text, one granularity each, two methods
+    assert len(result["records"]) == 8
+    qa = result["summary"]["plausibility"]["qa"]["sentence"]
+    assert set(qa["occlusion"]) == {"ap", "precision", "recall", "top1"}
+    texts = result["summary"]["faithfulness"]["texts"]["sentence"]
+    assert set(texts["random"]) == {"aopc_morf", "aopc_lerf", "abpc", "insertion"}
+    for r in result["records"]:
+        m = r["metrics"]
+        assert m["abpc"] == pytest.approx(m["aopc_morf"] - m["aopc_lerf"])
+    diffs = paired(result["records"], "occlusion")
+    assert set(diffs["plausibility"]["qa"]["sentence"]) == {"random"}
+    markdown = render_markdown(result, reference="occlusion")
+    assert "## Plausibility: qa, sentence units" in markdown and "`random`" in markdown and "attnlrp" in markdown
+    md, js = write_report(result, tmp_path, reference="occlusion", command="atman evaluate")
+    assert json.loads(js.read_text())["records"] == result["records"] and md.exists()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "atman.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_evaluate_command_rejects_bad_options(tmp_path):
+    bad = _cli("evaluate", "--methods", "gradcam", "-o", str(tmp_path))
+    assert bad.returncode == 2 and "unknown method" in bad.stderr
+    both = _cli("evaluate", "--methods", "atman", "--ablations", "-o", str(tmp_path))
+    assert both.returncode == 2 and "not both" in both.stderr
+    grans = _cli("evaluate", "--granularities", "paragraph", "-o", str(tmp_path))
+    assert grans.returncode == 2 and "--granularities" in grans.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_command_writes_reports(tmp_path):
+    run = _cli("evaluate", "--qa", "1", "--squad", "0", "--texts", "1", "--granularities", "sentence",
+               "--methods", "atman:factor=1.0+mode=log-additive,random", "-o", str(tmp_path), "--name", "r", "-q")
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["methods"] == ["atman:factor=1.0,mode=log-additive", "random"]
+    assert "atman:factor=1.0,mode=log-additive" in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.slow
+def test_explain_command_with_a_baseline_method():
+    run = _cli("explain", "Ada lives in Oslo. Bo lives in Rome. Ada lives in", "-t", " Oslo", "-g", "sentence",
+               "--method", "occlusion", "-f", "json", "-q")
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["settings"]["method"] == "occlusion"
+    assert [i["text"] for i in data["explanations"][0]["items"]] == ["Ada lives in Oslo.", "Bo lives in Rome.",
+                                                                    "Ada lives in"]
+    refine = _cli("explain", "Ada lives in Oslo.", "-t", " x", "-g", "refine", "--method", "random", "-q")
+    assert refine.returncode == 2 and "AtMan only" in refine.stderr
