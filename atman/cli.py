@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--format", "-f", default="text", choices=FORMATS)
     explain.add_argument("--output", "-o", type=Path, help="write the result here instead of stdout")
     explain.add_argument("--quiet", "-q", action="store_true", help="no progress bar or status messages")
+    importlib.import_module("atman.modal_cli").add_explain_options(explain)
 
     demo = sub.add_parser("demo", help="explain a built-in example and write an HTML report")
     _model_options(demo)
@@ -174,6 +175,9 @@ def _load(args) -> Any:
 
 
 def _explain(args) -> int:
+    modal = importlib.import_module("atman.modal_cli")
+    if modal.wanted(args):
+        return modal.explain(args)
     if args.input is not None:
         if args.prompt or args.prompt_file or args.target:
             raise UsageError("--input takes the prompts from the file; do not also give a prompt or --target")

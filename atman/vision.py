@@ -280,9 +280,13 @@ class VisionLanguageExplainer:
             text += piece + (self.image_token if k < len(pieces) - 1 else "")
         full = self._process(text + target, images)
         ids = full["input_ids"][0].tolist()
-        prompt_len = self._process(text, images)["input_ids"].shape[1] if text.strip() or images else 0
-        if full["input_ids"].shape[1] <= prompt_len:
+        prompt_ids = self._process(text, images)["input_ids"][0].tolist()
+        prompt_len = len(prompt_ids)
+        if len(ids) <= prompt_len:
             raise EmptyInputError("the target has no tokens")
+        if ids[:prompt_len] != prompt_ids:
+            raise AtmanError("prompt and target merge into one token at their boundary; start the target "
+                             "with a space or end the prompt with one")
         runs = _runs([i for i, tok in enumerate(ids) if tok == self.image_token_id])
         if len(runs) != len(images):
             raise UnsupportedModelError(
@@ -302,6 +306,31 @@ class VisionLanguageExplainer:
                                prompt_spans=tuple(spans[:prompt_len]), target_start=prompt_len,
                                target_spans=target_spans)
         return VisionLanguageInput(inputs=full, encoded=encoded, image_runs=tuple(runs))
+
+    def generate(self, prompt: str, images: Sequence, *, max_new_tokens: int = 32) -> str:
+        """The model's greedy continuation of ``prompt`` (with ``<image>`` markers) and ``images``, as text."""
+        if max_new_tokens < 1:
+            raise AtmanError("max_new_tokens must be at least 1")
+        if prompt.count(IMAGE_MARKER) != len(images):
+            raise AtmanError(f"the prompt has {prompt.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) for "
+                             f"{len(images)} image(s)")
+        text = prompt.replace(IMAGE_MARKER, self.image_token)
+        inputs = self._process(text, images)
+        with torch.no_grad():
+            out = self.loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        special = set(self.tokenizer.all_special_ids)
+        while new and new[-1] in special:
+            new.pop()
+        decoded = self.tokenizer.decode(new, skip_special_tokens=True)
+        if not decoded.strip():
+            raise EmptyInputError("the model generated no text after this prompt, so there is nothing to explain")
+        # decoding may drop the space that separated the first new token from the prompt
+        for candidate in (decoded, " " + decoded.lstrip()):
+            ids = self._process(text + candidate, images)["input_ids"][0].tolist()
+            if ids == inputs["input_ids"][0].tolist() + new:
+                return candidate
+        return decoded
 
     def _process(self, text: str, images: Sequence) -> dict[str, Any]:
         kwargs = {"images": list(images)} if images else {}
@@ -325,10 +354,10 @@ class VisionLanguageExplainer:
                 if j < len(plain) and plain[j] == self.image_token_id:
                     j += 1
                 continue
-            if j < len(plain) and plain[j] == tok and tok not in special:
+            if j < len(plain) and plain[j] == tok:
                 a, b = offsets[j]
                 j += 1
-                if b <= prompt_chars and b > a:
+                if tok not in special and prompt_chars >= b > a:
                     spans.append(_to_prompt(int(a), int(b), origin))
                     continue
             spans.append(None)

@@ -20,12 +20,11 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from atman.evaluate.scenes import CANVAS, COLOURS, SHAPES, make_scene  # noqa: E402
+from atman.evaluate.scenes import CANVAS, CLASSIFIER_CLUTTER, COLOURS, SHAPES, make_scene  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny-vit-scenes"
 PATCH = 8
 LABELS = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
-CLUTTER = 2
 
 
 def build_processor() -> ViTImageProcessor:
@@ -41,7 +40,7 @@ def build_model() -> ViTForImageClassification:
 
 
 def scene_batch(rng: np.random.Generator, size: int):
-    scenes = [make_scene(rng, 1, clutter=CLUTTER) for _ in range(size)]
+    scenes = [make_scene(rng, 1, clutter=CLASSIFIER_CLUTTER) for _ in range(size)]
     pixels = np.stack([np.asarray(s.image, dtype=np.float32) / 255.0 for s in scenes])
     # the processor's normalisation (mean 0.5, std 0.5), done here in bulk
     pixels = torch.from_numpy((pixels - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()

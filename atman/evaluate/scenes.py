@@ -7,7 +7,7 @@ Example::
 
     >>> scene = make_scene(np.random.default_rng(0))
     >>> scene.caption()
-    'This is a picture of a green triangle and a red square'
+    'This is a picture of a green square and a red circle'
     >>> scene.image.size, scene.objects[0].mask.shape
     ((48, 48), (48, 48))
 """
@@ -24,6 +24,8 @@ SHAPES = ("circle", "square", "triangle")
 CAPTION_PREFIX = "This is a picture of a"
 CANVAS = 48
 BACKGROUND = (235, 235, 235)
+# grey distractors in the classifier's scenes (one coloured shape among them)
+CLASSIFIER_CLUTTER = 2
 
 
 @dataclass(frozen=True)
@@ -71,26 +73,40 @@ def make_scene(
 ) -> Scene:
     """A scene of ``n_objects`` (1 or 2 when None) distinct coloured shapes that do not overlap.
 
-    ``clutter`` grey shapes are drawn first as distractors; they have no name and no mask.
+    ``clutter`` grey shapes (a little smaller) are drawn first as distractors; they have no name
+    and no mask.
     """
     if n_objects is None:
         n_objects = int(rng.integers(1, 3))
+    for _ in range(100):
+        try:
+            return _scene(rng, n_objects, canvas, size, clutter)
+        except _NoRoom:
+            continue
+    raise ValueError(f"{n_objects} objects and {clutter} distractors of size {size} do not fit a {canvas}px canvas")
+
+
+class _NoRoom(Exception):
+    pass
+
+
+def _scene(rng: np.random.Generator, n_objects: int, canvas: int, size: tuple[int, int], clutter: int) -> Scene:
     image = Image.new("RGB", (canvas, canvas), BACKGROUND)
     draw = ImageDraw.Draw(image)
     boxes: list[tuple[int, int, int, int]] = []
 
-    def place() -> tuple[int, int, int, int]:
-        for _ in range(200):
-            side = int(rng.integers(size[0], size[1] + 1))
+    def place(low: int = size[0], high: int = size[1]) -> tuple[int, int, int, int]:
+        for _ in range(50):
+            side = int(rng.integers(low, high + 1))
             left, top = (int(v) for v in rng.integers(0, canvas - side, size=2))
             box = (left, top, left + side - 1, top + side - 1)
             if all(box[2] + 2 < b[0] or b[2] + 2 < box[0] or box[3] + 2 < b[1] or b[3] + 2 < box[1] for b in boxes):
                 boxes.append(box)
                 return box
-        raise RuntimeError("no free place on the canvas; use fewer or smaller objects")
+        raise _NoRoom
 
     for _ in range(clutter):
-        _draw(draw, SHAPES[int(rng.integers(len(SHAPES)))], place(), (150, 150, 150))
+        _draw(draw, SHAPES[int(rng.integers(len(SHAPES)))], place(size[0] - 4, size[1] - 4), (150, 150, 150))
     kinds: set[tuple[str, str]] = set()
     objects = []
     while len(objects) < n_objects:
