@@ -33,7 +33,7 @@ from .errors import AtmanError, EmptyInputError, ModelLoadError, UnsupportedMode
 from .explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
 from .manipulation import BACKENDS, MODES, enable, manipulate
 from .tiles import ImageGrid, TileSpec, grid_tiles, tile_shape
-from .units import GRANULARITIES, EncodedInput, choose_granularity, prompt_units
+from .units import GRANULARITIES, EncodedInput, Unit, choose_granularity, prompt_units
 
 DEFAULT_FACTOR = 0.9
 IMAGE_MARKER = "<image>"
@@ -372,11 +372,19 @@ class VisionLanguageExplainer:
         granularity: str = "word",
         image_granularity: TileSpec = "token",
         factor: float | None = None,
+        kappa: float | None = None,
         delimiter: str | None = None,
     ) -> Explanation:
-        """Scores of the prompt's text units and image tiles for ``target`` (summed over its tokens)."""
+        """Scores of the prompt's text units and image tiles for ``target`` (summed over its tokens).
+
+        ``kappa`` switches conceptual suppression on: with a unit, every prompt token (text or
+        image) whose language-model input embedding has cosine similarity >= ``kappa`` to one of
+        the unit's is damped too, by ``1 - factor * similarity``.
+        """
         factor = self.factor if factor is None else factor
         _check(factor, self.mode, self.backend, self.batch_size)
+        if kappa is not None and not 0.0 < kappa <= 1.0:
+            raise AtmanError(f"kappa must lie in (0, 1], got {kappa}")
         if granularity not in GRANULARITIES or granularity in ("refine", "spans"):
             raise AtmanError(f"granularity {granularity!r} is not offered with images")
         prepared = self.prepare(prompt, target, images)
@@ -398,6 +406,15 @@ class VisionLanguageExplainer:
             for tile in image_tiles:
                 multipliers[row, [run[c] for c in tile.cells]] = 1.0 - factor
                 row += 1
+        if kappa is not None:
+            from .explainer import _conceptual
+
+            all_units = list(units) + [Unit("image", tuple(run[c] for c in tile.cells), 0, 0, "")
+                                       for run, image_tiles in zip(prepared.image_runs, tiles, strict=True)
+                                       for tile in image_tiles]
+            candidates = sorted({p for p, span in enumerate(encoded.prompt_spans) if span is not None}
+                                | {p for run in prepared.image_runs for p in run})
+            _conceptual(self.input_embeddings(prepared), all_units, candidates, multipliers, factor, kappa)
         losses = self.losses(prepared, multipliers)
         delta = (losses[1:] - losses[0:1]).sum(dim=1)
         items: list = [Item("prompt", u.text, u.start, u.length, float(d))
@@ -409,11 +426,31 @@ class VisionLanguageExplainer:
             settings={"task": "vision-language", "granularity": granularity if has_text else None,
                       "image_granularity": list(image_granularity) if isinstance(image_granularity, tuple)
                       else image_granularity,
-                      "factor": factor, "mode": self.mode, "target_logprob": -float(losses[0].sum()),
+                      "factor": factor, "kappa": kappa, "mode": self.mode,
+                      "target_logprob": -float(losses[0].sum()),
                       "images": [{"width": image.width, "height": image.height, "rows": g.rows, "cols": g.cols,
                                   "tile": list(tile_shape(g, image_granularity))}
                                  for image, g in zip(images, grids, strict=True)]},
         )
+
+    def input_embeddings(self, prepared: VisionLanguageInput) -> torch.Tensor:
+        """What the language model receives: (positions, hidden) embeddings, image features included."""
+        decoder = self.loaded.model.get_decoder()
+        captured: dict = {}
+
+        def grab(_module, args, kwargs):
+            captured["embeds"] = kwargs.get("inputs_embeds")
+
+        handle = decoder.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.loaded.model(**prepared.inputs, use_cache=False)
+        finally:
+            handle.remove()
+        if captured.get("embeds") is None:
+            raise UnsupportedModelError(f"{type(self.loaded.model).__name__} does not pass inputs_embeds to its "
+                                        "language model, so conceptual suppression cannot see the image features")
+        return captured["embeds"][0].float().cpu()
 
     def losses(self, prepared: VisionLanguageInput, multipliers: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of every target token (columns) under every multiplier row (rows)."""

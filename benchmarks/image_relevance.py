@@ -67,12 +67,12 @@ def integrated_gradients(module: torch.nn.Module, run, embeddings: torch.Tensor)
     return attributions.sum(dim=-1).detach().numpy()
 
 
-def vlm_case(explainer: VisionLanguageExplainer, scene, k: int) -> dict[str, np.ndarray]:
+def vlm_case(explainer: VisionLanguageExplainer, scene, k: int, kappa: float | None) -> dict[str, np.ndarray]:
     model = explainer.loaded.model
     names = [obj.name for obj in scene.objects]
     prompt = "<image>" + CAPTION_PREFIX + "".join(f" {n} and a" for n in names[:k])
     target = " " + names[k]
-    exp = explainer.explain(prompt, target, images=[scene.image])
+    exp = explainer.explain(prompt, target, images=[scene.image], kappa=kappa)
     geometry = exp.settings["images"][0]
     grid = ImageGrid(geometry["rows"], geometry["cols"])
     atman = relevance_grid(exp.explanations[0].items, 0, grid)
@@ -122,6 +122,8 @@ def main() -> int:
     parser.add_argument("--task", choices=("vlm", "vit"), required=True)
     parser.add_argument("--scenes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=20_000, help="held out: training used seeds below 10,100")
+    parser.add_argument("--factor", type=float, default=0.9, help="AtMan suppression strength")
+    parser.add_argument("--kappa", type=float, help="vlm: AtMan conceptual suppression threshold (default off)")
     parser.add_argument("--output", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -130,12 +132,14 @@ def main() -> int:
     cases = []
     start = time.monotonic()
     if args.task == "vlm":
-        explainer = VisionLanguageExplainer(load_vision_language(str(FIXTURES / "tiny-llava-scenes")))
+        explainer = VisionLanguageExplainer(load_vision_language(str(FIXTURES / "tiny-llava-scenes")),
+                                            factor=args.factor)
         for _ in range(args.scenes):
             scene = make_scene(rng, 2)
-            cases += [vlm_case(explainer, scene, k) for k in range(len(scene.objects))]
+            cases += [vlm_case(explainer, scene, k, args.kappa) for k in range(len(scene.objects))]
     else:
-        explainer = ImageClassifierExplainer(load_image_classifier(str(FIXTURES / "tiny-vit-scenes")))
+        explainer = ImageClassifierExplainer(load_image_classifier(str(FIXTURES / "tiny-vit-scenes")),
+                                             factor=args.factor)
         for _ in range(args.scenes):
             cases.append(vit_case(explainer, make_scene(rng, 1, clutter=CLASSIFIER_CLUTTER)))
     results = {}
@@ -145,7 +149,8 @@ def main() -> int:
         precision, recall = np.array(scores).T
         results[method] = {"mean_precision": round(float(precision.mean()) * 100, 1),
                            "mean_recall": round(float(recall.mean()) * 100, 1)}
-    report = {"task": args.task, "cases": len(cases), "seconds": round(time.monotonic() - start), **results}
+    report = {"task": args.task, "cases": len(cases), "factor": args.factor, "kappa": args.kappa,
+              "seconds": round(time.monotonic() - start), **results}
     print(json.dumps(report, indent=1))
     if args.output:
         args.output.write_text(json.dumps(report, indent=1) + "\n")

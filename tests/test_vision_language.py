@@ -148,3 +148,19 @@ def test_vit_fixture_classifies_and_points_at_the_object():
         precisions.append(precision_recall(grid, mask_to_grid(scene.objects[0].mask, 6, 6))[0])
     assert right >= 16
     assert np.mean(precisions) > 0.4
+
+
+def test_conceptual_suppression_sees_image_features(explainer, vlm):
+    scene = make_scene(np.random.default_rng(21), 1)
+    prepared = explainer.prepare(PROMPT, " " + scene.objects[0].name, [scene.image])
+    embeds = explainer.input_embeddings(prepared)
+    with torch.no_grad():
+        features = vlm.model.model.multi_modal_projector(
+            vlm.model.model.vision_tower(prepared.inputs["pixel_values"]).last_hidden_state[:, 1:])
+    torch.testing.assert_close(embeds[list(prepared.image_runs[0])], features[0], atol=1e-5, rtol=1e-5)
+    plain = explainer.explain(PROMPT, " " + scene.objects[0].name, images=[scene.image])
+    spread = explainer.explain(PROMPT, " " + scene.objects[0].name, images=[scene.image], kappa=0.5)
+    assert spread.settings["kappa"] == 0.5
+    assert [i.score for i in spread.explanations[0].items] != [i.score for i in plain.explanations[0].items]
+    with pytest.raises(AtmanError, match="kappa"):
+        explainer.explain(PROMPT, " red", images=[scene.image], kappa=1.5)
