@@ -55,6 +55,8 @@ def test_encoder_identities(family):
             batched = model(input_ids=ids.expand(3, -1)).logits
         assert state.calls == 2
         torch.testing.assert_close(batched[0], plain[0], atol=1e-5, rtol=1e-5)
+        with manipulate(rows[:1], mode="multiplicative"):  # the eager path keeps attention bidirectional
+            torch.testing.assert_close(model(input_ids=ids).logits, plain, atol=1e-5, rtol=1e-5)
         mask = torch.ones(1, 9, dtype=torch.long)
         mask[0, 4] = 0
         masked = model(input_ids=ids, attention_mask=mask).logits
