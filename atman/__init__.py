@@ -1,5 +1,6 @@
 """atman: explain transformer outputs with AtMan (attention manipulation, forward passes only)."""
 
+from .encoders import ClassifierExplainer, SimilarityExplainer, load_encoder
 from .errors import (
     AtmanError,
     ContextLengthError,
@@ -10,31 +11,40 @@ from .errors import (
     UnsupportedModelError,
 )
 from .explainer import Explainer, explain
-from .explanation import Explanation, Item, TargetExplanation, TargetSpan
+from .explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
 from .manipulation import enable, manipulate
 from .models import LoadedModel, load_model
 from .steering import Steerer, TextControl, TokenControl
+from .vision import ImageClassifierExplainer, VisionLanguageExplainer, load_image_classifier, load_vision_language
 
 __all__ = [
     "AtmanError",
+    "ClassifierExplainer",
     "ContextLengthError",
     "EmptyInputError",
     "Explainer",
     "Explanation",
     "GranularityError",
+    "ImageClassifierExplainer",
+    "ImageItem",
     "Item",
     "LoadedModel",
     "ModelLoadError",
     "NoUnitsError",
+    "SimilarityExplainer",
     "Steerer",
     "TargetExplanation",
     "TargetSpan",
     "TextControl",
     "TokenControl",
     "UnsupportedModelError",
+    "VisionLanguageExplainer",
     "enable",
     "explain",
+    "load_encoder",
+    "load_image_classifier",
     "load_model",
+    "load_vision_language",
     "manipulate",
 ]
 __version__ = "0.1.0"

@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--method", default="atman",
                          help="attribution method: atman (default) or a baseline for comparison, e.g. "
                               "integrated-gradients, occlusion, chefer (see atman.baselines.METHODS)")
+    importlib.import_module("atman.modal_cli").add_explain_options(explain)
 
     demo = sub.add_parser("demo", help="explain a built-in example and write an HTML report")
     _model_options(demo)
@@ -181,6 +182,11 @@ def _load(args) -> Any:
 
 
 def _explain(args) -> int:
+    modal = importlib.import_module("atman.modal_cli")
+    if modal.wanted(args):
+        if args.method != "atman":
+            raise UsageError("--image, --pair and --classify run AtMan; --method is for text prompts")
+        return modal.explain(args)
     if args.input is not None:
         if args.prompt or args.prompt_file or args.target:
             raise UsageError("--input takes the prompts from the file; do not also give a prompt or --target")

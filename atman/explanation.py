@@ -9,7 +9,12 @@ The JSON shape follows Aleph Alpha's explanation response so that a server can r
      "settings": {...}}
 
 ``start``/``length`` are character offsets into the prompt (kind ``prompt``) or into the target
-(kind ``target``). A positive score is evidence for the target: suppressing that unit made the
+(kind ``target``). Image units are items of kind ``image``: the index of the image in the input and
+a rectangle in 0-1 image coordinates, as Aleph Alpha's image items::
+
+    {"kind": "image", "image": 0, "left": 0.25, "top": 0.5, "width": 0.125, "height": 0.125, "score": 0.4}
+
+A positive score is evidence for the target: suppressing that unit made the
 target less likely (its cross-entropy rose).
 """
 
@@ -21,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 POSTPROCESSING = ("none", "absolute", "square")
-ITEM_KINDS = ("prompt", "target")
+ITEM_KINDS = ("prompt", "target", "image")
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,45 @@ class Item:
 
 
 @dataclass(frozen=True)
+class ImageItem:
+    """One explained image tile: image ``image`` of the input, the rectangle ``left``, ``top``,
+    ``width``, ``height`` in 0-1 image coordinates (origin top left) and its score.
+
+    Example::
+
+        >>> ImageItem(image=0, left=0.0, top=0.5, width=0.25, height=0.25, score=1.5).text
+        'image 1 [0.00, 0.50, 0.25 x 0.25]'
+    """
+
+    image: int
+    left: float
+    top: float
+    width: float
+    height: float
+    score: float
+    kind: str = "image"
+
+    @property
+    def text(self) -> str:
+        """A short label for tables: which image, which rectangle."""
+        return f"image {self.image + 1} [{self.left:.2f}, {self.top:.2f}, {self.width:.2f} x {self.height:.2f}]"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "image", "image": self.image, "left": self.left, "top": self.top, "width": self.width,
+                "height": self.height, "score": self.score}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImageItem:
+        return cls(image=int(data["image"]), left=float(data["left"]), top=float(data["top"]),
+                   width=float(data["width"]), height=float(data["height"]), score=float(data["score"]))
+
+
+def item_from_dict(data: dict[str, Any]) -> Item | ImageItem:
+    """An :class:`Item` or, for kind ``image``, an :class:`ImageItem`."""
+    return ImageItem.from_dict(data) if data.get("kind") == "image" else Item.from_dict(data)
+
+
+@dataclass(frozen=True)
 class TargetSpan:
     """The part of the target that an explanation is about (all of it, or one target token)."""
 
@@ -63,9 +107,9 @@ class TargetExplanation:
     """Scores of every unit for one target span, in prompt order then target order."""
 
     target: TargetSpan
-    items: tuple[Item, ...]
+    items: tuple[Item | ImageItem, ...]
 
-    def top(self, k: int = 5, kind: str | None = None) -> list[Item]:
+    def top(self, k: int = 5, kind: str | None = None) -> list[Item | ImageItem]:
         """The ``k`` items with the highest score (optionally only of one kind)."""
         pool = [item for item in self.items if kind is None or item.kind == kind]
         return sorted(pool, key=lambda item: item.score, reverse=True)[:k]
@@ -95,7 +139,7 @@ class Explanation:
     explanations: tuple[TargetExplanation, ...]
     settings: dict[str, Any] = field(default_factory=dict)
 
-    def top(self, k: int = 5, kind: str | None = None, index: int = 0) -> list[Item]:
+    def top(self, k: int = 5, kind: str | None = None, index: int = 0) -> list[Item | ImageItem]:
         """The ``k`` highest-scoring items of the ``index``-th target explanation."""
         return self.explanations[index].top(k, kind)
 
@@ -135,7 +179,7 @@ class Explanation:
         explanations = tuple(
             TargetExplanation(
                 target=TargetSpan(**{k: exp["target"][k] for k in ("text", "start", "length")}),
-                items=tuple(Item.from_dict(item) for item in exp["items"]),
+                items=tuple(item_from_dict(item) for item in exp["items"]),
             )
             for exp in data["explanations"]
         )

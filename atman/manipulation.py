@@ -66,8 +66,15 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def enable(model: torch.nn.Module) -> torch.nn.Module:
+def enable(
+    model: torch.nn.Module, example_inputs: dict | None = None, implementation: str | dict | None = None
+) -> torch.nn.Module:
     """Switch ``model`` to the ``"atman"`` attention implementation and check that it is honoured.
+
+    ``example_inputs`` (keyword arguments of the model's forward, batch of one) replace the default
+    probe of four token ids, for models that take other inputs (``pixel_values``). ``implementation``
+    may name the implementation per sub-model, e.g. ``{"text_config": "atman", "vision_config":
+    "sdpa"}`` so that only a vision-language model's language model is manipulated.
 
     Raises :class:`UnsupportedModelError` naming the model class when its architecture does not
     route attention through transformers' AttentionInterface (AtMan would silently do nothing).
@@ -76,25 +83,27 @@ def enable(model: torch.nn.Module) -> torch.nn.Module:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise UnsupportedModelError(f"{type(model).__name__} is not a transformers model")
-    if getattr(config, "_attn_implementation", None) != ATTENTION_NAME:
+    if implementation is not None or getattr(config, "_attn_implementation", None) != ATTENTION_NAME:
         try:
-            model.set_attn_implementation(ATTENTION_NAME)
+            model.set_attn_implementation(implementation or ATTENTION_NAME)
         except (ValueError, NotImplementedError) as exc:
             raise UnsupportedModelError(
                 f"{type(model).__name__} does not support custom attention implementations "
                 f"(transformers' AttentionInterface), so AtMan cannot manipulate its attention: {exc}"
             ) from exc
-    _check_interface_is_used(model)
+    _check_interface_is_used(model, example_inputs)
     return model
 
 
-def _check_interface_is_used(model: torch.nn.Module) -> None:
+def _check_interface_is_used(model: torch.nn.Module, example_inputs: dict | None = None) -> None:
     device = next(model.parameters()).device
-    vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 8))
-    ids = (torch.arange(4, device=device) % max(vocab - 1, 1) + 1).unsqueeze(0)
+    if example_inputs is None:
+        vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 8))
+        ids = (torch.arange(4, device=device) % max(vocab - 1, 1) + 1).unsqueeze(0)
+        example_inputs = {"input_ids": ids, "use_cache": False}
     try:
-        with torch.no_grad(), manipulate(torch.ones(1, 4, device=device)) as state:
-            model(input_ids=ids, use_cache=False)
+        with torch.no_grad(), manipulate(torch.ones(1, 1, device=device)) as state:
+            model(**example_inputs)
     except Exception as exc:  # any failure here means the model cannot run under AtMan
         raise UnsupportedModelError(
             f"{type(model).__name__} fails to run with AtMan attention: {type(exc).__name__}: {exc}"

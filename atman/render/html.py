@@ -114,6 +114,9 @@ _CSS = """
 .atman summary { cursor: pointer; font-weight: 600; }
 .atman code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
   background: #f2f2f2; border-radius: 3px; padding: 0 .2em; white-space: pre-wrap; }
+.atman .images { display: flex; flex-wrap: wrap; gap: .8rem; }
+.atman .images figure { margin: 0; }
+.atman .images img { image-rendering: pixelated; max-width: 20rem; border: 1px solid #eee; }
 .atman .label { font-size: .75rem; text-transform: uppercase; letter-spacing: .05em; color: #666;
   margin-top: .6rem; }
 .atman .text { white-space: pre-wrap; overflow-wrap: anywhere; line-height: 1.9;
@@ -194,7 +197,22 @@ def _top_table(exp: TargetExplanation, max_abs: float) -> str:
             f"{rows}</table>")
 
 
-def _target_section(explanation: Explanation, exp: TargetExplanation, index: int) -> str:
+def _image_block(explanation: Explanation, index: int, images: Sequence | None) -> str:
+    """Overlays of the input images for the ``index``-th target explanation, if there are image items."""
+    if not images or not any(item.kind == "image" for item in explanation.explanations[index].items):
+        return ""
+    from .image import overlay_data_uri
+
+    figures = "".join(
+        f'<figure><img src="{overlay_data_uri(explanation, image, number, index)}" '
+        f'alt="relevance over image {number + 1}"><figcaption class="note">image {number + 1}</figcaption></figure>'
+        for number, image in enumerate(images)
+    )
+    return f'<div class="label">Images</div><div class="images">{figures}</div>'
+
+
+def _target_section(explanation: Explanation, exp: TargetExplanation, index: int,
+                    images: Sequence | None = None) -> str:
     max_abs = max_abs_score(exp.items)
     count = len(explanation.explanations)
     span = exp.target
@@ -208,6 +226,7 @@ def _target_section(explanation: Explanation, exp: TargetExplanation, index: int
         f"max |score| {escape(format_score(max_abs, signed=False))})</span></summary>"
         '<div class="label">Prompt</div>'
         f"{_text_block(explanation.prompt, prompt_items, max_abs, 'prompt')}"
+        f"{_image_block(explanation, index, images)}"
         '<div class="label">Target <span class="note">(explained part underlined)</span></div>'
         f"{_text_block(explanation.target, target_items, max_abs, 'target', current)}"
         f"{_legend(max_abs)}{_top_table(exp, max_abs)}"
@@ -227,8 +246,8 @@ def _settings_table(settings: dict[str, object]) -> str:
     return f'<table class="settings"><caption class="note">Settings</caption>{rows}</table>'
 
 
-def _body(explanation: Explanation, title: str) -> str:
-    sections = "".join(_target_section(explanation, exp, index)
+def _body(explanation: Explanation, title: str, images: Sequence | None = None) -> str:
+    sections = "".join(_target_section(explanation, exp, index, images)
                        for index, exp in enumerate(explanation.explanations))
     if not sections:
         sections = '<p class="note">This explanation has no target explanations.</p>'
@@ -255,8 +274,10 @@ def render_fragment(explanation: Explanation) -> str:
     return f'<div class="atman"><style>{_CSS}</style>{body}</div>'
 
 
-def render_html(explanation: Explanation, title: str | None = None) -> str:
+def render_html(explanation: Explanation, title: str | None = None, images: Sequence | None = None) -> str:
     """The explanation as one self-contained HTML5 document (inline CSS, no assets, no script).
+
+    ``images`` (PIL images, in input order) are shown with their relevance overlays.
 
     >>> from pathlib import Path
     >>> _ = Path("explanation.html").write_text(render_html(exp, title="Why Oslo?"), encoding="utf-8")
@@ -267,5 +288,5 @@ def render_html(explanation: Explanation, title: str | None = None) -> str:
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)}</title><style>body {{ margin: 0; background: #fff; }}{_CSS}</style>"
-        f'</head><body><div class="atman">{_body(explanation, title)}</div></body></html>\n'
+        f'</head><body><div class="atman">{_body(explanation, title, images)}</div></body></html>\n'
     )

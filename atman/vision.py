@@ -1,0 +1,500 @@
+"""AtMan for images: vision-transformer classifiers and vision-language generative models.
+
+* :class:`ImageClassifierExplainer`: a ViT-style image classifier (ViT, DeiT, DINOv2, CLIP or SigLIP
+  vision towers with a classification head). Units are tiles of the patch grid; the score of a tile
+  is the rise of ``-log p(class)`` when its patch tokens are damped in every layer.
+* :class:`VisionLanguageExplainer`: a model whose language model attends to image tokens (LLaVA
+  family and others built on transformers' ``image_token_id``). Units are text units of the prompt
+  and tiles of every image; the score is the rise of the target text's cross-entropy. Only the
+  language model is manipulated: the vision tower and projector run as they are.
+
+Both return the usual :class:`~atman.explanation.Explanation`, with :class:`~atman.explanation.ImageItem`
+items for the tiles and the grid geometry in ``settings["images"]``.
+
+Example::
+
+    >>> vlm = load_vision_language("tests/fixtures/tiny-llava-scenes")
+    >>> exp = VisionLanguageExplainer(vlm).explain("<image>This is a picture of a", " red circle",
+    ...                                             images=[image])
+    >>> exp.top(1)[0].kind
+    'image'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import AtmanError, EmptyInputError, ModelLoadError, UnsupportedModelError
+from .explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
+from .manipulation import BACKENDS, MODES, enable, manipulate
+from .tiles import ImageGrid, TileSpec, grid_tiles, tile_shape
+from .units import GRANULARITIES, EncodedInput, Unit, choose_granularity, prompt_units
+
+DEFAULT_FACTOR = 0.9
+IMAGE_MARKER = "<image>"
+TOKEN_BUDGET = 8192
+
+
+@dataclass
+class LoadedVisionModel:
+    """A vision model switched to AtMan attention, its processor and a display name."""
+
+    model: torch.nn.Module
+    processor: Any
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _check(factor: float, mode: str, backend: str, batch_size: int | None) -> None:
+    if not 0.0 <= factor <= 1.0:
+        raise AtmanError(f"factor must lie in [0, 1] (1 removes the unit), got {factor}")
+    if mode not in MODES:
+        raise AtmanError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if backend not in BACKENDS:
+        raise AtmanError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if batch_size is not None and batch_size < 1:
+        raise AtmanError(f"batch_size must be at least 1, got {batch_size}")
+
+
+def _patch_size(config) -> int:
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "patch_size", None)
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    if not isinstance(size, int):
+        raise UnsupportedModelError(f"{type(config).__name__} declares no patch_size, so its patch grid is unknown")
+    return size
+
+
+def _batches(rows: int, length: int, batch_size: int | None) -> list[range]:
+    size = batch_size or max(1, TOKEN_BUDGET // max(length, 1))
+    return [range(first, min(first + size, rows)) for first in range(0, rows, size)]
+
+
+def _repeat(inputs: dict[str, Any], count: int) -> dict[str, Any]:
+    """The processor's outputs for one example, repeated ``count`` times along the batch dimension.
+
+    Per-image tensors (pixel values, grid sizes) are stacked along dim 0 in batch order by every
+    processor we know, so repeating them along dim 0 gives every batch row its own copy.
+    """
+    return {k: torch.cat([v] * count) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _tile_items(tiles_per_image: list[list], scores: Sequence[float]) -> list[ImageItem]:
+    items, k = [], 0
+    for image, tiles in enumerate(tiles_per_image):
+        for tile in tiles:
+            items.append(ImageItem(image, tile.left, tile.top, tile.width, tile.height, float(scores[k])))
+            k += 1
+    return items
+
+
+def load_image_classifier(path: str, *, device: str = "cpu") -> LoadedVisionModel:
+    """An image classifier (``AutoModelForImageClassification``) and its image processor from a directory."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    try:
+        model = AutoModelForImageClassification.from_pretrained(path, attn_implementation="sdpa").eval().to(device)
+        processor = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load image classifier {path!r}: {exc}") from exc
+    return LoadedVisionModel(model, processor, name=str(path).rstrip("/").rsplit("/", 1)[-1])
+
+
+class ImageClassifierExplainer:
+    """Explains an image classifier's log-probability of one class over tiles of the patch grid.
+
+    Example::
+
+        >>> explainer = ImageClassifierExplainer(load_image_classifier("tests/fixtures/tiny-vit-scenes"))
+        >>> exp = explainer.explain(image, target="red circle", granularity="token")
+        >>> render_overlay(exp, image).save("why.png")
+    """
+
+    def __init__(self, loaded: LoadedVisionModel, *, factor: float = DEFAULT_FACTOR, mode: str = "log-additive",
+                 backend: str = "sdpa", batch_size: int | None = None) -> None:
+        _check(factor, mode, backend, batch_size)
+        self.loaded = loaded
+        self.factor = factor
+        self.mode = mode
+        self.backend = backend
+        self.batch_size = batch_size
+        self.patch = _patch_size(loaded.model.config)
+        self._enabled = False
+
+    def pixel_values(self, image) -> torch.Tensor:
+        """The processor's pixel values of a PIL image (or a ready tensor, passed through)."""
+        if isinstance(image, torch.Tensor):
+            return image if image.ndim == 4 else image[None]
+        if self.loaded.processor is None:
+            raise AtmanError("this model has no image processor: pass pixel values as a tensor")
+        return self.loaded.processor(images=image, return_tensors="pt")["pixel_values"]
+
+    def explain(self, image, target: int | str | None = None, *, granularity: TileSpec = "token",
+                factor: float | None = None) -> Explanation:
+        """Scores of the image's tiles for class ``target`` (index or label; None = the predicted class)."""
+        factor = self.factor if factor is None else factor
+        _check(factor, self.mode, self.backend, self.batch_size)
+        model = self.loaded.model
+        pixels = self.pixel_values(image).to(self.loaded.device)
+        if not self._enabled:
+            enable(model, {"pixel_values": pixels})
+            self._enabled = True
+        grid = ImageGrid(pixels.shape[-2] // self.patch, pixels.shape[-1] // self.patch)
+        tiles = grid_tiles(grid, granularity)
+        with torch.no_grad():
+            plain = model(pixel_values=pixels, output_hidden_states=True)
+        length = plain.hidden_states[0].shape[1]
+        # every ViT-style tower puts its patch tokens last, after CLS / distillation / register tokens
+        first_patch = length - grid.rows * grid.cols
+        if first_patch < 0:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has {length} tokens for a {grid.rows}x{grid.cols} patch grid"
+            )
+        multipliers = torch.ones(len(tiles) + 1, length)
+        for row, tile in enumerate(tiles, start=1):
+            multipliers[row, [first_patch + c for c in tile.cells]] = 1.0 - factor
+        logprobs = []
+        with torch.no_grad():
+            for rows in _batches(multipliers.shape[0], length, self.batch_size):
+                with manipulate(multipliers[rows.start:rows.stop].to(pixels.device), mode=self.mode,
+                                backend=self.backend):
+                    out = model(pixel_values=pixels.expand(len(rows), -1, -1, -1))
+                logprobs.append(torch.log_softmax(out.logits.float(), -1).cpu())
+        logprobs = torch.cat(logprobs)
+        index = _class_index(model.config, target, logprobs.shape[1], int(logprobs[0].argmax()))
+        delta = logprobs[0, index] - logprobs[1:, index]
+        label = _label(model.config, index)
+        items = tuple(_tile_items([tiles], delta.tolist()))
+        return Explanation(
+            model=self.loaded.name, prompt="", target=label,
+            explanations=(TargetExplanation(TargetSpan(label, 0, len(label)), items),),
+            settings={"task": "image-classification", "class_index": index, "factor": factor, "mode": self.mode,
+                      "target_logprob": float(logprobs[0, index]),
+                      "predicted": _label(model.config, int(logprobs[0].argmax())),
+                      "images": [{"width": int(pixels.shape[-1]), "height": int(pixels.shape[-2]),
+                                  "rows": grid.rows, "cols": grid.cols,
+                                  "tile": list(tile_shape(grid, granularity))}]},
+        )
+
+
+def _label(config, index: int) -> str:
+    labels = getattr(config, "id2label", None) or {}
+    return str(labels.get(index, labels.get(str(index), index)))
+
+
+def _class_index(config, target: int | str | None, n: int, predicted: int) -> int:
+    if target is None:
+        return predicted
+    if isinstance(target, str) and not target.lstrip("-").isdigit():
+        names = {str(v).lower(): int(k) for k, v in (getattr(config, "id2label", None) or {}).items()}
+        if target.lower() not in names:
+            raise AtmanError(f"unknown class {target!r}; this model's classes: {', '.join(names)}")
+        return names[target.lower()]
+    index = int(target)
+    if not 0 <= index < n:
+        raise AtmanError(f"class index {index} is out of range for a model with {n} classes")
+    return index
+
+
+def load_vision_language(path: str, *, device: str = "cpu") -> LoadedVisionModel:
+    """A vision-language model (``AutoModelForImageTextToText``) and its processor from a directory or hub id."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval().to(device)
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load vision-language model {path!r}: {exc}") from exc
+    return LoadedVisionModel(model, processor, name=str(path).rstrip("/").rsplit("/", 1)[-1])
+
+
+@dataclass(frozen=True)
+class VisionLanguageInput:
+    """Processed prompt + target: the model inputs, character spans of text tokens, image token runs."""
+
+    inputs: dict[str, Any]
+    encoded: EncodedInput
+    image_runs: tuple[tuple[int, ...], ...]
+
+
+class VisionLanguageExplainer:
+    """Explains a vision-language model's target text over text units and image tiles.
+
+    ``<image>`` markers in the prompt place the images (in order). Text units follow
+    ``granularity`` (as for causal LMs), image units ``image_granularity`` (tiles of the patch grid).
+
+    Example::
+
+        >>> explainer = VisionLanguageExplainer(load_vision_language("tests/fixtures/tiny-llava-scenes"))
+        >>> exp = explainer.explain("<image>This is a picture of a", " red circle", images=[image])
+    """
+
+    def __init__(self, loaded: LoadedVisionModel, *, factor: float = DEFAULT_FACTOR, mode: str = "log-additive",
+                 backend: str = "sdpa", batch_size: int | None = None) -> None:
+        _check(factor, mode, backend, batch_size)
+        self.loaded = loaded
+        self.factor = factor
+        self.mode = mode
+        self.backend = backend
+        self.batch_size = batch_size
+        config = loaded.model.config
+        self.image_token_id = getattr(config, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = getattr(config, "image_token_index", None)
+        self.image_token = getattr(loaded.processor, "image_token", None)
+        if self.image_token_id is None or self.image_token is None:
+            raise UnsupportedModelError(
+                f"{type(loaded.model).__name__} declares no image token (config.image_token_id and "
+                "processor.image_token), so its image positions cannot be located"
+            )
+        subconfigs = {name for name in ("text_config", "vision_config") if getattr(config, name, None) is not None}
+        if "text_config" not in subconfigs:
+            raise UnsupportedModelError(f"{type(loaded.model).__name__} has no separate language model config")
+        implementation = {name: "sdpa" for name in subconfigs} | {"text_config": "atman"}
+        enable(loaded.model, implementation=implementation)
+        self.tokenizer = getattr(loaded.processor, "tokenizer", None)
+
+    def prepare(self, prompt: str, target: str, images: Sequence) -> VisionLanguageInput:
+        """Run the processor on prompt + target and locate text spans and image-token runs."""
+        if not prompt.strip() and not images:
+            raise EmptyInputError("the prompt is empty")
+        if not target:
+            raise EmptyInputError("the target is empty")
+        markers = prompt.count(IMAGE_MARKER)
+        if markers != len(images):
+            raise AtmanError(f"the prompt has {markers} {IMAGE_MARKER} marker(s) for {len(images)} image(s)")
+        pieces = prompt.split(IMAGE_MARKER)
+        # the processor's own text: markers become its image token; keep where each piece starts
+        text, origin = "", []
+        for k, piece in enumerate(pieces):
+            origin.append((len(text), sum(len(p) + len(IMAGE_MARKER) for p in pieces[:k])))
+            text += piece + (self.image_token if k < len(pieces) - 1 else "")
+        full = self._process(text + target, images)
+        ids = full["input_ids"][0].tolist()
+        prompt_ids = self._process(text, images)["input_ids"][0].tolist()
+        prompt_len = len(prompt_ids)
+        if len(ids) <= prompt_len:
+            raise EmptyInputError("the target has no tokens")
+        if ids[:prompt_len] != prompt_ids:
+            raise AtmanError("prompt and target merge into one token at their boundary; start the target "
+                             "with a space or end the prompt with one")
+        runs = _runs([i for i, tok in enumerate(ids) if tok == self.image_token_id])
+        if len(runs) != len(images):
+            raise UnsupportedModelError(
+                f"found {len(runs)} runs of image tokens for {len(images)} image(s); this model's image "
+                "layout (split images, tiles with separators) is not supported"
+            )
+        spans = self._text_spans(text + target, ids, origin, len(text), prompt_len)
+        target_enc = self.tokenizer(target, add_special_tokens=False, return_offsets_mapping=True)
+        target_ids = ids[prompt_len:]
+        if list(target_enc["input_ids"]) == target_ids:
+            target_spans = tuple((int(a), int(b)) for a, b in target_enc["offset_mapping"])
+        else:
+            target_spans = tuple((0, len(target)) for _ in target_ids)
+        # text units are cut from the prompt with its markers blanked: no unit swallows a marker
+        blanked = prompt.replace(IMAGE_MARKER, " " * len(IMAGE_MARKER))
+        encoded = EncodedInput(input_ids=tuple(ids), prompt=blanked, target=target,
+                               prompt_spans=tuple(spans[:prompt_len]), target_start=prompt_len,
+                               target_spans=target_spans)
+        return VisionLanguageInput(inputs=full, encoded=encoded, image_runs=tuple(runs))
+
+    def generate(self, prompt: str, images: Sequence, *, max_new_tokens: int = 32) -> str:
+        """The model's greedy continuation of ``prompt`` (with ``<image>`` markers) and ``images``, as text."""
+        if max_new_tokens < 1:
+            raise AtmanError("max_new_tokens must be at least 1")
+        if prompt.count(IMAGE_MARKER) != len(images):
+            raise AtmanError(f"the prompt has {prompt.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) for "
+                             f"{len(images)} image(s)")
+        text = prompt.replace(IMAGE_MARKER, self.image_token)
+        inputs = self._process(text, images)
+        with torch.no_grad():
+            out = self.loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        special = set(self.tokenizer.all_special_ids)
+        while new and new[-1] in special:
+            new.pop()
+        decoded = self.tokenizer.decode(new, skip_special_tokens=True)
+        if not decoded.strip():
+            raise EmptyInputError("the model generated no text after this prompt, so there is nothing to explain")
+        # decoding may drop the space that separated the first new token from the prompt
+        for candidate in (decoded, " " + decoded.lstrip()):
+            ids = self._process(text + candidate, images)["input_ids"][0].tolist()
+            if ids == inputs["input_ids"][0].tolist() + new:
+                return candidate
+        return decoded
+
+    def _process(self, text: str, images: Sequence) -> dict[str, Any]:
+        kwargs = {"images": list(images)} if images else {}
+        out = self.loaded.processor(text=text, return_tensors="pt", **kwargs)
+        return {k: v.to(self.loaded.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+    def _text_spans(self, text: str, ids: list[int], origin, prompt_chars: int, prompt_len: int) -> list:
+        """Character span in the user's prompt of every prompt token, None for image and special tokens.
+
+        The processor expands each image token into a run; the tokenizer on the same text gives one
+        token per image, so both sequences are walked together."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        plain = list(enc["input_ids"])
+        offsets = list(enc["offset_mapping"])
+        special = set(self.tokenizer.all_special_ids) | {self.image_token_id}
+        spans: list = []
+        j = 0
+        for tok in ids:
+            if tok == self.image_token_id:
+                spans.append(None)
+                if j < len(plain) and plain[j] == self.image_token_id:
+                    j += 1
+                continue
+            if j < len(plain) and plain[j] == tok:
+                a, b = offsets[j]
+                j += 1
+                if tok not in special and prompt_chars >= b > a:
+                    spans.append(_to_prompt(int(a), int(b), origin))
+                    continue
+            spans.append(None)
+        return spans
+
+    def explain(
+        self,
+        prompt: str,
+        target: str,
+        *,
+        images: Sequence = (),
+        granularity: str = "word",
+        image_granularity: TileSpec = "token",
+        factor: float | None = None,
+        kappa: float | None = None,
+        delimiter: str | None = None,
+    ) -> Explanation:
+        """Scores of the prompt's text units and image tiles for ``target`` (summed over its tokens).
+
+        ``kappa`` switches conceptual suppression on: with a unit, every prompt token (text or
+        image) whose language-model input embedding has cosine similarity >= ``kappa`` to one of
+        the unit's is damped too, by ``1 - factor * similarity``.
+        """
+        factor = self.factor if factor is None else factor
+        _check(factor, self.mode, self.backend, self.batch_size)
+        if kappa is not None and not 0.0 < kappa <= 1.0:
+            raise AtmanError(f"kappa must lie in (0, 1], got {kappa}")
+        if granularity not in GRANULARITIES or granularity in ("refine", "spans"):
+            raise AtmanError(f"granularity {granularity!r} is not offered with images")
+        prepared = self.prepare(prompt, target, images)
+        encoded = prepared.encoded
+        has_text = any(span is not None for span in encoded.prompt_spans)
+        units = []
+        if has_text:
+            resolved = choose_granularity(encoded) if granularity == "auto" else granularity
+            units = prompt_units(encoded, resolved, delimiter=delimiter)
+        grids = [self._grid(run, image) for run, image in zip(prepared.image_runs, images, strict=True)]
+        tiles = [grid_tiles(grid, image_granularity) for grid in grids]
+        length = len(encoded.input_ids)
+        multipliers = torch.ones(1 + len(units) + sum(map(len, tiles)), length)
+        row = 1
+        for unit in units:
+            multipliers[row, list(unit.positions)] = 1.0 - factor
+            row += 1
+        for run, image_tiles in zip(prepared.image_runs, tiles, strict=True):
+            for tile in image_tiles:
+                multipliers[row, [run[c] for c in tile.cells]] = 1.0 - factor
+                row += 1
+        if kappa is not None:
+            from .explainer import _conceptual
+
+            all_units = list(units) + [Unit("image", tuple(run[c] for c in tile.cells), 0, 0, "")
+                                       for run, image_tiles in zip(prepared.image_runs, tiles, strict=True)
+                                       for tile in image_tiles]
+            candidates = sorted({p for p, span in enumerate(encoded.prompt_spans) if span is not None}
+                                | {p for run in prepared.image_runs for p in run})
+            _conceptual(self.input_embeddings(prepared), all_units, candidates, multipliers, factor, kappa)
+        losses = self.losses(prepared, multipliers)
+        delta = (losses[1:] - losses[0:1]).sum(dim=1)
+        items: list = [Item("prompt", u.text, u.start, u.length, float(d))
+                       for u, d in zip(units, delta[:len(units)], strict=True)]
+        items += _tile_items(tiles, delta[len(units):].tolist())
+        return Explanation(
+            model=self.loaded.name, prompt=prompt, target=target,
+            explanations=(TargetExplanation(TargetSpan(target, 0, len(target)), tuple(items)),),
+            settings={"task": "vision-language", "granularity": granularity if has_text else None,
+                      "image_granularity": list(image_granularity) if isinstance(image_granularity, tuple)
+                      else image_granularity,
+                      "factor": factor, "kappa": kappa, "mode": self.mode,
+                      "target_logprob": -float(losses[0].sum()),
+                      "images": [{"width": image.width, "height": image.height, "rows": g.rows, "cols": g.cols,
+                                  "tile": list(tile_shape(g, image_granularity))}
+                                 for image, g in zip(images, grids, strict=True)]},
+        )
+
+    def input_embeddings(self, prepared: VisionLanguageInput) -> torch.Tensor:
+        """What the language model receives: (positions, hidden) embeddings, image features included."""
+        decoder = self.loaded.model.get_decoder()
+        captured: dict = {}
+
+        def grab(_module, args, kwargs):
+            captured["embeds"] = kwargs.get("inputs_embeds")
+
+        handle = decoder.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                self.loaded.model(**prepared.inputs, use_cache=False)
+        finally:
+            handle.remove()
+        if captured.get("embeds") is None:
+            raise UnsupportedModelError(f"{type(self.loaded.model).__name__} does not pass inputs_embeds to its "
+                                        "language model, so conceptual suppression cannot see the image features")
+        return captured["embeds"][0].float().cpu()
+
+    def losses(self, prepared: VisionLanguageInput, multipliers: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every target token (columns) under every multiplier row (rows)."""
+        encoded = prepared.encoded
+        targets = torch.tensor(encoded.input_ids[encoded.target_start:])
+        out = []
+        with torch.no_grad():
+            for rows in _batches(multipliers.shape[0], len(encoded.input_ids), self.batch_size):
+                inputs = _repeat(prepared.inputs, len(rows))
+                with manipulate(multipliers[rows.start:rows.stop].to(self.loaded.device), mode=self.mode,
+                                backend=self.backend):
+                    logits = self.loaded.model(**inputs, use_cache=False).logits
+                logits = logits[:, encoded.target_start - 1:-1].float().cpu()
+                logprobs = torch.log_softmax(logits, -1)
+                out.append(-logprobs.gather(-1, targets.expand(len(rows), -1)[..., None])[..., 0])
+        return torch.cat(out)
+
+    def _grid(self, run: tuple[int, ...], image) -> ImageGrid:
+        """The patch grid of one image's token run: square runs are square grids; otherwise the
+        image's aspect ratio decides."""
+        n = len(run)
+        side = math.isqrt(n)
+        if side * side == n:
+            return ImageGrid(side, side)
+        width, height = getattr(image, "size", (1, 1))
+        for rows in range(1, n + 1):
+            if n % rows == 0 and abs(rows / (n // rows) - height / width) < 1e-6:
+                return ImageGrid(rows, n // rows)
+        raise UnsupportedModelError(f"cannot lay out {n} image tokens as a grid for a {width}x{height} image")
+
+
+def _runs(positions: list[int]) -> list[tuple[int, ...]]:
+    runs: list[list[int]] = []
+    for pos in positions:
+        if runs and runs[-1][-1] == pos - 1:
+            runs[-1].append(pos)
+        else:
+            runs.append([pos])
+    return [tuple(run) for run in runs]
+
+
+def _to_prompt(a: int, b: int, origin: list[tuple[int, int]]) -> tuple[int, int]:
+    """Map a span of the processor's text back into the user's prompt (markers may differ in length)."""
+    for text_start, prompt_start in reversed(origin):
+        if a >= text_start:
+            return a - text_start + prompt_start, b - text_start + prompt_start
+    return a, b
