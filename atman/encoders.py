@@ -173,35 +173,17 @@ class ClassifierExplainer(_Base):
         units, resolved = self._units(encoded, granularity, spans)
         multipliers = self._rows(encoded, units, factor)
         logprobs = self._outputs(encoded, multipliers, lambda out, mask: torch.log_softmax(out.logits.float(), -1))
-        index = self._class_index(target, logprobs[0])
+        index = _class_index(self.encoder.model.config, target, logprobs.shape[1], int(logprobs[0].argmax()))
         delta = logprobs[0, index] - logprobs[1:, index]
-        label = self._label(index)
+        label = _label(self.encoder.model.config, index)
         items = tuple(Item("prompt", u.text, u.start, u.length, float(d)) for u, d in zip(units, delta, strict=True))
         return Explanation(
             model=self.encoder.name, prompt=text, target=label,
             explanations=(TargetExplanation(TargetSpan(label, 0, len(label)), items),),
             settings={"task": "classification", "class_index": index, "granularity": resolved, "factor": factor,
                       "mode": self.mode, "target_logprob": float(logprobs[0, index]),
-                      "predicted": self._label(int(logprobs[0].argmax()))},
+                      "predicted": _label(self.encoder.model.config, int(logprobs[0].argmax()))},
         )
-
-    def _label(self, index: int) -> str:
-        labels = getattr(self.encoder.model.config, "id2label", None) or {}
-        return str(labels.get(index, labels.get(str(index), index)))
-
-    def _class_index(self, target: int | str | None, logprobs: torch.Tensor) -> int:
-        n = logprobs.shape[0]
-        if target is None:
-            return int(logprobs.argmax())
-        if isinstance(target, str) and not target.lstrip("-").isdigit():
-            names = {str(v).lower(): int(k) for k, v in (self.encoder.model.config.id2label or {}).items()}
-            if target.lower() not in names:
-                raise AtmanError(f"unknown class {target!r}; this model's classes: {', '.join(names)}")
-            return names[target.lower()]
-        index = int(target)
-        if not 0 <= index < n:
-            raise AtmanError(f"class index {index} is out of range for a model with {n} classes")
-        return index
 
 
 class SimilarityExplainer(_Base):
@@ -270,3 +252,24 @@ def _check(factor: float, mode: str, backend: str) -> None:
         raise AtmanError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if backend not in BACKENDS:
         raise AtmanError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _label(config, index: int) -> str:
+    """The class name of ``index`` from ``config.id2label`` (the index itself when unnamed)."""
+    labels = getattr(config, "id2label", None) or {}
+    return str(labels.get(index, labels.get(str(index), index)))
+
+
+def _class_index(config, target: int | str | None, n: int, predicted: int) -> int:
+    """``target`` (a class name, an index, or None for ``predicted``) as an index below ``n``."""
+    if target is None:
+        return predicted
+    if isinstance(target, str) and not target.lstrip("-").isdigit():
+        names = {str(v).lower(): int(k) for k, v in (getattr(config, "id2label", None) or {}).items()}
+        if target.lower() not in names:
+            raise AtmanError(f"unknown class {target!r}; this model's classes: {', '.join(names)}")
+        return names[target.lower()]
+    index = int(target)
+    if not 0 <= index < n:
+        raise AtmanError(f"class index {index} is out of range for a model with {n} classes")
+    return index

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .encoders import _class_index, _label
 from .errors import AtmanError, EmptyInputError, ModelLoadError, UnsupportedModelError
 from .explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
 from .manipulation import BACKENDS, MODES, enable, manipulate
@@ -184,25 +185,6 @@ class ImageClassifierExplainer:
                                   "rows": grid.rows, "cols": grid.cols,
                                   "tile": list(tile_shape(grid, granularity))}]},
         )
-
-
-def _label(config, index: int) -> str:
-    labels = getattr(config, "id2label", None) or {}
-    return str(labels.get(index, labels.get(str(index), index)))
-
-
-def _class_index(config, target: int | str | None, n: int, predicted: int) -> int:
-    if target is None:
-        return predicted
-    if isinstance(target, str) and not target.lstrip("-").isdigit():
-        names = {str(v).lower(): int(k) for k, v in (getattr(config, "id2label", None) or {}).items()}
-        if target.lower() not in names:
-            raise AtmanError(f"unknown class {target!r}; this model's classes: {', '.join(names)}")
-        return names[target.lower()]
-    index = int(target)
-    if not 0 <= index < n:
-        raise AtmanError(f"class index {index} is out of range for a model with {n} classes")
-    return index
 
 
 def load_vision_language(path: str, *, device: str = "cpu") -> LoadedVisionModel:
