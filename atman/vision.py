@@ -102,11 +102,15 @@ def load_image_classifier(path: str, *, device: str = "cpu") -> LoadedVisionMode
     """An image classifier (``AutoModelForImageClassification``) and its image processor from a directory."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+    return _load_pretrained(AutoModelForImageClassification, AutoImageProcessor, path, device, "image classifier")
+
+
+def _load_pretrained(model_class, processor_class, path: str, device: str, kind: str) -> LoadedVisionModel:
     try:
-        model = AutoModelForImageClassification.from_pretrained(path, attn_implementation="sdpa").eval().to(device)
-        processor = AutoImageProcessor.from_pretrained(path)
+        model = model_class.from_pretrained(path, attn_implementation="sdpa").eval().to(device)
+        processor = processor_class.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load image classifier {path!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot load {kind} {path!r}: {exc}") from exc
     return LoadedVisionModel(model, processor, name=str(path).rstrip("/").rsplit("/", 1)[-1])
 
 
@@ -191,12 +195,7 @@ def load_vision_language(path: str, *, device: str = "cpu") -> LoadedVisionModel
     """A vision-language model (``AutoModelForImageTextToText``) and its processor from a directory or hub id."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval().to(device)
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load vision-language model {path!r}: {exc}") from exc
-    return LoadedVisionModel(model, processor, name=str(path).rstrip("/").rsplit("/", 1)[-1])
+    return _load_pretrained(AutoModelForImageTextToText, AutoProcessor, path, device, "vision-language model")
 
 
 @dataclass(frozen=True)
