@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from .errors import AtmanError, EmptyInputError, ModelLoadError
+from .explainer import _check_suppression
 from .explanation import Explanation, Item, TargetExplanation, TargetSpan
-from .manipulation import BACKENDS, MODES, enable, manipulate
+from .manipulation import enable, manipulate
 from .units import EncodedInput, Unit, choose_granularity, prompt_units
 
 DEFAULT_FACTOR = 0.9
@@ -109,7 +110,7 @@ def encode_text(tokenizer, text: str) -> EncodedInput:
 class _Base:
     def __init__(self, encoder: LoadedEncoder, *, factor: float = DEFAULT_FACTOR, mode: str = "log-additive",
                  backend: str = "sdpa", batch_size: int | None = None) -> None:
-        _check(factor, mode, backend)
+        _check_suppression(factor, mode, backend)
         if batch_size is not None and batch_size < 1:
             raise AtmanError(f"batch_size must be at least 1, got {batch_size}")
         self.encoder = encoder
@@ -168,7 +169,7 @@ class ClassifierExplainer(_Base):
         """Scores: rise of ``-log p(target class)`` when each unit is damped. ``target``: class index or
         label; None explains the predicted class."""
         factor = self.factor if factor is None else factor
-        _check(factor, self.mode, self.backend)
+        _check_suppression(factor, self.mode, self.backend)
         encoded = encode_text(self.encoder.tokenizer, text)
         units, resolved = self._units(encoded, granularity, spans)
         multipliers = self._rows(encoded, units, factor)
@@ -222,7 +223,7 @@ class SimilarityExplainer(_Base):
     ) -> Explanation:
         """Scores for the units of both texts: cosine(a, b) - cosine(a with the unit damped, b)."""
         factor = self.factor if factor is None else factor
-        _check(factor, self.mode, self.backend)
+        _check_suppression(factor, self.mode, self.backend)
         enc_a = encode_text(self.encoder.tokenizer, text_a)
         enc_b = encode_text(self.encoder.tokenizer, text_b)
         units_a, resolved = self._units(enc_a, granularity, None)
@@ -243,15 +244,6 @@ class SimilarityExplainer(_Base):
             settings={"task": "similarity", "similarity": float(base), "pooling": self.encoder.pooling,
                       "granularity": resolved, "factor": factor, "mode": self.mode},
         )
-
-
-def _check(factor: float, mode: str, backend: str) -> None:
-    if not 0.0 <= factor <= 1.0:
-        raise AtmanError(f"factor must lie in [0, 1] (1 removes the unit), got {factor}")
-    if mode not in MODES:
-        raise AtmanError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    if backend not in BACKENDS:
-        raise AtmanError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def _label(config, index: int) -> str:

@@ -96,10 +96,7 @@ class Explainer:
         self.mode = mode
         self.backend = backend
         self.batch_size = batch_size
-        forward = inspect.signature(model.model.forward).parameters
-        self._logits_to_keep = "logits_to_keep" in forward
-        # transformers renamed past_key_values to cache in its 5.x series
-        self._cache_argument = "cache" if "cache" in forward else "past_key_values"
+        self._logits_to_keep, self._cache_argument = _forward_options(model.model)
 
     def explain(
         self,
@@ -518,15 +515,27 @@ def _covering(ranked: list[int], scores: list[float], positive_total: float, sha
     return ranked
 
 
-def _check_options(factor, kappa, mode, backend, target_granularity, postprocessing) -> None:
+def _forward_options(model: torch.nn.Module) -> tuple[bool, str]:
+    """Whether ``model.forward`` takes ``logits_to_keep``, and the name of its cache argument
+    (transformers renamed ``past_key_values`` to ``cache`` in its 5.x series)."""
+    forward = inspect.signature(model.forward).parameters
+    return "logits_to_keep" in forward, "cache" if "cache" in forward else "past_key_values"
+
+
+def _check_suppression(factor: float, mode: str, backend: str) -> None:
+    """The options every AtMan explainer shares: suppression factor, variant and attention kernel."""
     if not 0.0 <= factor <= 1.0:
         raise AtmanError(f"factor must lie in [0, 1] (1 removes the unit), got {factor}")
-    if kappa is not None and not 0.0 < kappa <= 1.0:
-        raise AtmanError(f"kappa must lie in (0, 1], got {kappa}")
     if mode not in MODES:
         raise AtmanError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if backend not in BACKENDS:
         raise AtmanError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _check_options(factor, kappa, mode, backend, target_granularity, postprocessing) -> None:
+    _check_suppression(factor, mode, backend)
+    if kappa is not None and not 0.0 < kappa <= 1.0:
+        raise AtmanError(f"kappa must lie in (0, 1], got {kappa}")
     if target_granularity not in TARGET_GRANULARITIES:
         raise GranularityError(
             f"unknown target granularity {target_granularity!r}; choose one of {', '.join(TARGET_GRANULARITIES)}"

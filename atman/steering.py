@@ -35,7 +35,6 @@ Example::
 
 from __future__ import annotations
 
-import inspect
 import math
 import secrets
 from collections.abc import Callable, Sequence
@@ -45,7 +44,7 @@ import torch
 from transformers import DynamicCache
 
 from .errors import AtmanError, ContextLengthError, EmptyInputError
-from .explainer import _context_length, _eos_ids
+from .explainer import _context_length, _eos_ids, _forward_options
 from .manipulation import BACKENDS, MODES, manipulate
 from .models import LoadedModel
 
@@ -198,10 +197,7 @@ class Steerer:
         self.lm = model
         self.mode = mode
         self.backend = backend
-        forward = inspect.signature(model.model.forward).parameters
-        self._logits_to_keep = "logits_to_keep" in forward
-        # transformers renamed past_key_values to cache in its 5.x series
-        self._cache_argument = "cache" if "cache" in forward else "past_key_values"
+        self._logits_to_keep, self._cache_argument = _forward_options(model.model)
         self.eos_ids = _eos_ids(model)
 
     # --- text in, text out -------------------------------------------------------------------

@@ -31,8 +31,9 @@ import torch
 
 from .encoders import _class_index, _label
 from .errors import AtmanError, EmptyInputError, ModelLoadError, UnsupportedModelError
+from .explainer import _check_suppression
 from .explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
-from .manipulation import BACKENDS, MODES, enable, manipulate
+from .manipulation import enable, manipulate
 from .tiles import ImageGrid, TileSpec, grid_tiles, tile_shape
 from .units import GRANULARITIES, EncodedInput, Unit, choose_granularity, prompt_units
 
@@ -55,12 +56,7 @@ class LoadedVisionModel:
 
 
 def _check(factor: float, mode: str, backend: str, batch_size: int | None) -> None:
-    if not 0.0 <= factor <= 1.0:
-        raise AtmanError(f"factor must lie in [0, 1] (1 removes the unit), got {factor}")
-    if mode not in MODES:
-        raise AtmanError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    if backend not in BACKENDS:
-        raise AtmanError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    _check_suppression(factor, mode, backend)
     if batch_size is not None and batch_size < 1:
         raise AtmanError(f"batch_size must be at least 1, got {batch_size}")
 
