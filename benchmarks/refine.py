@@ -1,6 +1,7 @@
 """Coarse to fine on a long context: cost and agreement of `granularity="refine"` vs token level.
 
     python benchmarks/refine.py --tokens 1000 --full --json benchmarks/results/cpu-smollm2-refine-1000.json
+    python benchmarks/refine.py --tokens 2000 --full --contexts 5 --device cuda --json gpu-refine-2000.json
 
 Builds a context of invented fact sentences (about --tokens prompt tokens; one of them answers the
 closing question), then explains the answer
@@ -92,57 +93,38 @@ def top_tokens(items, k: int = 10) -> list[int]:
     return [item.start for item in sorted(tokens, key=lambda i: i.score, reverse=True)[:k]]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--tokens", type=int, default=2000)
-    parser.add_argument("--top", type=int, default=3, help="sentences refined to tokens")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--full", action="store_true", help="also run token level (slow: ~L^2/2 token-forwards)")
-    parser.add_argument("--bounds-only", action="store_true", help="run nothing; print the cost model's bounds")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-
-    torch.manual_seed(0)
-    lm = load_model(args.model)
-    if args.bounds_only:
-        print(json.dumps(bounds(lm.tokenizer, args.tokens, args.seed, args.top), indent=1))
-        return
-    explainer = Explainer(lm)
-    example, length = long_example(lm.tokenizer, args.tokens, args.seed)
+def run_one(explainer: Explainer, lm, tokens: int, seed: int, top: int, full: bool) -> dict:
+    example, length = long_example(lm.tokenizer, tokens, seed)
     encoded = encode(lm.tokenizer, example.prompt, example.target)
     total = len(encoded.input_ids)
     token_units = prompt_units(encoded, "token")
     bound = total + sum(total - unit.positions[0] for unit in token_units)
-    machine = (f"{platform.machine()}, {psutil.cpu_count()} cores, "
-               f"{round(psutil.virtual_memory().total / 2**30)} GiB RAM, torch {torch.__version__}")
-    print(f"model {lm.name}; {machine}; prompt {length} tokens, {len(token_units)} token units, "
-          f"target {example.target!r}", flush=True)
-
-    results: dict = {"model": lm.name, "machine": machine, "prompt_tokens": length, "sequence_tokens": total,
-                     "target": example.target, "refine_top": args.top,
-                     "token_level_lower_bound_token_forwards": bound}
+    print(f"seed {seed}: prompt {length} tokens, {len(token_units)} token units, target {example.target!r}",
+          flush=True)
+    results: dict = {"seed": seed, "prompt_tokens": length, "sequence_tokens": total, "target": example.target,
+                     "refine_top": top, "token_level_lower_bound_token_forwards": bound}
     with Meter() as meter:
         start = time.perf_counter()
-        refined = explainer.explain(example.prompt, example.target, granularity="refine", refine_top=args.top)
+        refined = explainer.explain(example.prompt, example.target, granularity="refine", refine_top=top)
+        _sync(lm.device)
         seconds = time.perf_counter() - start
     items = refined.explanations[0].items
     sentences = [i for i in items if not i.refined and i.kind == "prompt"]
     refined_tokens = [i for i in items if i.refined]
     evidence_refined = any(example.evidence_start <= i.start < example.evidence_end for i in refined_tokens)
     results["refine"] = {"seconds": seconds, "forward_calls": meter.calls, "token_forwards": meter.token_forwards,
-                         "coarse_units": len(sentences) + args.top, "refined_tokens": len(refined_tokens),
+                         "coarse_units": len(sentences) + top, "refined_tokens": len(refined_tokens),
                          "evidence_sentence_refined": evidence_refined}
-    print(f"refine: {seconds:.1f} s, {meter.calls} calls, {meter.token_forwards} token-forwards "
+    print(f"  refine: {seconds:.2f} s, {meter.calls} calls, {meter.token_forwards} token-forwards "
           f"({meter.token_forwards / bound:.3f} of token level's lower bound {bound}); "
           f"evidence sentence refined: {evidence_refined}", flush=True)
-
-    if args.full:
+    if full:
         with Meter() as meter:
             start = time.perf_counter()
-            full = explainer.explain(example.prompt, example.target, granularity="token")
+            token_level = explainer.explain(example.prompt, example.target, granularity="token")
+            _sync(lm.device)
             full_seconds = time.perf_counter() - start
-        reference = top_tokens(full.explanations[0].items)
+        reference = top_tokens(token_level.explanations[0].items)
         got = top_tokens(refined_tokens)
         agreement = len(set(reference) & set(got)) / len(reference)
         results["token"] = {"seconds": full_seconds, "forward_calls": meter.calls,
@@ -152,12 +134,65 @@ def main() -> None:
         results["top10_agreement"] = agreement
         results["top10_token_level_in_evidence"] = sum(
             example.evidence_start <= s < example.evidence_end for s in reference) / len(reference)
-        print(f"token: {full_seconds:.1f} s, {meter.calls} calls, {meter.token_forwards} token-forwards", flush=True)
-        print(f"refine / token: time {results['cost_share_time']:.3f}, token-forwards "
+        print(f"  token: {full_seconds:.2f} s, {meter.calls} calls, {meter.token_forwards} token-forwards", flush=True)
+        print(f"  refine / token: time {results['cost_share_time']:.3f}, token-forwards "
               f"{results['cost_share_token_forwards']:.3f}; top-10 agreement {agreement:.0%}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tokens", type=int, default=2000)
+    parser.add_argument("--top", type=int, default=3, help="sentences refined to tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--contexts", type=int, default=1,
+                        help="how many contexts to measure (seeds --seed, --seed+1, ...)")
+    parser.add_argument("--full", action="store_true", help="also run token level (slow: ~L^2/2 token-forwards)")
+    parser.add_argument("--bounds-only", action="store_true", help="run nothing; print the cost model's bounds")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.bounds_only:
+        print(json.dumps(bounds(lm.tokenizer, args.tokens, args.seed, args.top), indent=1))
+        return
+    explainer = Explainer(lm)
+    machine = (f"{platform.machine()}, {psutil.cpu_count()} cores, "
+               f"{round(psutil.virtual_memory().total / 2**30)} GiB RAM, torch {torch.__version__}")
+    if lm.device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(lm.device)}; host {machine}"
+        explainer.explain("A short warm-up.", " It", granularity="token")  # CUDA start-up outside the timings
+    print(f"model {lm.name} ({args.dtype}) on {lm.device}; {machine}", flush=True)
+    runs = []
+    for seed in range(args.seed, args.seed + args.contexts):
+        runs.append(run_one(explainer, lm, args.tokens, seed, args.top, args.full))
+        results = summarize(runs, {"model": lm.name, "machine": machine, "device": str(lm.device),
+                                   "dtype": args.dtype})
+        if args.json:  # after every context, so that an interrupted run keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if len(runs) > 1:
+        print(json.dumps(results["summary"], indent=1))
+
+
+def summarize(runs: list[dict], results: dict) -> dict:
+    if len(runs) == 1:
+        return {**results, **runs[0]}
+    summary = {}
+    for key in ("cost_share_token_forwards", "cost_share_time", "top10_agreement"):
+        values = [run[key] for run in runs if key in run]
+        if values:
+            summary[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+    return {**results, "runs": runs, "summary": summary}
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ the same process on the same loaded model:
   atman-naive  AtMan, one full forward per token (the paper's way)
   atman        AtMan, cached engine (prefix reuse, logits only at the target), default memory budget
   atman-lean   the same with --max-memory plain (the memory model's estimate of one plain forward pass)
+  atman-sentence  the cached engine at sentence granularity: the same batches and memory budget
+               with far fewer units, to measure memory at lengths where token level takes long
   captum-fa    Captum FeatureAblation through LLMAttribution (token features)
   captum-ig16  Captum LayerIntegratedGradients, 16 steps, through LLMGradientAttribution
   captum-ig50  the same, 50 steps
@@ -16,6 +18,11 @@ the same process on the same loaded model:
 
 Captum's integrated gradients run their steps in internal batches of at most 4,096 tokens (its
 ``internal_batch_size``), without which 50 steps of a 512-token prompt exceed this machine's memory.
+
+With --architecture NAME (see architectures.py) the model is one with the named architecture and
+random weights, built on the device: cost and memory depend on shapes, not weights, so larger
+models can be measured without downloading them (--tokenizer gives the tokenizer directory).
+A method that runs out of GPU memory is recorded as such and the run goes on.
 
 Time is the median of --reps runs (a method whose first run takes longer than --long-run seconds
 runs once). Memory is the peak growth over the call: on CPU the resident set size, sampled every
@@ -43,7 +50,8 @@ from atman import Explainer, load_model
 from atman.evaluate.context_qa import make_examples
 
 TARGET = " Lindhaven"
-METHODS = ("plain", "atman-naive", "atman", "atman-lean", "captum-fa", "captum-ig16", "captum-ig50", "captum-gxa")
+METHODS = ("plain", "atman-naive", "atman", "atman-lean", "atman-sentence", "captum-fa", "captum-ig16",
+           "captum-ig50", "captum-gxa")
 
 
 def build_prompt(tokenizer, length: int) -> str:
@@ -141,6 +149,7 @@ def methods(lm, prompt: str) -> dict[str, Callable[[], object]]:
         "atman-naive": lambda: naive.explain(prompt, TARGET, granularity="token"),
         "atman": lambda: cached.explain(prompt, TARGET, granularity="token"),
         "atman-lean": lambda: lean.explain(prompt, TARGET, granularity="token"),
+        "atman-sentence": lambda: cached.explain(prompt, TARGET, granularity="sentence"),
         "captum-fa": captum_fa,
         "captum-ig16": captum_gradient(LayerIntegratedGradients, n_steps=16, internal_batch_size=internal),
         "captum-ig50": captum_gradient(LayerIntegratedGradients, n_steps=50, internal_batch_size=internal),
@@ -148,64 +157,100 @@ def methods(lm, prompt: str) -> dict[str, Callable[[], object]]:
     }
 
 
+def run_method(fn: Callable[[], object], device: torch.device, reps: int, long_run: float) -> dict:
+    times, memories = [], []
+    for _ in range(reps):
+        try:
+            seconds, memory = measure(fn, device)
+        except torch.cuda.OutOfMemoryError:
+            _trim()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return {"seconds": None, "runs": len(times), "peak_bytes": None, "out_of_memory": True}
+        times.append(seconds)
+        memories.append(memory)
+        if seconds > long_run:
+            break
+    return {"seconds": statistics.median(times), "runs": len(times), "peak_bytes": max(memories)}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def print_table(rows: list[dict]) -> None:
+    def fmt(value, pattern):
+        return "—" if value is None else pattern.format(value)
+
+    print("| tokens | method | time (s) | runs | peak memory (MiB) | time / plain | time / naive "
+          "| memory / plain | memory / naive |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        oom = row.get("out_of_memory")
+        print(f"| {row['tokens']} | {row['method']} | "
+              f"{'out of memory' if oom else fmt(row['seconds'], '{:.2f}')} | {row['runs']} | "
+              f"{fmt(row['peak_bytes'] and row['peak_bytes'] / 2**20, '{:.1f}')} | "
+              f"{fmt(row.get('time_vs_plain'), '{:.1f}x')} | "
+              f"{fmt(row.get('time_vs_atman-naive'), '{:.2f}x')} | "
+              f"{fmt(row.get('memory_vs_plain'), '{:.2f}x')} | "
+              f"{fmt(row.get('memory_vs_atman-naive'), '{:.2f}x')} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model to load (default: the embedded SmolLM2)")
+    parser.add_argument("--architecture", default=None,
+                        help="instead of --model: random weights in a named architecture (architectures.py)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory for --architecture")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--long-run", type=float, default=60.0)
-    parser.add_argument("--json", type=Path, help="write all measurements here")
+    parser.add_argument("--json", type=Path, help="write all measurements here (rewritten after each length)")
     args = parser.parse_args()
 
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.architecture:
+        from architectures import random_model
+
+        if not args.tokenizer:
+            parser.error("--architecture needs --tokenizer")
+        lm = random_model(args.architecture, args.tokenizer, device=args.device, dtype=args.dtype)
+    else:
+        lm = load_model(args.model, device=args.device, dtype=args.dtype)
     device = lm.device
     machine = (f"{platform.machine()}, {psutil.cpu_count()} cores, "
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads")
     if device.type == "cuda":
         machine = f"{torch.cuda.get_device_name(device)}; host {machine}"
-    print(f"model {lm.name} ({args.dtype}) on {device}; {machine}", flush=True)
+    parameters = sum(p.numel() for p in lm.model.parameters())
+    print(f"model {lm.name} ({parameters / 1e6:.0f}M parameters, {args.dtype}) on {device}; {machine}",
+          flush=True)
     rows = []
     for length in args.lengths:
         prompt = build_prompt(lm.tokenizer, length)
         fns = methods(lm, prompt)
         results = {}
         for name in args.methods:
-            times, memories = [], []
-            for _ in range(args.reps):
-                seconds, memory = measure(fns[name], device)
-                times.append(seconds)
-                memories.append(memory)
-                if seconds > args.long_run:
-                    break
-            results[name] = {"seconds": statistics.median(times), "runs": len(times),
-                             "peak_bytes": max(memories)}
-            print(f"  {length:>4} tokens  {name:<12} {results[name]['seconds']:9.2f} s "
-                  f"(n={len(times)})  {results[name]['peak_bytes'] / 2**20:9.1f} MiB", flush=True)
+            results[name] = result = run_method(fns[name], device, args.reps, args.long_run)
+            shown = ("out of memory" if result.get("out_of_memory") else
+                     f"{result['seconds']:9.2f} s (n={result['runs']})  {result['peak_bytes'] / 2**20:9.1f} MiB")
+            print(f"  {length:>4} tokens  {name:<12} {shown}", flush=True)
         for name, result in results.items():
             row = {"tokens": length, "method": name, **result}
             for base in ("plain", "atman-naive"):
                 if base in results:
-                    row[f"time_vs_{base}"] = result["seconds"] / results[base]["seconds"]
-                    row[f"memory_vs_{base}"] = result["peak_bytes"] / max(results[base]["peak_bytes"], 1)
+                    row[f"time_vs_{base}"] = _ratio(result["seconds"], results[base]["seconds"])
+                    row[f"memory_vs_{base}"] = _ratio(result["peak_bytes"], results[base]["peak_bytes"])
             rows.append(row)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"model": lm.name, "parameters": parameters, "device": str(device),
+                                             "machine": machine, "dtype": args.dtype, "rows": rows}, indent=1))
     print()
-    print("| tokens | method | time (s) | runs | peak memory (MiB) | time / plain | time / naive "
-          "| memory / plain | memory / naive |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['tokens']} | {row['method']} | {row['seconds']:.2f} | {row['runs']} | "
-              f"{row['peak_bytes'] / 2**20:.1f} | {row.get('time_vs_plain', float('nan')):.1f}x | "
-              f"{row.get('time_vs_atman-naive', float('nan')):.2f}x | "
-              f"{row.get('memory_vs_plain', float('nan')):.2f}x | "
-              f"{row.get('memory_vs_atman-naive', float('nan')):.2f}x |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": lm.name, "device": str(device), "machine": machine,
-                                         "dtype": args.dtype, "rows": rows}, indent=1))
+    print_table(rows)
 
 
 if __name__ == "__main__":

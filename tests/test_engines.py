@@ -192,3 +192,15 @@ def test_cuda_losses_equal_cpu_losses(backend):
     for engine in ("cached", "naive"):
         got = Explainer(gpu, engine=engine, backend=backend).losses(encoded, rows)
         assert torch.allclose(got, expected, atol=1e-4), (engine, backend)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_half_precision_is_finite_and_engines_agree(dtype):
+    gpu = LoadedModel(model=enable(tiny_model("llama").to("cuda", dtype)), tokenizer=None, name="llama")
+    encoded, rows = _encoded(), _multipliers()
+    rows[6, :4] = 0.0  # removal of the first tokens (factor 1.0): the row minimum must stay finite
+    cached = Explainer(gpu, engine="cached").losses(encoded, rows)
+    naive = Explainer(gpu, engine="naive").losses(encoded, rows)
+    assert torch.isfinite(cached).all() and torch.isfinite(naive).all()
+    assert torch.allclose(cached, naive, atol=5e-2), (cached - naive).abs().max()
