@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,30 @@ def test_explain_command_with_a_baseline_method():
                                                                     "Ada lives in"]
     refine = _cli("explain", "Ada lives in Oslo.", "-t", " x", "-g", "refine", "--method", "random", "-q")
     assert refine.returncode == 2 and "AtMan only" in refine.stderr
+
+
+def test_a_text_the_model_ends_at_once_is_left_out_not_fatal(monkeypatch):
+    from atman.errors import EmptyInputError
+    from atman.evaluate import suite
+
+    texts = python_texts(3)
+
+    class Generator:
+        def __init__(self, lm):
+            pass
+
+        def generate(self, prompt, max_new_tokens):
+            if prompt == texts[1].prompt:
+                raise EmptyInputError("the model generated no text after this prompt")
+            return [5, 6]
+
+    monkeypatch.setattr(suite, "Explainer", Generator)
+    skipped = {}
+    items = SuiteConfig(qa=0, squad=0, texts=3).datasets(object(), skipped)
+    assert [ex.id for _, ex, _ in items] == [texts[0].id, texts[2].id]
+    assert items[0][1].target == (5, 6)
+    assert skipped == {texts[1].id: "the model generated no text after this prompt"}
+    result = {"model": "m", "methods": ["atman"], "skipped": skipped, "config": asdict(SuiteConfig()),
+              "environment": {"torch": "x", "threads": 1, "machine": "x"}, "seconds": 1.0,
+              "summary": {"plausibility": {}, "faithfulness": {}, "seconds": {}}, "records": []}
+    assert f"example `{texts[1].id}` left out" in render_markdown(result)

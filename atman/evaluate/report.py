@@ -79,7 +79,9 @@ def render_markdown(result: dict, reference: str = "atman", command: str | None 
     ]
     for method, reason in result.get("unavailable", {}).items():
         lines += [f"- `{method}` did not run: {reason}"]
-    if result.get("unavailable"):
+    for example, reason in result.get("skipped", {}).items():
+        lines += [f"- example `{example}` left out: {reason}"]
+    if result.get("unavailable") or result.get("skipped"):
         lines.append("")
     summary = result["summary"]
     for dataset, grans in summary["plausibility"].items():

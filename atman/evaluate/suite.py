@@ -24,6 +24,7 @@ import torch
 
 from ..baselines import BaselineUnavailableError, Method, get_method, sequence_logprobs
 from ..baselines.base import delete_units
+from ..errors import EmptyInputError
 from ..explainer import Explainer
 from ..models import LoadedModel
 from ..units import encode, prompt_units
@@ -58,9 +59,14 @@ class SuiteConfig:
         """A small run for CI: a few examples, token level only on the short QA prompts."""
         return cls(qa=1, squad=1, squad_granularities=("sentence",), texts=1)
 
-    def datasets(self, lm: LoadedModel) -> list[tuple[str, Example, tuple[str, ...]]]:
+    def datasets(self, lm: LoadedModel, skipped: dict[str, str] | None = None
+                 ) -> list[tuple[str, Example, tuple[str, ...]]]:
         """(dataset name, example, granularities) for every example, the datasets taking turns (so that
-        a run stopped early still covers each); text targets are generated here."""
+        a run stopped early still covers each); text targets are generated here.
+
+        A text after which the model generates nothing (it ends the text at once) has no target: it is
+        left out, and ``skipped`` (if given) receives its id and the reason.
+        """
         qa = [("qa", ex, self.qa_granularities) for ex in context_qa(self.qa, seed=self.seed, facts=self.qa_facts)]
         squad = [("squad", ex, self.squad_granularities) for ex in squad_examples()[:self.squad]]
         texts = []
@@ -68,7 +74,12 @@ class SuiteConfig:
             generator = Explainer(lm)
             for ex in python_texts(self.texts):
                 # kept as token ids: decoding and re-encoding could change the tokens
-                ids = tuple(generator.generate(ex.prompt, max_new_tokens=self.max_new_tokens))
+                try:
+                    ids = tuple(generator.generate(ex.prompt, max_new_tokens=self.max_new_tokens))
+                except EmptyInputError as exc:
+                    if skipped is not None:
+                        skipped[ex.id] = str(exc)
+                    continue
                 texts.append(("texts", Example(ex.id, ex.prompt, ids, ex.gold), ()))
         turns = [qa, squad, texts]
         return [group[i] for i in range(max(map(len, turns))) for group in turns if i < len(group)]
@@ -89,7 +100,8 @@ def run_suite(lm: LoadedModel, methods: Sequence[str], config: SuiteConfig | Non
             built[spec] = get_method(spec, lm)
         except BaselineUnavailableError as exc:
             unavailable[spec] = str(exc)
-    items = config.datasets(lm)
+    skipped: dict[str, str] = {}
+    items = config.datasets(lm, skipped)
     plausibility_granularities = {ex.id: grans for _, ex, grans in items}
     jobs = [(name, ex, gran) for name, ex, grans in items
             for gran in dict.fromkeys((*grans, FAITHFULNESS_GRANULARITY))]
@@ -127,6 +139,7 @@ def run_suite(lm: LoadedModel, methods: Sequence[str], config: SuiteConfig | Non
         "model": lm.name,
         "methods": list(methods),
         "unavailable": unavailable,
+        "skipped": skipped,
         "config": asdict(config),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "threads": torch.get_num_threads()},
