@@ -174,3 +174,15 @@ def test_a_text_the_model_ends_at_once_is_left_out_not_fatal(monkeypatch):
               "environment": {"torch": "x", "threads": 1, "machine": "x"}, "seconds": 1.0,
               "summary": {"plausibility": {}, "faithfulness": {}, "seconds": {}}, "records": []}
     assert f"example `{texts[1].id}` left out" in render_markdown(result)
+
+
+def test_quick_runs_integrated_gradients_with_fewer_steps():
+    from argparse import Namespace
+
+    from atman.evaluate.cli import QUICK_IG, _methods
+    from atman.evaluate.suite import DEFAULT_METHODS
+
+    quick = _methods(Namespace(methods=None, ablations=False, quick=True))
+    assert QUICK_IG in quick and "integrated-gradients" not in quick and len(quick) == len(DEFAULT_METHODS)
+    assert _methods(Namespace(methods=None, ablations=False, quick=False)) == list(DEFAULT_METHODS)
+    assert _methods(Namespace(methods="integrated-gradients", ablations=False, quick=True)) == ["integrated-gradients"]
