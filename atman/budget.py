@@ -9,6 +9,7 @@ key/value cache. It errs on the high side, so a budget is an upper bound in prac
 
 from __future__ import annotations
 
+import ctypes
 import re
 
 import psutil
@@ -21,6 +22,30 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
 CPU_SHARE = 0.25
 GPU_PLAIN_MULTIPLE = 4
 PLAIN = "plain"
+# between batches on a CPU, hand the memory that the C allocator keeps of freed batches back to the
+# system (glibc's malloc_trim); a module switch so that benchmarks can compare both
+RELEASE_BETWEEN_BATCHES = True
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """After a batch on a CPU: return freed memory that glibc keeps to the system.
+
+    Batches of changing shapes leave freed blocks that the allocator keeps for reuse but often
+    cannot reuse for the next shape; without this the process's resident size grows past what is
+    live, and past the memory budget. A no-op on GPUs and where the C library is not glibc.
+    """
+    if RELEASE_BETWEEN_BATCHES and device.type == "cpu" and _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def parse_memory(text: str | int) -> int | str:

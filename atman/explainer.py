@@ -16,7 +16,7 @@ import torch
 from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .budget import PLAIN, MemoryModel, default_budget, parse_memory
+from .budget import PLAIN, MemoryModel, default_budget, parse_memory, release_freed_memory
 from .errors import AtmanError, ContextLengthError, EmptyInputError, GranularityError
 from .explanation import POSTPROCESSING, Explanation, Item, TargetExplanation, TargetSpan
 from .manipulation import BACKENDS, MODES, manipulate
@@ -388,6 +388,7 @@ class _Run:
             size += 1
         for first in range(0, total, size):
             self._split_on_oom(list(range(first, min(first + size, total))), run)
+            release_freed_memory(self.ids.device)
         return out
 
     def cached(self, multipliers: torch.Tensor) -> torch.Tensor:
@@ -439,6 +440,7 @@ class _Run:
         overhead = GPU_CALL_OVERHEAD if self.explainer.lm.device.type == "cuda" else CPU_CALL_OVERHEAD
         for group in _groups(starts, self.length, fits, overhead):
             self._split_on_oom(group, run)
+            release_freed_memory(self.ids.device)
         return out
 
 

@@ -9,6 +9,8 @@ the same process on the same loaded model:
   atman-naive  AtMan, one full forward per token (the paper's way)
   atman        AtMan, cached engine (prefix reuse, logits only at the target), default memory budget
   atman-lean   the same with --max-memory plain (the memory model's estimate of one plain forward pass)
+  atman-lean-kept  atman-lean without handing freed memory back to the system between batches
+               (atman.budget.RELEASE_BETWEEN_BATCHES off; on a CPU only)
   atman-sentence  the cached engine at sentence granularity: the same batches and memory budget
                with far fewer units, to measure memory at lengths where token level takes long
   captum-fa    Captum FeatureAblation through LLMAttribution (token features)
@@ -46,12 +48,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from atman import Explainer, load_model
+from atman import Explainer, budget, load_model
 from atman.evaluate.context_qa import make_examples
 
 TARGET = " Lindhaven"
-METHODS = ("plain", "atman-naive", "atman", "atman-lean", "atman-sentence", "captum-fa", "captum-ig16",
-           "captum-ig50", "captum-gxa")
+METHODS = ("plain", "atman-naive", "atman", "atman-lean", "atman-lean-kept", "atman-sentence", "captum-fa",
+           "captum-ig16", "captum-ig50", "captum-gxa")
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "atman-lean-kept")
 
 
 def build_prompt(tokenizer, length: int) -> str:
@@ -110,6 +113,14 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int]
     return seconds, peak[0] - before
 
 
+def _kept(fn: Callable[[], object]) -> object:
+    budget.RELEASE_BETWEEN_BATCHES = False
+    try:
+        return fn()
+    finally:
+        budget.RELEASE_BETWEEN_BATCHES = True
+
+
 def methods(lm, prompt: str) -> dict[str, Callable[[], object]]:
     from captum.attr import (
         FeatureAblation,
@@ -149,6 +160,7 @@ def methods(lm, prompt: str) -> dict[str, Callable[[], object]]:
         "atman-naive": lambda: naive.explain(prompt, TARGET, granularity="token"),
         "atman": lambda: cached.explain(prompt, TARGET, granularity="token"),
         "atman-lean": lambda: lean.explain(prompt, TARGET, granularity="token"),
+        "atman-lean-kept": lambda: _kept(lambda: lean.explain(prompt, TARGET, granularity="token")),
         "atman-sentence": lambda: cached.explain(prompt, TARGET, granularity="sentence"),
         "captum-fa": captum_fa,
         "captum-ig16": captum_gradient(LayerIntegratedGradients, n_steps=16, internal_batch_size=internal),
@@ -205,7 +217,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--long-run", type=float, default=60.0)
     parser.add_argument("--json", type=Path, help="write all measurements here (rewritten after each length)")

@@ -210,3 +210,25 @@ def test_cuda_half_precision_is_finite_and_engines_agree(dtype):
     naive = Explainer(gpu, engine="naive").losses(encoded, rows)
     assert torch.isfinite(cached).all() and torch.isfinite(naive).all()
     assert torch.allclose(cached, naive, atol=5e-2), (cached - naive).abs().max()
+
+
+def test_freed_memory_is_released_between_batches_on_cpu_only(monkeypatch):
+    from atman import budget
+
+    calls = []
+    monkeypatch.setattr(budget, "_MALLOC_TRIM", lambda pad: calls.append(pad))
+    lm = LoadedModel(model=enable(tiny_model("llama")), tokenizer=None, name="llama")
+    encoded, rows = _encoded(), _multipliers()
+    Explainer(lm, batch_size=2).losses(encoded, rows)
+    cached_batches = len(calls)
+    assert cached_batches >= 2
+    Explainer(lm, engine="naive", batch_size=2).losses(encoded, rows)
+    assert len(calls) - cached_batches == (len(rows) + 1) // 2  # one release per naive batch of 2 rows
+    monkeypatch.setattr(budget, "RELEASE_BETWEEN_BATCHES", False)
+    before = len(calls)
+    Explainer(lm, batch_size=2).losses(encoded, rows)
+    budget.release_freed_memory(torch.device("meta"))
+    assert len(calls) == before
+    monkeypatch.setattr(budget, "RELEASE_BETWEEN_BATCHES", True)
+    budget.release_freed_memory(torch.device("meta"))  # not a CPU: nothing to trim
+    assert len(calls) == before
