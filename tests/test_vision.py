@@ -121,6 +121,12 @@ def test_overlay_paints_scores_where_the_items_are(tmp_path):
     html = render_html(exp, images=[image])
     assert html.count("data:image/png;base64,") == 1 and "image 1" in html
     assert "data:image/png" not in render_html(exp)
+    assert '<div class="label">Prompt</div>' in html
+    # an image classifier's explanation has no prompt text: no empty prompt box
+    image_only = Explanation(model="m", prompt="", target="cat", explanations=(
+        TargetExplanation(TargetSpan("cat", 0, 3), exp.explanations[0].items[1:]),), settings=exp.settings)
+    page = render_html(image_only, images=[image])
+    assert '<div class="label">Prompt</div>' not in page and page.count("data:image/png;base64,") == 1
 
 
 @pytest.mark.parametrize("family", sorted(CLASSIFIERS))

@@ -219,13 +219,15 @@ def _target_section(explanation: Explanation, exp: TargetExplanation, index: int
     prompt_items = [item for item in exp.items if item.kind == "prompt"]
     target_items = [item for item in exp.items if item.kind == "target"]
     current = (span.start, span.start + span.length)
+    prompt_block = ('<div class="label">Prompt</div>' + _text_block(explanation.prompt, prompt_items, max_abs, "prompt")
+                    if explanation.prompt else "")
     return (
         f'<details class="explained" data-index="{index}" open>'
         f"<summary>Target {index + 1} of {count}: <code>{escape(span.text)}</code> "
         f'<span class="note">(characters {span.start}&ndash;{span.start + span.length} of the target, '
         f"max |score| {escape(format_score(max_abs, signed=False))})</span></summary>"
-        '<div class="label">Prompt</div>'
-        f"{_text_block(explanation.prompt, prompt_items, max_abs, 'prompt')}"
+        # an image classifier's input is the image alone: no empty prompt box
+        f"{prompt_block}"
         f"{_image_block(explanation, index, images)}"
         '<div class="label">Target <span class="note">(explained part underlined)</span></div>'
         f"{_text_block(explanation.target, target_items, max_abs, 'target', current)}"
