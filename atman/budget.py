@@ -44,7 +44,13 @@ def release_freed_memory(device: torch.device) -> None:
     cannot reuse for the next shape; without this the process's resident size grows past what is
     live, and past the memory budget. A no-op on GPUs and where the C library is not glibc.
     """
-    if RELEASE_BETWEEN_BATCHES and device.type == "cpu" and _MALLOC_TRIM is not None:
+    if RELEASE_BETWEEN_BATCHES and device.type == "cpu":
+        trim_allocator()
+
+
+def trim_allocator() -> None:
+    """Hand the memory glibc keeps of freed blocks back to the system (a no-op outside glibc)."""
+    if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
 

@@ -110,7 +110,20 @@ def _load_pretrained(model_class, processor_class, path: str, device: str, kind:
     return LoadedVisionModel(model, processor, name=str(path).rstrip("/").rsplit("/", 1)[-1])
 
 
-class ImageClassifierExplainer:
+class _Settings:
+    """The suppression settings both vision explainers take, checked once."""
+
+    def __init__(self, loaded: LoadedVisionModel, *, factor: float = DEFAULT_FACTOR, mode: str = "log-additive",
+                 backend: str = "sdpa", batch_size: int | None = None) -> None:
+        _check(factor, mode, backend, batch_size)
+        self.loaded = loaded
+        self.factor = factor
+        self.mode = mode
+        self.backend = backend
+        self.batch_size = batch_size
+
+
+class ImageClassifierExplainer(_Settings):
     """Explains an image classifier's log-probability of one class over tiles of the patch grid.
 
     Example::
@@ -122,12 +135,7 @@ class ImageClassifierExplainer:
 
     def __init__(self, loaded: LoadedVisionModel, *, factor: float = DEFAULT_FACTOR, mode: str = "log-additive",
                  backend: str = "sdpa", batch_size: int | None = None) -> None:
-        _check(factor, mode, backend, batch_size)
-        self.loaded = loaded
-        self.factor = factor
-        self.mode = mode
-        self.backend = backend
-        self.batch_size = batch_size
+        super().__init__(loaded, factor=factor, mode=mode, backend=backend, batch_size=batch_size)
         self.patch = _patch_size(loaded.model.config)
         self._enabled = False
 
@@ -203,7 +211,7 @@ class VisionLanguageInput:
     image_runs: tuple[tuple[int, ...], ...]
 
 
-class VisionLanguageExplainer:
+class VisionLanguageExplainer(_Settings):
     """Explains a vision-language model's target text over text units and image tiles.
 
     ``<image>`` markers in the prompt place the images (in order). Text units follow
@@ -217,12 +225,7 @@ class VisionLanguageExplainer:
 
     def __init__(self, loaded: LoadedVisionModel, *, factor: float = DEFAULT_FACTOR, mode: str = "log-additive",
                  backend: str = "sdpa", batch_size: int | None = None) -> None:
-        _check(factor, mode, backend, batch_size)
-        self.loaded = loaded
-        self.factor = factor
-        self.mode = mode
-        self.backend = backend
-        self.batch_size = batch_size
+        super().__init__(loaded, factor=factor, mode=mode, backend=backend, batch_size=batch_size)
         config = loaded.model.config
         self.image_token_id = getattr(config, "image_token_id", None)
         if self.image_token_id is None:

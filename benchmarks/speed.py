@@ -35,7 +35,6 @@ torch.cuda.max_memory_allocated. Ratios are to `plain` and to `atman-naive`.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import platform
@@ -74,10 +73,7 @@ def build_prompt(tokenizer, length: int) -> str:
 
 def _trim() -> None:
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    budget.trim_allocator()
 
 
 def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:

@@ -52,11 +52,14 @@ TINY_CONFIGS = {
 EAGER_ONLY = {"gemma2", "gpt_oss"}
 
 
-def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, **config) -> torch.nn.Module:
+    """A random-init model of ``family``; ``config`` overrides entries of its tiny config."""
     torch.manual_seed(seed)
     if family in EAGER_ONLY:
         attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[family](), attn_implementation=attn_implementation)
+    tiny = TINY_CONFIGS[family]()
+    tiny.update(config)
+    model = AutoModelForCausalLM.from_config(tiny, attn_implementation=attn_implementation)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("sinks"):  # initialised to zero: make them matter

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import COMMON, TINY_CONFIGS, tiny_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from conftest import TINY_CONFIGS, tiny_model
 
 from atman import AtmanError, Explainer, LoadedModel, enable
 from atman.budget import MemoryModel, parse_memory
@@ -186,13 +185,9 @@ def test_parse_memory():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["sdpa", "eager", "flex_attention"])
 def test_cuda_losses_equal_cpu_losses(backend):
-    def model():  # heads of 16 dimensions: flex attention's CUDA kernels need at least 16
-        torch.manual_seed(0)
-        config = LlamaConfig(**COMMON, num_key_value_heads=2, head_dim=16)
-        return enable(AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval())
-
-    cpu = LoadedModel(model=model(), tokenizer=None, name="llama")
-    gpu = LoadedModel(model=model().cuda(), tokenizer=None, name="llama")
+    # heads of 16 dimensions: flex attention's CUDA kernels need at least 16
+    cpu = LoadedModel(model=enable(tiny_model("llama", head_dim=16)), tokenizer=None, name="llama")
+    gpu = LoadedModel(model=enable(tiny_model("llama", head_dim=16).cuda()), tokenizer=None, name="llama")
     encoded, rows = _encoded(), _multipliers()
     expected = Explainer(cpu).losses(encoded, rows)
     for engine in ("cached", "naive"):
