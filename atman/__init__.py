@@ -1,6 +1,17 @@
-"""atman: explain transformer outputs with AtMan (attention manipulation, forward passes only)."""
+"""atman: explain transformer outputs with AtMan (attention manipulation, forward passes only).
 
-from .encoders import ClassifierExplainer, SimilarityExplainer, load_encoder
+The public names are imported on first use, so that ``import atman`` (and the ``atman`` command's
+``--help``) does not pay for torch and transformers until something needs them.
+
+    >>> import atman
+    >>> atman.Explainer(atman.load_model()).explain("Ada lives in Oslo. Ada lives in", " Oslo")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AtmanError,
     ContextLengthError,
@@ -10,12 +21,27 @@ from .errors import (
     NoUnitsError,
     UnsupportedModelError,
 )
-from .explainer import Explainer, explain
-from .explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
-from .manipulation import enable, manipulate
-from .models import LoadedModel, load_model
-from .steering import Steerer, TextControl, TokenControl
-from .vision import ImageClassifierExplainer, VisionLanguageExplainer, load_image_classifier, load_vision_language
+
+if TYPE_CHECKING:
+    from .encoders import ClassifierExplainer, SimilarityExplainer, load_encoder
+    from .explainer import Explainer, explain
+    from .explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
+    from .manipulation import enable, manipulate
+    from .models import LoadedModel, load_model
+    from .steering import Steerer, TextControl, TokenControl
+    from .vision import ImageClassifierExplainer, VisionLanguageExplainer, load_image_classifier, load_vision_language
+
+# public name -> the module that defines it
+LAZY: dict[str, str] = {
+    **dict.fromkeys(("ClassifierExplainer", "SimilarityExplainer", "load_encoder"), ".encoders"),
+    **dict.fromkeys(("Explainer", "explain"), ".explainer"),
+    **dict.fromkeys(("Explanation", "ImageItem", "Item", "TargetExplanation", "TargetSpan"), ".explanation"),
+    **dict.fromkeys(("enable", "manipulate"), ".manipulation"),
+    **dict.fromkeys(("LoadedModel", "load_model"), ".models"),
+    **dict.fromkeys(("Steerer", "TextControl", "TokenControl"), ".steering"),
+    **dict.fromkeys(("ImageClassifierExplainer", "VisionLanguageExplainer", "load_image_classifier",
+                     "load_vision_language"), ".vision"),
+}
 
 __all__ = [
     "AtmanError",
@@ -48,3 +74,16 @@ __all__ = [
     "manipulate",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -26,7 +26,10 @@ def _model(smollm2):
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's own errors (exit 2 with a usage line)
+        code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
 

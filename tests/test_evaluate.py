@@ -179,10 +179,10 @@ def test_a_text_the_model_ends_at_once_is_left_out_not_fatal(monkeypatch):
 def test_quick_runs_integrated_gradients_with_fewer_steps():
     from argparse import Namespace
 
-    from atman.evaluate.cli import QUICK_IG, _methods
+    from atman.cli.evaluate import QUICK_IG, methods
     from atman.evaluate.suite import DEFAULT_METHODS
 
-    quick = _methods(Namespace(methods=None, ablations=False, quick=True))
+    quick = methods(Namespace(methods=None, ablations=False, quick=True))
     assert QUICK_IG in quick and "integrated-gradients" not in quick and len(quick) == len(DEFAULT_METHODS)
-    assert _methods(Namespace(methods=None, ablations=False, quick=False)) == list(DEFAULT_METHODS)
-    assert _methods(Namespace(methods="integrated-gradients", ablations=False, quick=True)) == ["integrated-gradients"]
+    assert methods(Namespace(methods=None, ablations=False, quick=False)) == list(DEFAULT_METHODS)
+    assert methods(Namespace(methods="integrated-gradients", ablations=False, quick=True)) == ["integrated-gradients"]

@@ -16,15 +16,12 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import AtmanError, ModelLoadError
-from .tiles import IMAGE_GRANULARITIES
-from .vision import IMAGE_MARKER
+from ..errors import ModelLoadError
+from .shared import UsageError, check_writable, quiet_libraries, read_prompt, suppression, write_explanation, write_file
 
 DEFAULT_PAIR_MODEL = "all-minilm-l6-v2"
-
-
-class UsageError(AtmanError):
-    """Options that do not fit together."""
+# mirror of atman.tiles.IMAGE_GRANULARITIES (tests check they agree)
+IMAGE_GRANULARITY_NAMES = ("token", "word", "sentence", "paragraph")
 
 
 def add_explain_options(parser: argparse.ArgumentParser) -> None:
@@ -47,8 +44,12 @@ def wanted(args: argparse.Namespace) -> bool:
 
 
 def image_granularity(text: str):
-    """``token`` .. ``paragraph``, an int or ``ROWSxCOLS``."""
-    if text in IMAGE_GRANULARITIES:
+    """``token`` .. ``paragraph``, an int or ``ROWSxCOLS``.
+
+    >>> image_granularity("3x4")
+    (3, 4)
+    """
+    if text in IMAGE_GRANULARITY_NAMES:
         return text
     try:
         parts = [int(v) for v in text.lower().split("x")]
@@ -58,13 +59,16 @@ def image_granularity(text: str):
         return parts[0]
     if len(parts) == 2 and min(parts) > 0:
         return tuple(parts)
-    raise UsageError(f"--image-granularity must be one of {', '.join(IMAGE_GRANULARITIES)} or ROWSxCOLS, got {text!r}")
+    names = ", ".join(IMAGE_GRANULARITY_NAMES)
+    raise UsageError(f"--image-granularity must be one of {names} or ROWSxCOLS, got {text!r}")
 
 
 def explain(args: argparse.Namespace) -> int:
     """Run the explanation that ``args`` ask for and write the report (and overlays)."""
     if args.input is not None:
         raise UsageError("--input batches are for causal LMs; --image, --pair and --classify take one request")
+    if args.max_memory is not None:
+        raise UsageError("--max-memory is for text explanations; give --batch-size with --image, --pair or --classify")
     chosen = [name for name, on in (("--image", args.image), ("--pair", args.pair), ("--classify", args.classify))
               if on]
     if len(chosen) > 1:
@@ -72,7 +76,11 @@ def explain(args: argparse.Namespace) -> int:
     if args.pair:
         if args.prompt or args.prompt_file or args.target:
             raise UsageError("--pair takes the two texts itself; do not also give a prompt or --target")
+        check_writable(args.output)
+        quiet_libraries()
         return _pair(args)
+    check_writable(args.output)
+    quiet_libraries()
     if args.classify:
         return _classify(args)
     return _images(args)
@@ -82,13 +90,12 @@ def _options(args) -> dict:
     out = {"batch_size": args.batch_size, "backend": args.backend}
     if args.mode:
         out["mode"] = args.mode
-    if args.factor is not None:
-        out["factor"] = args.factor
+    out.update(suppression(args.factor))
     return out
 
 
 def _pair(args) -> int:
-    from .encoders import SimilarityExplainer, load_encoder
+    from ..encoders import SimilarityExplainer, load_encoder
 
     encoder = load_encoder(args.model or DEFAULT_PAIR_MODEL, device=args.device)
     explanation = SimilarityExplainer(encoder, **_options(args)).explain(*args.pair, granularity=args.granularity)
@@ -97,12 +104,11 @@ def _pair(args) -> int:
 
 
 def _classify(args) -> int:
-    from .cli import _request_from_args
-    from .encoders import ClassifierExplainer, load_encoder
+    from ..encoders import ClassifierExplainer, load_encoder
 
     if not args.model:
         raise UsageError("--classify needs --model (a sequence-classification model directory or hub id)")
-    text = _request_from_args(args)["prompt"]
+    text = read_prompt(args)
     encoder = load_encoder(args.model, task="classification", device=args.device)
     explanation = ClassifierExplainer(encoder, **_options(args)).explain(text, args.target,
                                                                           granularity=args.granularity)
@@ -113,7 +119,8 @@ def _classify(args) -> int:
 def _images(args) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from .vision import (
+    from ..vision import (
+        IMAGE_MARKER,
         ImageClassifierExplainer,
         VisionLanguageExplainer,
         load_image_classifier,
@@ -153,11 +160,9 @@ def _images(args) -> int:
 
 
 def _prompt(args) -> str:
-    from .cli import _request_from_args
-
     if args.prompt is None and args.prompt_file is None and sys.stdin.isatty():
         return ""
-    return _request_from_args(args)["prompt"]
+    return read_prompt(args)
 
 
 def _is_vision_language(model: str) -> bool:
@@ -176,20 +181,18 @@ def _is_vision_language(model: str) -> bool:
 
 
 def _report(explanation, args, images: list) -> None:
-    from .cli import _write, _write_file
-
     if args.format == "html" and images:
-        from .render.html import render_html
+        from ..render.html import render_html
 
         text = render_html(explanation, images=images)
         if args.output is None:
             sys.stdout.write(text)
         else:
-            _write_file(args.output, text)
+            write_file(args.output, text)
     else:
-        _write(explanation, args.format, args.output)
+        write_explanation(explanation, args.format, args.output)
     if images and args.output is not None:
-        from .render.image import save_overlays
+        from ..render.image import save_overlays
 
         scale = max(1, 256 // max(max(image.size) for image in images))
         try:

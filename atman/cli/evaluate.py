@@ -9,28 +9,28 @@ import sys
 from pathlib import Path
 
 from ..errors import AtmanError
+from .shared import DTYPES, check_writable
 
 DEFAULT_OUTPUT = Path("atman-evaluation")
 
 
 def add_parser(subparsers) -> None:
     """Add the ``evaluate`` sub-command (called by :mod:`atman.cli`)."""
-    from .suite import ABLATION_METHODS, DEFAULT_METHODS
-
     parser = subparsers.add_parser(
         "evaluate", help="compare AtMan with baseline methods (plausibility and faithfulness)",
         description="Run every method on invented-fact QA, the SQuAD excerpt and Python texts; write a "
                     "markdown and a JSON report.")
     parser.add_argument("--model", "-m", default=None,
                         help="hub id, model directory, .gguf file, 'smollm2' (default) or 'gemma3-270m'")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     parser.add_argument("--methods", default=None,
                         help="comma-separated method specs, options after a colon joined by '+', e.g. "
                              "'atman,atman:factor=0.5+mode=multiplicative,occlusion' "
-                             f"(default: {','.join(DEFAULT_METHODS)})")
+                             "(default: atman and every baseline, atman.evaluate.suite.DEFAULT_METHODS)")
     parser.add_argument("--ablations", action="store_true",
-                        help=f"evaluate AtMan's variants instead: {','.join(ABLATION_METHODS)}")
+                        help="evaluate AtMan's variants instead (factor, mode, kappa; "
+                             "atman.evaluate.suite.ABLATION_METHODS)")
     parser.add_argument("--quick", action="store_true",
                         help="a few examples only, integrated gradients with 16 steps (a smoke test, for CI)")
     parser.add_argument("--qa", type=int, help="number of invented-fact QA examples")
@@ -50,8 +50,9 @@ def add_parser(subparsers) -> None:
 QUICK_IG = "integrated-gradients:steps=16"
 
 
-def _methods(args) -> list[str]:
-    from .suite import ABLATION_METHODS, DEFAULT_METHODS
+def methods(args: argparse.Namespace) -> list[str]:
+    """The method specs that ``--methods``, ``--ablations`` and ``--quick`` ask for."""
+    from ..evaluate.suite import ABLATION_METHODS, DEFAULT_METHODS
 
     if args.methods and args.ablations:
         raise AtmanError("give --methods or --ablations, not both")
@@ -66,19 +67,21 @@ def _methods(args) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the suite (or merge record logs) and write the reports."""
+    check_writable(args.output, directory=True)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..baselines import parse_spec
     from ..models import load_model
 
     try:
-        from .report import write_report
-        from .suite import SuiteConfig, run_suite
+        from ..evaluate.report import write_report
+        from ..evaluate.suite import SuiteConfig, run_suite
     except ImportError as exc:
         raise AtmanError(f"atman evaluate needs the evaluate extra (pip install 'atman[evaluate]'): {exc}") from None
 
-    methods = _methods(args)
-    for spec in methods:
+    chosen = methods(args)
+    for spec in chosen:
         parse_spec(spec)
     config = SuiteConfig.quick() if args.quick else SuiteConfig()
     for name in ("qa", "squad", "texts"):
@@ -110,13 +113,13 @@ def run(args: argparse.Namespace) -> int:
             handle.write(json.dumps(record) + "\n")
 
     if args.quiet:
-        result = run_suite(lm, methods, config, on_record=keep)
+        result = run_suite(lm, chosen, config, on_record=keep)
     elif not sys.stderr.isatty():
         # a log file gets one line per explanation instead of a redrawn bar
         def log(done: int, total: int, what: str) -> None:
             print(f"{done}/{total} {what}", file=sys.stderr, flush=True)
 
-        result = run_suite(lm, methods, config, progress=log, on_record=keep)
+        result = run_suite(lm, chosen, config, progress=log, on_record=keep)
     else:
         columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, transient=True) as bar:
@@ -125,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             def progress(done: int, total: int, what: str) -> None:
                 bar.update(task, completed=done, total=total, description=what)
 
-            result = run_suite(lm, methods, config, progress=progress, on_record=keep)
+            result = run_suite(lm, chosen, config, progress=progress, on_record=keep)
     md, js = write_report(result, args.output, command=command, stem=args.name)
     if not args.quiet:
         print(f"wrote {md} and {js} ({result['seconds']:.0f} s)", file=sys.stderr)
@@ -139,7 +142,7 @@ def _merge(args, lm, config, write_report) -> int:
     import torch
 
     from ..baselines import BaselineUnavailableError, get_method
-    from .suite import merge_records, summarize_records
+    from ..evaluate.suite import merge_records, summarize_records
 
     logs = []
     for path in args.merge:
@@ -151,9 +154,9 @@ def _merge(args, lm, config, write_report) -> int:
     records = merge_records(logs)
     if not records:
         raise AtmanError("the record logs share no example that every method finished")
-    methods = list(dict.fromkeys(r["method"] for r in records))
+    merged = list(dict.fromkeys(r["method"] for r in records))
     unavailable = {}
-    for spec in _methods(args):
+    for spec in methods(args):
         try:
             get_method(spec, lm)
         except BaselineUnavailableError as exc:
@@ -161,7 +164,7 @@ def _merge(args, lm, config, write_report) -> int:
     counts = {name: len({r["example"] for r in records if r["dataset"] == name}) for name in ("qa", "squad", "texts")}
     config.qa, config.squad, config.texts = counts["qa"], counts["squad"], counts["texts"]
     result = {
-        "model": lm.name, "methods": methods, "unavailable": unavailable, "config": asdict(config),
+        "model": lm.name, "methods": merged, "unavailable": unavailable, "config": asdict(config),
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "threads": torch.get_num_threads()},
         "seconds": round(sum(r["seconds"] for r in records), 1), "merged_from": [str(p) for p in args.merge],

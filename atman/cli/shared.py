@@ -1,0 +1,284 @@
+"""What every ``atman`` command shares: option types, model loading, reading inputs and writing outputs.
+
+Nothing here imports torch or transformers at module level: ``atman --help`` and argument errors
+must answer before those load. The option choices that the core defines next to torch code are
+mirrored here; ``tests/test_cli_package.py`` checks that the copies agree with the core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..errors import AtmanError
+
+# mirrors of atman.manipulation.MODES / BACKENDS, atman.explainer.ENGINES / CONCEPTUAL_KAPPA
+MODES = ("log-additive", "multiplicative")
+BACKENDS = ("sdpa", "eager", "flex_attention")
+ENGINES = ("cached", "naive")
+CONCEPTUAL_KAPPA = 0.7
+DTYPES = ("float32", "bfloat16", "float16")
+# the largest count an option takes: beyond it numbers stop being sizes and start overflowing tensors
+MAX_COUNT = 2**31 - 1
+# the explainer's suppression option: the one place that names it (see suppression())
+SUPPRESSION_FIELD = "factor"
+
+
+class UsageError(AtmanError):
+    """Options or input that do not fit together (exit code 2)."""
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a float that is neither NaN nor infinite.
+
+    >>> finite_float("0.5")
+    0.5
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def count(text: str) -> int:
+    """An argparse type: an integer from 1 to 2**31 - 1.
+
+    >>> count("8")
+    8
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must lie in 1..{MAX_COUNT}, got {text}")
+    return value
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, explainer: bool = True) -> None:
+    """``--model``, ``--dtype``, ``--device`` and (``explainer``) the explainer's batching options."""
+    parser.add_argument("--model", "-m", default=None,
+                        help="hub id, model directory, .gguf file, 'smollm2' (default) or 'gemma3-270m'")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    if not explainer:
+        return
+    parser.add_argument("--backend", default="sdpa", choices=BACKENDS, help="attention kernel for log-additive")
+    parser.add_argument("--batch-size", type=count, help="perturbations per forward pass (default: automatic)")
+    parser.add_argument("--max-memory", metavar="SIZE",
+                        help="memory budget for a batch, e.g. 2GB (default: a quarter of free RAM; on GPU "
+                             "a few plain forward passes)")
+    parser.add_argument("--engine", default="cached", choices=ENGINES,
+                        help="cached: reuse the unperturbed prefix (exact, faster); naive: full passes")
+
+
+def add_suppression_option(parser: argparse.ArgumentParser) -> None:
+    """The explainer's suppression strength option (``--factor``)."""
+    parser.add_argument("--factor", type=finite_float, help="suppression strength f: multiplier 1-f (default 0.9)")
+
+
+def suppression(value: float | None) -> dict[str, float]:
+    """The explainer keyword for the suppression option's ``value`` (nothing when not given).
+
+    >>> suppression(0.5)
+    {'factor': 0.5}
+    """
+    return {} if value is None else {SUPPRESSION_FIELD: value}
+
+
+def quiet_libraries() -> None:
+    """transformers' own warnings and progress bars off (the CLI reports what matters itself)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def memory_budget(text: str | None) -> int | str | None:
+    """``--max-memory`` read as the core reads it, with a usage error for what it cannot take."""
+    if text is None:
+        return None
+    from ..budget import parse_memory
+
+    try:
+        return parse_memory(text)
+    except OverflowError:  # e.g. 1e999: a float that no integer holds
+        raise UsageError(f"--max-memory {text!r} is too large a number") from None
+    except AtmanError as exc:
+        raise UsageError(f"--max-memory: {exc}") from None
+
+
+def load_explainer(args: argparse.Namespace) -> Any:
+    """The model named by ``args`` in an :class:`atman.Explainer` with the batching options."""
+    budget = memory_budget(args.max_memory)
+    quiet_libraries()
+    from ..explainer import Explainer
+    from ..models import load_model
+
+    with status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}", args.quiet):
+        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    return Explainer(lm, backend=args.backend, batch_size=args.batch_size, engine=args.engine, max_memory=budget)
+
+
+def warn_small_budget(explainer: Any, text: str) -> bool:
+    """Warn (once per call) when ``--max-memory`` is below one plain forward pass of ``text``.
+
+    The explainer then still runs, one perturbation per pass, but above its budget; returns whether
+    it warned.
+    """
+    budget = explainer.max_memory
+    if not isinstance(budget, int):
+        return False
+    from ..budget import MemoryModel
+
+    length = len(explainer.lm.tokenizer(text)["input_ids"])
+    plain = MemoryModel(explainer.lm.model).plain_forward(max(length, 1))
+    if budget >= plain:
+        return False
+    print(f"atman: warning: --max-memory {budget} bytes is below one plain forward pass of this input "
+          f"(about {plain / 1e6:.1f} MB); running one perturbation per pass, above the budget", file=sys.stderr)
+    return True
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a byte-order mark is dropped), or a usage error naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+
+
+def strip_final_newline(text: str) -> str:
+    """Files and pipes end with a newline the user did not mean as part of the prompt."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt from the argument, ``--prompt-file`` or standard input."""
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UsageError("give the prompt either as an argument or with --prompt-file, not both")
+    if args.prompt_file is not None:
+        return strip_final_newline(read_text(args.prompt_file))
+    if args.prompt is not None:
+        return args.prompt
+    if not sys.stdin.isatty():
+        return strip_final_newline(sys.stdin.read())
+    raise UsageError("no prompt: give one as an argument, with --prompt-file, --input or on stdin")
+
+
+def check_writable(path: Path | None, *, directory: bool = False) -> None:
+    """Refuse an output ``path`` that cannot be written, before any work is done.
+
+    ``directory``: the path is a directory to create (or reuse) rather than a file.
+    """
+    if path is None:
+        return
+    if directory:
+        existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+        if existing.exists() and not existing.is_dir():
+            raise UsageError(f"cannot write into {path}: {existing} is not a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write into {path}: {existing} is not writable")
+        return
+    if path.is_dir():
+        raise UsageError(f"cannot write {path}: it is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {path}: no directory {parent}")
+    if not os.access(path if path.exists() else parent, os.W_OK):
+        raise UsageError(f"cannot write {path}: permission denied")
+
+
+def write_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` (UTF-8) or raise a usage error naming it."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def open_output(path: Path | None) -> Iterator[TextIO]:
+    """``path`` opened for writing, or standard output when None."""
+    if path is None:
+        yield sys.stdout
+        return
+    try:
+        handle = path.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    with handle:
+        yield handle
+
+
+def write_explanation(explanation: Any, fmt: str, output: Path | None) -> None:
+    """An :class:`atman.Explanation` as ``text`` (terminal), ``json`` or ``html``, to ``output`` or stdout."""
+    if fmt == "json":
+        text = explanation.to_json(indent=1) + "\n"
+    elif fmt == "html":
+        from ..render.html import render_html
+
+        text = render_html(explanation)
+    else:
+        from rich.console import Console
+
+        from ..render.terminal import render_terminal
+
+        if output is None:
+            render_terminal(explanation)
+            return
+        console = Console(record=True, file=io.StringIO(), width=100)
+        render_terminal(explanation, console)
+        text = console.export_text()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        write_file(output, text)
+
+
+def interactive(quiet: bool) -> bool:
+    """Progress bars and status lines only on a terminal, and not with ``--quiet``."""
+    return not quiet and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def status(message: str, quiet: bool) -> Iterator[None]:
+    """A spinner with ``message`` on stderr while the block runs (on a terminal)."""
+    if not interactive(quiet):
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(message + " ..."):
+        yield
+
+
+@contextlib.contextmanager
+def progress(description: str, quiet: bool, total: int | None = None) -> Iterator[Callable[[int, int], None]]:
+    """A callback ``(done, total)`` that drives a rich progress bar on stderr, or does nothing."""
+    if not interactive(quiet):
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+
+        def update(done: int, all_: int) -> None:
+            bar.update(task, completed=done, total=all_)
+
+        yield update
