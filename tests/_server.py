@@ -10,15 +10,18 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def serving(app) -> Iterator[str]:
-    """Yield the base URL of ``app`` served on 127.0.0.1; shut it down gracefully afterwards."""
+def serving(app, **config) -> Iterator[str]:
+    """Yield the base URL of ``app`` served on 127.0.0.1; shut it down gracefully afterwards.
+
+    ``config``: further ``uvicorn.Config`` options (connection limits, protocol class).
+    """
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **{"timeout_graceful_shutdown": 30, **config}))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

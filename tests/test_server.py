@@ -323,7 +323,7 @@ def test_serve_command_rejects_bad_limits():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-m", "atman.cli", "serve", "--max-units", "0"], cwd=root,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--max-units must be positive" in done.stderr
+    assert done.returncode == 2 and "--max-units must be a whole number" in done.stderr
 
 
 def test_serve_command_serves_and_shuts_down_gracefully(tmp_path):

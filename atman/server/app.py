@@ -9,14 +9,18 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from importlib.resources import files
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -24,8 +28,10 @@ from fastapi.staticfiles import StaticFiles
 from ..errors import AtmanError
 from ..models import LoadedModel
 from . import schemas
-from .queue import JobQueue, QueueFull
+from .queue import Cancelled, JobCheck, JobQueue, QueueFull
 from .service import LimitError, Limits, ModelService, Timeout
+
+T = TypeVar("T")
 
 # the API version reported at /version: the Aleph Alpha client accepts 1.x from its minimum on
 API_VERSION = "1.19.0"
@@ -35,8 +41,17 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.ErrorResponse, "description": text}
     for code, text in ((400, "invalid request"), (401, "missing or wrong bearer token"),
                        (404, "model not served here"), (408, "ran past the time limit"),
-                       (413, "request too large"), (503, "too many requests waiting"))
+                       (413, "request too large"), (422, "a field out of range or of the wrong type"),
+                       (503, "too many requests waiting, or shutting down"))
 }
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that is always valid and encodable: non-ASCII escaped (so lone surrogates a client sent
+    cannot break the encoding) and non-finite numbers refused by the encoder."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 BEARER = HTTPBearer(auto_error=False, description="the server's token, when it was started with one")
@@ -95,8 +110,75 @@ async def _no_receive() -> dict:
     return {"type": "http.disconnect"}
 
 
+class HostCheck:
+    """ASGI middleware: answer 400 unless the request's Host header names one of ``hosts``.
+
+    Without a token, this is what keeps a web page that a browser loaded from elsewhere from reaching
+    a local server under a DNS name of its own (DNS rebinding).
+    """
+
+    def __init__(self, app: Callable, hosts: Iterable[str]) -> None:
+        self.app = app
+        self.hosts = {h.lower().strip("[]") for h in hosts}
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        raw = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        try:
+            name = urlsplit("//" + raw).hostname or ""
+        except ValueError:
+            name = ""
+        if name.lower() in self.hosts:
+            await self.app(scope, receive, send)
+            return
+        message = (f"the Host header {raw!r} is not a name of this server ({', '.join(sorted(self.hosts))}); "
+                   "start it with --allow-host NAME to accept another")
+        response = SafeJSONResponse(_error(message, "BAD_HOST"), status_code=400)
+        await response({"type": "http"}, _no_receive, send)
+
+
 def _error(message: str, code: str) -> dict[str, str]:
     return {"error": message, "code": code}
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with non-finite floats as strings (a validation error may quote the number it refused)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _validation_errors(exc: RequestValidationError) -> dict[str, Any]:
+    """A 422 body naming every failing field, without echoing the input (which may not be encodable)."""
+    details = [{"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", "")),
+                "type": str(error.get("type", ""))} for error in exc.errors()]
+    fields = "; ".join(f"{'.'.join(d['loc'])}: {d['msg']}" for d in details[:5])
+    return {"error": f"invalid request: {fields}", "code": "INVALID_REQUEST", "detail": _finite(details)}
+
+
+def check_token(token: str | None) -> None:
+    """Refuse a token that no client could send (empty, whitespace, non-printable-ASCII characters)."""
+    if token is None:
+        return
+    if not token.strip():
+        raise AtmanError("the server token is empty or whitespace; give a real token or none (no authentication)")
+    if not all(0x21 <= ord(c) <= 0x7E for c in token):
+        raise AtmanError("the server token holds whitespace or characters outside printable ASCII, which no client "
+                         "can send in an Authorization header")
+
+
+async def _client_gone(request: Request) -> None:
+    """Completes when the client of ``request`` disconnects (its body has been read by then)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 class _ApiError(Exception):
@@ -110,18 +192,26 @@ def create_app(
     *,
     limits: Limits | None = None,
     token: str | None = None,
+    allowed_hosts: Iterable[str] | None = None,
 ) -> FastAPI:
     """The app serving ``models`` (name -> loaded model; each also answers to its own display name).
 
     ``token``: when set, every API call needs ``Authorization: Bearer <token>`` (the page asks for it).
+    ``allowed_hosts``: without a token, the names a request's Host header may carry (None: any).
     Requests can only name these models: nothing a request says loads a model or reads a file.
+    ``limits.max_prompt_tokens`` must fit every model's context (else :class:`atman.AtmanError`).
     """
     if not models:
         raise AtmanError("create_app needs at least one model")
+    check_token(token)
     limits = limits or Limits()
     services: dict[str, ModelService] = {}
     for alias, lm in models.items():
         service = ModelService(lm, limits, aliases=(alias,) if alias != lm.name else ())
+        context = service.info().max_context_size
+        if context is not None and limits.max_prompt_tokens > context:
+            raise AtmanError(f"max_prompt_tokens {limits.max_prompt_tokens} exceeds the {context}-token context of "
+                             f"{lm.name} ({alias}); give at most {context}")
         services[alias] = service
         services.setdefault(lm.name, service)
     queue = JobQueue(limits.max_queue, limits.timeout_s)
@@ -132,6 +222,7 @@ def create_app(
         queue.shutdown()
 
     app = FastAPI(
+        default_response_class=SafeJSONResponse,
         title="atman",
         version=API_VERSION,
         summary="AtMan explanations and attention steering, in the JSON of Aleph Alpha's API",
@@ -143,6 +234,8 @@ def create_app(
     app.state.queue = queue
     app.state.limits = limits
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    if token is None and allowed_hosts is not None:
+        app.add_middleware(HostCheck, hosts=allowed_hosts)
 
     def authorize(credentials: Credentials) -> None:
         if token is None:
@@ -161,49 +254,62 @@ def create_app(
 
     @app.exception_handler(_ApiError)
     async def api_error(_: Request, exc: _ApiError) -> JSONResponse:
-        return JSONResponse(_error(exc.message, exc.code), status_code=exc.status)
+        return SafeJSONResponse(_error(exc.message, exc.code), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return SafeJSONResponse(_validation_errors(exc), status_code=422)
 
     @app.exception_handler(LimitError)
     async def limit_error(_: Request, exc: LimitError) -> JSONResponse:
-        return JSONResponse(_error(str(exc), "LIMIT_EXCEEDED"), status_code=exc.status)
+        return SafeJSONResponse(_error(str(exc), "LIMIT_EXCEEDED"), status_code=exc.status)
 
     @app.exception_handler(AtmanError)
     async def bad_request(_: Request, exc: AtmanError) -> JSONResponse:
-        return JSONResponse(_error(str(exc), "BAD_REQUEST"), status_code=400)
+        return SafeJSONResponse(_error(str(exc), "BAD_REQUEST"), status_code=400)
 
     @app.exception_handler(Timeout)
     async def timeout(_: Request, exc: Timeout) -> JSONResponse:
-        return JSONResponse(_error(str(exc), "TIMEOUT"), status_code=408)
+        return SafeJSONResponse(_error(str(exc), "TIMEOUT"), status_code=408)
+
+    @app.exception_handler(Cancelled)
+    async def cancelled(_: Request, exc: Cancelled) -> JSONResponse:
+        # 499: nobody reads it (the client is gone); 503: the server stopped before the job ended
+        return SafeJSONResponse(_error(str(exc), "CANCELLED"), status_code=exc.status)
 
     @app.exception_handler(QueueFull)
     async def busy(_: Request, exc: QueueFull) -> JSONResponse:
-        return JSONResponse(_error(str(exc), "BUSY"), status_code=503, headers={"Retry-After": "1"})
+        return SafeJSONResponse(_error(str(exc), "BUSY"), status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:
         log.exception("request failed")
-        return JSONResponse(_error(f"internal error ({type(exc).__name__}); the server keeps running",
-                                   "INTERNAL"), status_code=500)
+        return SafeJSONResponse(_error(f"internal error ({type(exc).__name__}); the server keeps running",
+                                       "INTERNAL"), status_code=500)
+
+    async def run(request: Request, job: Callable[[JobCheck], T]) -> T:
+        """``job`` on the model worker, cancelled when the client goes away."""
+        return await queue.run(job, _client_gone(request), label=f"{request.method} {request.url.path}")
 
     api = APIRouter(dependencies=[Depends(authorize)], responses=ERRORS)
 
     @api.post("/explain", response_model_exclude_none=True)
-    async def explain(body: schemas.ExplanationRequest) -> schemas.ExplanationResponse:
+    async def explain(body: schemas.ExplanationRequest, request: Request) -> schemas.ExplanationResponse:
         """AtMan explanation of ``target`` given ``prompt``: per target span, a score per unit of each item."""
         service = service_for(body.model)
-        return await queue.run(lambda deadline: service.explain(body, deadline))
+        return await run(request, lambda check: service.explain(body, check))
 
     @api.post("/complete", response_model_exclude_none=True)
-    async def complete(body: schemas.CompletionRequest) -> schemas.CompletionResponse:
+    async def complete(body: schemas.CompletionRequest, request: Request) -> schemas.CompletionResponse:
         """Completion steered by the prompt items' attention controls (AtMan, every generated token)."""
         service = service_for(body.model)
-        return await queue.run(lambda deadline: service.complete(body, deadline))
+        return await run(request, lambda check: service.complete(body, check))
 
     @api.post("/evaluate")
-    async def evaluate(body: schemas.EvaluationRequest) -> schemas.EvaluationResponse:
+    async def evaluate(body: schemas.EvaluationRequest, request: Request) -> schemas.EvaluationResponse:
         """Log-probability of ``completion_expected`` after the (controlled) prompt."""
         service = service_for(body.model)
-        return await queue.run(lambda deadline: service.evaluate(body, deadline))
+        return await run(request, lambda check: service.evaluate(body, check))
 
     @api.post("/tokenize", response_model_exclude_none=True)
     async def tokenize(body: schemas.TokenizationRequest) -> schemas.TokenizationResponse:

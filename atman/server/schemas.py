@@ -8,12 +8,17 @@ default and rejected (400) otherwise; see ``UNSUPPORTED_COMPLETION_FIELDS``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 # attention control factors above this overflow the multiplicative variant's float32 scores
 MAX_CONTROL_FACTOR = 1000.0
+# below these (but above 0, which means off), logits / temperature overflow to infinity and a top_p
+# rounds to 0 in float32: the sampling probabilities would be NaN
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
 Factor = Annotated[float, Field(ge=0.0, le=MAX_CONTROL_FACTOR, allow_inf_nan=False)]
 Overlap = Literal["partial", "complete"]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
@@ -25,6 +30,18 @@ def _valid_text(value: str) -> str:
     except UnicodeEncodeError:
         raise ValueError("text must be valid Unicode (no lone surrogates)") from None
     return value
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+
+
+def _off_or_at_least(name: str, minimum: float) -> Callable[[float], float]:
+    def check(value: float) -> float:
+        if 0.0 < value < minimum:
+            raise ValueError(f"{name} must be 0 (off) or at least {minimum:g}, got {value:g}")
+        return value
+
+    return check
 
 
 class _Body(BaseModel):
@@ -81,7 +98,7 @@ class ImageItem(_Body):
 
 
 PromptItem = Annotated[TextItem | TokensItem | ImageItem, Field(discriminator="type")]
-Prompt = Annotated[str, Field(description="plain text")] | list[PromptItem]
+Prompt = Annotated[Text, Field(description="plain text")] | list[PromptItem]
 
 
 class CustomGranularity(_Body):
@@ -138,9 +155,11 @@ class CompletionRequest(_Body):
     model: str
     prompt: Prompt
     maximum_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=100.0, allow_inf_nan=False)
+    temperature: Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False),
+                           AfterValidator(_off_or_at_least("temperature", MIN_TEMPERATURE))] = 0.0
     top_k: int = Field(default=0, ge=0, lt=2**31)
-    top_p: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    top_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False),
+                     AfterValidator(_off_or_at_least("top_p", MIN_TOP_P))] = 0.0
     n: int = Field(default=1, ge=1)
     logit_bias: dict[int, Annotated[float, Field(ge=-1e4, le=1e4, allow_inf_nan=False)]] | None = None
     log_probs: int | None = Field(default=None, ge=0, le=100)

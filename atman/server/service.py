@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..errors import AtmanError, EmptyInputError, NoUnitsError
+from ..errors import AtmanError, ContextLengthError, EmptyInputError, NoUnitsError
 from ..explainer import DEFAULT_FACTOR, Explainer, _context_length
 from ..explanation import Explanation, Item, TargetExplanation, TargetSpan
 from ..models import LoadedModel
@@ -179,6 +179,18 @@ class ModelService:
                     out.append(TokenControl(first_token + control.index, control.factor))
         return out
 
+    def refuse_controls(self, prompt: str | list, encoded: PromptInput) -> None:
+        """/explain: controls are validated like /complete's, then refused (400) rather than ignored."""
+        if self.controls(prompt, encoded):
+            raise AtmanError("controls on prompt items are not supported on /explain (they would change the "
+                             "explained prompt); send them to /complete or /evaluate, or leave them out")
+
+    def check_context(self, tokens: int, what: str) -> None:
+        """Refuse (400) a sequence longer than the model's context, whatever the server's limits say."""
+        context = self.info().max_context_size
+        if context is not None and tokens > context:
+            raise ContextLengthError(f"{what} have {tokens} tokens; {self.name} has a context of {context}")
+
     def multipliers(self, prompt: str | list, encoded: PromptInput, threshold: float | None) -> torch.Tensor:
         controls = self.controls(prompt, encoded)
         return self.steerer.multipliers(encoded.input_ids, encoded.spans, controls, text_length=len(encoded.text),
@@ -203,7 +215,9 @@ class ModelService:
             if not granularity.delimiter:
                 raise AtmanError("prompt_granularity 'custom' needs a non-empty delimiter")
             delimiter = granularity.delimiter
+        self.refuse_controls(request.prompt, prompt)
         encoded = self._encoded(prompt, request.target)
+        self.check_context(len(encoded.input_ids), "prompt and target")
         if len(encoded.input_ids) > self.limits.max_prompt_tokens:
             raise LimitError(f"prompt and target have {len(encoded.input_ids)} tokens; this server accepts at most "
                              f"{self.limits.max_prompt_tokens}", 413)
@@ -325,6 +339,7 @@ class ModelService:
                                                            add_special_tokens=False)["input_ids"]]
         if not continuation:
             raise EmptyInputError("completion_expected has no tokens")
+        self.check_context(len(prompt.input_ids) + len(continuation), "prompt and completion")
         if len(prompt.input_ids) + len(continuation) > self.limits.max_prompt_tokens:
             raise LimitError(f"prompt and completion have {len(prompt.input_ids) + len(continuation)} tokens; "
                              f"this server accepts at most {self.limits.max_prompt_tokens}", 413)
