@@ -167,5 +167,8 @@ def run(args: argparse.Namespace) -> int:
         timeout_keep_alive=numbers["keep_alive"],
         timeout_graceful_shutdown=max(math.ceil(numbers["timeout"]), 1),
     )
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
     return 0

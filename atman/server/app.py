@@ -289,7 +289,7 @@ def create_app(
 
     async def run(request: Request, job: Callable[[JobCheck], T]) -> T:
         """``job`` on the model worker, cancelled when the client goes away."""
-        return await queue.run(job, _client_gone(request), label=f"{request.method} {request.url.path}")
+        return await queue.run(job, lambda: _client_gone(request), label=f"{request.method} {request.url.path}")
 
     api = APIRouter(dependencies=[Depends(authorize)], responses=ERRORS)
 

@@ -75,10 +75,11 @@ class JobQueue:
     def pending(self) -> int:
         return self._pending
 
-    async def run(self, job: Callable[[JobCheck], T], gone: Awaitable[object] | None = None, label: str = "job") -> T:
+    async def run(self, job: Callable[[JobCheck], T], gone: Callable[[], Awaitable[object]] | None = None,
+                  label: str = "job") -> T:
         """Run ``job(check)`` on the worker; the deadline starts now (queueing time counts).
 
-        ``gone``: completes when the client has disconnected; the job is then dropped if it has not
+        ``gone()``: an awaitable that completes when the client has disconnected; the job is then dropped if it has not
         started, or stopped at its next check, and this raises :class:`Cancelled`. ``label`` names
         the request in the log.
         """
@@ -112,7 +113,7 @@ class JobQueue:
         result = asyncio.wrap_future(future)
         if gone is None:
             return await result
-        watcher = asyncio.ensure_future(gone)
+        watcher = asyncio.ensure_future(gone())
         try:
             await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
