@@ -308,3 +308,51 @@ def test_shutdown_finishes_queued_requests(smollm2):
     for worker in workers:
         worker.join(timeout=120)
     assert results == [200, 200, 200]
+
+
+# --- atman serve's start-up ------------------------------------------------------------------------------
+
+def test_serve_start_up_checks_warning_and_host_check(tiny, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_dir = tmp_path / "tiny"
+    tiny.model.save_pretrained(model_dir)
+    tiny.tokenizer.save_pretrained(model_dir)
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "ATMAN_SERVER_TOKEN"}
+    env["PYTHONPATH"] = str(root)
+    serve = [sys.executable, "-m", "atman", "serve", "--model", str(model_dir)]
+    refused = subprocess.run([*serve, "--max-prompt-tokens", str(CONTEXT + 1)], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "exceeds the 256-token context" in refused.stderr, refused.stderr[-2000:]
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen([*serve, "--host", "0.0.0.0", "--port", str(port)], cwd=root, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 240
+            while True:
+                try:
+                    if httpx.get(base + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.3)
+            assert "without authentication" in log_path.read_text()
+            rebound = httpx.get(base + "/health", headers={"Host": "attacker.example"})
+            assert rebound.status_code == 400 and rebound.json()["code"] == "BAD_HOST"
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()

@@ -12,6 +12,8 @@ import math
 import os
 import socket
 import sys
+from collections.abc import Iterable
+from typing import Any
 
 from ..errors import AtmanError
 from .shared import DTYPES, MAX_COUNT, UsageError
@@ -43,8 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="without a token: a host name that requests may carry in their Host header "
                             "(repeatable; default: the --host and, on loopback, localhost; '*' allows any)")
     serve.add_argument("--max-body-bytes", type=float, default=DEFAULTS["max_body_bytes"])
-    serve.add_argument("--max-prompt-tokens", type=float, default=DEFAULTS["max_prompt_tokens"],
-                       help="at most the context of every served model")
+    serve.add_argument("--max-prompt-tokens", type=float, default=None,
+                       help=f"at most the context of every served model (default {DEFAULTS['max_prompt_tokens']}, "
+                            "or the smallest served context when that is smaller)")
     serve.add_argument("--max-units", type=float, default=DEFAULTS["max_units"],
                        help="most units (forward passes) one explanation may take")
     serve.add_argument("--max-tokens", type=float, default=DEFAULTS["max_tokens"],
@@ -73,6 +76,8 @@ def checked_numbers(args: argparse.Namespace) -> dict[str, int | float]:
     out: dict[str, int | float] = {}
     for name, flag in counts.items():
         value = getattr(args, name)
+        if value is None:
+            continue
         if not math.isfinite(value) or value != int(value) or not 1 <= value <= MAX_COUNT:
             raise UsageError(f"{flag} must be a whole number in 1..{MAX_COUNT}, got {value:g}")
         out[name] = int(value)
@@ -126,6 +131,14 @@ def allowed_hosts(host: str, given: list[str] | None) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
+def default_prompt_tokens(models: Iterable[Any]) -> int:
+    """``--max-prompt-tokens`` when not given: the default, or the smallest served context if smaller."""
+    from ..server.service import Limits, ModelService
+
+    contexts = [ModelService(lm, Limits()).info().max_context_size for lm in models]
+    return min([DEFAULTS["max_prompt_tokens"], *(c for c in contexts if c is not None)])
+
+
 def run(args: argparse.Namespace) -> int:
     """Check the options, load the models, serve until SIGINT/SIGTERM."""
     numbers = checked_numbers(args)
@@ -142,14 +155,15 @@ def run(args: argparse.Namespace) -> int:
     from .shared import quiet_libraries
 
     quiet_libraries()
-    limits = Limits(max_body_bytes=numbers["max_body_bytes"], max_prompt_tokens=numbers["max_prompt_tokens"],
-                    max_units=numbers["max_units"], max_tokens=numbers["max_tokens"],
-                    max_completions=numbers["max_completions"], timeout_s=numbers["timeout"],
-                    max_queue=numbers["max_queue"])
     models = {}
     for name in args.models or ["smollm2"]:
         print(f"loading {name} ...", file=sys.stderr)
         models[name] = load_model(name, dtype=args.dtype, device=args.device)
+    prompt_tokens = numbers.get("max_prompt_tokens") or default_prompt_tokens(models.values())
+    limits = Limits(max_body_bytes=numbers["max_body_bytes"], max_prompt_tokens=prompt_tokens,
+                    max_units=numbers["max_units"], max_tokens=numbers["max_tokens"],
+                    max_completions=numbers["max_completions"], timeout_s=numbers["timeout"],
+                    max_queue=numbers["max_queue"])
     try:
         app = create_app(models, limits=limits, token=token, allowed_hosts=hosts)
     except AtmanError as exc:
