@@ -7,7 +7,6 @@ host names before the server starts; see docs/server.md, "Limits and failure beh
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import math
 import os
 import socket
@@ -16,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import AtmanError
+from ..server import security
 from .shared import DTYPES, MAX_COUNT, UsageError
 
 DEFAULTS = dict(max_body_bytes=1_000_000, max_prompt_tokens=2048, max_units=256, max_tokens=256,
@@ -94,29 +94,12 @@ def checked_numbers(args: argparse.Namespace) -> dict[str, int | float]:
 def server_token(variable: str) -> str | None:
     """The bearer token from ``variable``: None when it is unset; refused when no client could send it."""
     token = os.environ.get(variable)
-    if token is None:
-        return None
-    if not token.strip():
-        raise UsageError(f"{variable} is set but {'empty' if not token else 'only whitespace'}: set a token "
-                         f"or unset {variable} to serve without authentication")
-    if not all(0x21 <= ord(c) <= 0x7E for c in token):
-        raise UsageError(f"{variable} holds whitespace or characters outside printable ASCII, which no client "
-                         "can send in an Authorization header; use letters, digits and punctuation only")
+    problem = None if token is None else security.token_problem(token)
+    if problem is not None:
+        raise UsageError(f"{variable} is set but {problem}, which no client can send in an Authorization header; "
+                         f"set a token of letters, digits and punctuation, or unset {variable} to serve without "
+                         "authentication")
     return token
-
-
-def is_loopback(host: str) -> bool:
-    """Is ``host`` reachable from this machine only?
-
-    >>> is_loopback("127.0.0.1"), is_loopback("0.0.0.0")
-    (True, False)
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def allowed_hosts(host: str, given: list[str] | None) -> list[str] | None:
@@ -124,7 +107,7 @@ def allowed_hosts(host: str, given: list[str] | None) -> list[str] | None:
     if given:
         return None if "*" in given else list(given)
     names = [] if host in WILDCARDS else [host]
-    if host in WILDCARDS or is_loopback(host):
+    if host in WILDCARDS or security.is_loopback(host):
         names += list(LOOPBACK_NAMES)
     if host in WILDCARDS:
         names += sorted({socket.gethostname(), socket.getfqdn()})
@@ -168,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(models, limits=limits, token=token, allowed_hosts=hosts)
     except AtmanError as exc:
         raise UsageError(str(exc)) from None
-    if token is None and not is_loopback(args.host):
+    if token is None and not security.is_loopback(args.host):
         print(f"atman serve: warning: serving on {args.host or 'every interface'} without authentication: anyone "
               f"who can reach this port can use the models (set {args.token_env} to require a token)",
               file=sys.stderr)
