@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import DEFAULT_MULTIPLIER, Engine, Suppression, refuse_factor, suppression_rows
+from .engine import EngineClient, refuse_factor, suppression_rows
 from .errors import AtmanError, EmptyInputError, ModelLoadError
 from .explanation import Explanation, Item, TargetExplanation, TargetSpan
 from .manipulation import enable
@@ -98,25 +98,14 @@ def encode_text(tokenizer, text: str) -> EncodedInput:
                         target_start=len(ids), target_spans=())
 
 
-class EncoderExplainer:
-    """What the encoder explainers share: the suppression setting and the engine's full forward passes."""
+class EncoderExplainer(EngineClient):
+    """What the encoder explainers share: units of one text, scored from full forward passes."""
 
-    def __init__(self, encoder: LoadedEncoder, *, multiplier: float = DEFAULT_MULTIPLIER, mode: str = "log-additive",
-                 backend: str = "sdpa", batch_size: int | None = None, max_memory: int | str | None = None,
-                 suppression: Suppression | None = None, factor: None = None) -> None:
-        refuse_factor(factor)
+    def __init__(self, encoder: LoadedEncoder, **options) -> None:
+        refuse_factor(options.pop("factor", None))
+        super().__init__(encoder.model, **options)
         self.encoder = encoder
-        self.suppression = suppression or Suppression(multiplier=multiplier, mode=mode, backend=backend)
-        self.engine = Engine(encoder.model, suppression=self.suppression, batch_size=batch_size,
-                             max_memory=max_memory)
 
-    @property
-    def multiplier(self) -> float:
-        return self.suppression.multiplier
-
-    @property
-    def mode(self) -> str:
-        return self.suppression.mode
 
     def _units(self, encoded: EncodedInput, granularity: str, spans) -> tuple[list[Unit], str]:
         resolved = choose_granularity(encoded) if granularity == "auto" else granularity

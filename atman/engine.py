@@ -217,7 +217,7 @@ class Engine:
         self.suppression = suppression or Suppression()
         self.batch_size = batch_size
         self.max_memory = parse_memory(max_memory) if max_memory is not None else None
-        self.engine = engine
+        self.kind = engine
         self.logits_to_keep, self.cache_argument = forward_options(model)
         self.memory = MemoryModel(model)
         # what the engine has run so far: forward passes and token-forwards (rows x recomputed
@@ -261,7 +261,7 @@ class Engine:
         the rest of the context (cached engine only).
         """
         run = _Run(self, inputs, targets, rows, mode or self.suppression.mode, progress)
-        engine = engine or self.engine
+        engine = engine or self.kind
         if engine not in ENGINES:
             raise AtmanError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if readout_from is not None and engine != "cached":
@@ -329,6 +329,46 @@ class Engine:
                 run.split_on_oom(list(range(first, min(first + size, rows.shape[0]))), one)
                 release_freed_memory(self.device)
         return torch.stack(out)  # type: ignore[arg-type]
+
+
+class EngineClient:
+    """What every explainer holds: one :class:`Suppression` setting and the :class:`Engine` that runs
+    its rows. Subclasses say what their units and their score are.
+
+    ``multiplier``, ``kappa``, ``mode``, ``backend`` build the setting (or pass ``suppression``);
+    ``batch_size``, ``max_memory`` and ``engine`` ("cached" or "naive") configure the engine.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        multiplier: float = DEFAULT_MULTIPLIER,
+        kappa: float | None = DEFAULT_KAPPA,
+        mode: str = "log-additive",
+        backend: str = "sdpa",
+        batch_size: int | None = None,
+        max_memory: int | str | None = None,
+        engine: str = "cached",
+        suppression: Suppression | None = None,
+        factor: None = None,
+    ) -> None:
+        refuse_factor(factor)
+        self.suppression = suppression or Suppression(multiplier=multiplier, kappa=kappa, mode=mode, backend=backend)
+        self.engine = Engine(model, suppression=self.suppression, batch_size=batch_size, max_memory=max_memory,
+                             engine=engine)
+
+    @property
+    def multiplier(self) -> float:
+        return self.suppression.multiplier
+
+    @property
+    def kappa(self) -> float | None:
+        return self.suppression.kappa
+
+    @property
+    def mode(self) -> str:
+        return self.suppression.mode
 
 
 def repeat_inputs(inputs: Mapping[str, object], count: int) -> dict[str, object]:

@@ -18,7 +18,7 @@ from .engine import (
     DEFAULT_KAPPA,
     DEFAULT_MULTIPLIER,
     ENGINES,
-    Engine,
+    EngineClient,
     Progress,
     Suppression,
     refuse_factor,
@@ -52,7 +52,7 @@ class Plan:
     granularity: str
 
 
-class Explainer:
+class Explainer(EngineClient):
     """Explains a causal LM's target continuation with AtMan.
 
     Example::
@@ -78,27 +78,10 @@ class Explainer:
         suppression: Suppression | None = None,
         factor: None = None,
     ) -> None:
-        refuse_factor(factor)
+        super().__init__(model.model, multiplier=multiplier, kappa=kappa, mode=mode, backend=backend,
+                         batch_size=batch_size, max_memory=max_memory, engine=engine, suppression=suppression,
+                         factor=factor)
         self.lm = model
-        self.suppression = suppression or Suppression(multiplier=multiplier, kappa=kappa, mode=mode, backend=backend)
-        self.runner = Engine(model.model, suppression=self.suppression, batch_size=batch_size,
-                             max_memory=max_memory, engine=engine)
-
-    @property
-    def multiplier(self) -> float:
-        return self.suppression.multiplier
-
-    @property
-    def kappa(self) -> float | None:
-        return self.suppression.kappa
-
-    @property
-    def mode(self) -> str:
-        return self.suppression.mode
-
-    @property
-    def engine(self) -> str:
-        return self.runner.engine
 
     def explain(
         self,
@@ -258,7 +241,7 @@ class Explainer:
         :meth:`atman.engine.Engine.target_losses`.
         """
         ids = torch.tensor([encoded.input_ids])
-        return self.runner.target_losses({"input_ids": ids}, ids[0, encoded.target_start:], multipliers,
+        return self.engine.target_losses({"input_ids": ids}, ids[0, encoded.target_start:], multipliers,
                                          mode=mode, engine=engine, readout_from=readout_from, progress=progress)
 
     def generate(

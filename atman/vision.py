@@ -31,10 +31,8 @@ import torch
 
 from .encoders import class_index, class_label
 from .engine import (
-    DEFAULT_MULTIPLIER,
-    Engine,
+    EngineClient,
     Progress,
-    Suppression,
     refuse_factor,
     spread_conceptually,
     suppression_rows,
@@ -99,26 +97,14 @@ def _load_pretrained(model_class, processor_class, path: str, device: str, kind:
     return LoadedVisionModel(model, processor, name=str(path).rstrip("/").rsplit("/", 1)[-1])
 
 
-class VisionExplainer:
-    """What both vision explainers share: the suppression setting and the engine."""
+class VisionExplainer(EngineClient):
+    """What both vision explainers share: a loaded vision model under one suppression setting."""
 
-    def __init__(self, loaded: LoadedVisionModel, *, multiplier: float = DEFAULT_MULTIPLIER,
-                 mode: str = "log-additive", backend: str = "sdpa", batch_size: int | None = None,
-                 max_memory: int | str | None = None, suppression: Suppression | None = None,
-                 factor: None = None) -> None:
-        refuse_factor(factor)
+    def __init__(self, loaded: LoadedVisionModel, **options) -> None:
+        refuse_factor(options.pop("factor", None))
+        super().__init__(loaded.model, **options)
         self.loaded = loaded
-        self.suppression = suppression or Suppression(multiplier=multiplier, mode=mode, backend=backend)
-        self.engine = Engine(loaded.model, suppression=self.suppression, batch_size=batch_size,
-                             max_memory=max_memory)
 
-    @property
-    def multiplier(self) -> float:
-        return self.suppression.multiplier
-
-    @property
-    def mode(self) -> str:
-        return self.suppression.mode
 
 
 class ImageClassifierExplainer(VisionExplainer):

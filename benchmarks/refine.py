@@ -39,7 +39,7 @@ class Meter:
     """Counts the forward calls and token-forwards the explainer's engine runs inside the block."""
 
     def __init__(self, explainer: Explainer) -> None:
-        self.engine = explainer.runner
+        self.engine = explainer.engine
         self.calls = 0
         self.token_forwards = 0
 

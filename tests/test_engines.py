@@ -99,11 +99,11 @@ def test_memory_budget_splits_batches_without_changing_results(monkeypatch):
     memory = MemoryModel(lm.model)
     budget = memory.batch(1, LENGTH, LENGTH, N_TARGET + 1) + 1
     tight = Explainer(lm, max_memory=budget)
-    tight.runner.trace = []
+    tight.engine.trace = []
     squeezed = tight.losses(encoded, rows)
-    calls = [(record.rows, record.queries) for record in tight.runner.trace]
-    assert len(calls) > 3 and tight.runner.forward_calls == len(calls)
-    assert tight.runner.token_forwards == sum(n * q for n, q in calls)
+    calls = [(record.rows, record.queries) for record in tight.engine.trace]
+    assert len(calls) > 3 and tight.engine.forward_calls == len(calls)
+    assert tight.engine.token_forwards == sum(n * q for n, q in calls)
     for rows_, queries in calls:
         assert rows_ == 1 or memory.batch(rows_, queries, LENGTH, N_TARGET + 1) <= budget
     assert torch.allclose(squeezed, roomy, atol=2e-6)
@@ -116,10 +116,10 @@ def test_budget_holds_the_kept_prefix_and_plain_means_one_plain_pass():
     memory = MemoryModel(lm.model)
     given = memory.batch(2, LENGTH, LENGTH, N_TARGET + 1)
     explainer = Explainer(lm, max_memory=given)
-    explainer.runner.trace = []
+    explainer.engine.trace = []
     squeezed = explainer.losses(encoded, rows)
-    batches = [(r.rows, r.queries, r.reused) for r in explainer.runner.trace[1:]]
-    budgets = [explainer.runner.trace[0].budget]
+    batches = [(r.rows, r.queries, r.reused) for r in explainer.engine.trace[1:]]
+    budgets = [explainer.engine.trace[0].budget]
     # a batch runs beside the unperturbed keys/values it reuses, which count against the budget
     assert all(n == 1 or memory.cache(kept) + memory.batch(n, q, LENGTH, N_TARGET + 1) <= given
                for n, q, kept in batches)
@@ -128,9 +128,9 @@ def test_budget_holds_the_kept_prefix_and_plain_means_one_plain_pass():
     assert all(kept + q == LENGTH for _, q, kept in batches)
     assert torch.allclose(squeezed, roomy, atol=2e-6)
     lean = Explainer(lm, max_memory="plain")
-    lean.runner.trace = []
+    lean.engine.trace = []
     plain = lean.losses(encoded, rows)
-    budgets.append(lean.runner.trace[0].budget)
+    budgets.append(lean.engine.trace[0].budget)
     assert budgets == [given, memory.plain_forward(LENGTH)]
     assert memory.plain_forward(LENGTH) > memory.cache(LENGTH) > 0
     assert torch.allclose(plain, roomy, atol=2e-6)

@@ -156,10 +156,11 @@ def test_chat_mode_finds_the_users_text_not_the_template(smollm2, prompt):
 
 
 def test_generated_target_offsets_survive_multibyte_characters(smollm2):
-    from atman.units import _decode_with_offsets
+    from atman.units import encode
 
     ids = smollm2.tokenizer("a 𓀀 bc de 日本語", add_special_tokens=False)["input_ids"]
-    text, spans = _decode_with_offsets(smollm2.tokenizer, ids)
+    encoded = encode(smollm2.tokenizer, "The text:", ids)  # a generated target: token ids, decoded with offsets
+    text, spans = encoded.target, encoded.target_spans
     assert text == "a 𓀀 bc de 日本語"
     assert "".join(text[a:b] for a, b in spans) == text
     assert all(b >= a for a, b in spans)
