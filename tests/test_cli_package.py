@@ -39,7 +39,7 @@ def imported(stderr: str) -> set[str]:
     (["serve", "--help"], 0, "--read-timeout"),
     (["evaluate", "--help"], 0, "--ablations"),
     (["explain", "x", "--granularity", "chapter"], 2, "invalid choice"),
-    (["explain", "x", "--factor", "nan"], 2, "finite"),
+    (["explain", "x", "--multiplier", "nan"], 2, "finite"),
     (["explain", "x", "--batch-size", "1" + "0" * 30], 2, "must lie in"),
 ])
 def test_parsing_imports_no_heavy_module(argv, code, words):
@@ -92,7 +92,7 @@ def test_overflowing_memory_budget_exits_2(capsys):
 
 def test_cli_choices_agree_with_the_core():
     from atman.cli import media, shared
-    from atman.explainer import CONCEPTUAL_KAPPA, ENGINES
+    from atman.engine import CONCEPTUAL_KAPPA, ENGINES
     from atman.manipulation import BACKENDS, MODES
     from atman.tiles import IMAGE_GRANULARITIES
 

@@ -13,7 +13,16 @@ import sys
 from typing import Any
 
 from ..errors import AtmanError
-from .shared import CONCEPTUAL_KAPPA, SUPPRESSION_FIELD, UsageError, open_output, progress, warn_small_budget
+from .shared import (
+    CONCEPTUAL_KAPPA,
+    RENAMED_FIELD,
+    SUPPRESSION_FIELD,
+    UsageError,
+    open_output,
+    progress,
+    renamed_factor,
+    warn_small_budget,
+)
 
 # fields a batch line may set, with the type each must have
 LINE_FIELDS: dict[str, tuple[type, ...]] = {
@@ -75,6 +84,8 @@ def parse_line(line: str) -> tuple[Any, dict[str, Any]]:
         raise UsageError(f"not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise UsageError("each line must be a JSON object")
+    if RENAMED_FIELD in request:
+        raise renamed_factor(f"field {RENAMED_FIELD}")
     unknown = sorted(set(request) - set(LINE_FIELDS))
     if unknown:
         raise UsageError(f"unknown field(s): {', '.join(unknown)}; known: {', '.join(LINE_FIELDS)}")

@@ -26,10 +26,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     parser.add_argument("--methods", default=None,
                         help="comma-separated method specs, options after a colon joined by '+', e.g. "
-                             "'atman,atman:factor=0.5+mode=multiplicative,occlusion' "
+                             "'atman,atman:multiplier=0.5+mode=multiplicative,occlusion' "
                              "(default: atman and every baseline, atman.evaluate.suite.DEFAULT_METHODS)")
     parser.add_argument("--ablations", action="store_true",
-                        help="evaluate AtMan's variants instead (factor, mode, kappa; "
+                        help="evaluate AtMan's variants instead (multiplier, mode, kappa; "
                              "atman.evaluate.suite.ABLATION_METHODS)")
     parser.add_argument("--quick", action="store_true",
                         help="a few examples only, integrated gradients with 16 steps (a smoke test, for CI)")

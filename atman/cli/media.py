@@ -90,7 +90,7 @@ def _options(args) -> dict:
     out = {"batch_size": args.batch_size, "backend": args.backend}
     if args.mode:
         out["mode"] = args.mode
-    out.update(suppression(args.factor))
+    out.update(suppression(args))
     return out
 
 

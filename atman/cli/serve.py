@@ -116,9 +116,7 @@ def allowed_hosts(host: str, given: list[str] | None) -> list[str] | None:
 
 def default_prompt_tokens(models: Iterable[Any]) -> int:
     """``--max-prompt-tokens`` when not given: the default, or the smallest served context if smaller."""
-    from ..server.service import Limits, ModelService
-
-    contexts = [ModelService(lm, Limits()).info().max_context_size for lm in models]
+    contexts = [lm.context_length for lm in models]
     return min([DEFAULTS["max_prompt_tokens"], *(c for c in contexts if c is not None)])
 
 

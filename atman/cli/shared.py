@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from ..errors import AtmanError
 
-# mirrors of atman.manipulation.MODES / BACKENDS, atman.explainer.ENGINES / CONCEPTUAL_KAPPA
+# mirrors of atman.manipulation.MODES / BACKENDS, atman.engine.ENGINES / CONCEPTUAL_KAPPA
 MODES = ("log-additive", "multiplicative")
 BACKENDS = ("sdpa", "eager", "flex_attention")
 ENGINES = ("cached", "naive")
@@ -27,8 +27,9 @@ CONCEPTUAL_KAPPA = 0.7
 DTYPES = ("float32", "bfloat16", "float16")
 # the largest count an option takes: beyond it numbers stop being sizes and start overflowing tensors
 MAX_COUNT = 2**31 - 1
-# the explainer's suppression option: the one place that names it (see suppression())
-SUPPRESSION_FIELD = "factor"
+# the explainer's suppression option (see suppression()); "factor", its old, inverted spelling, is refused
+SUPPRESSION_FIELD = "multiplier"
+RENAMED_FIELD = "factor"
 
 
 class UsageError(AtmanError):
@@ -83,16 +84,28 @@ def add_model_options(parser: argparse.ArgumentParser, *, explainer: bool = True
 
 
 def add_suppression_option(parser: argparse.ArgumentParser) -> None:
-    """The explainer's suppression strength option (``--factor``)."""
-    parser.add_argument("--factor", type=finite_float, help="suppression strength f: multiplier 1-f (default 0.9)")
+    """The explainer's suppression option ``--multiplier`` (and the refused old ``--factor``)."""
+    parser.add_argument("--multiplier", type=finite_float,
+                        help="attention multiplier of a suppressed unit: 0.1 (default) damps it to a tenth, 0 removes "
+                             "it, 1 leaves it (the paper's suppression factor f is 1 - multiplier)")
+    parser.add_argument("--factor", type=finite_float, help=argparse.SUPPRESS)
 
 
-def suppression(value: float | None) -> dict[str, float]:
-    """The explainer keyword for the suppression option's ``value`` (nothing when not given).
+def renamed_factor(where: str) -> UsageError:
+    """The error for the old, inverted ``factor`` spelling (``where``: the option or field that used it)."""
+    from ..engine import FACTOR_RENAMED
 
-    >>> suppression(0.5)
-    {'factor': 0.5}
-    """
+    text = FACTOR_RENAMED.replace("`", "")
+    if where.startswith("--"):
+        text = text.replace("pass multiplier", "pass --multiplier")
+    return UsageError(f"{where}: {text}")
+
+
+def suppression(args: argparse.Namespace) -> dict[str, float]:
+    """The explainer keyword for the suppression option of ``args`` (nothing when not given)."""
+    if getattr(args, RENAMED_FIELD, None) is not None:
+        raise renamed_factor("--" + RENAMED_FIELD)
+    value = getattr(args, SUPPRESSION_FIELD)
     return {} if value is None else {SUPPRESSION_FIELD: value}
 
 

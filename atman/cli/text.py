@@ -152,7 +152,7 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
                  "max_new_tokens", "postprocessing", "normalize", "chat", "refine_from", "refine_top",
                  "refine_share"):
         request[name] = getattr(args, name)
-    request.update(suppression(args.factor))
+    request.update(suppression(args))
     if (args.kappa is not None or args.conceptual) and args.no_conceptual:
         raise UsageError("--kappa/--conceptual switch conceptual suppression on, --no-conceptual off: choose one")
     if args.kappa is not None:

@@ -209,7 +209,7 @@ def create_app(
     services: dict[str, ModelService] = {}
     for alias, lm in models.items():
         service = ModelService(lm, limits, aliases=(alias,) if alias != lm.name else ())
-        context = service.info().max_context_size
+        context = lm.context_length
         if context is not None and limits.max_prompt_tokens > context:
             raise AtmanError(f"max_prompt_tokens {limits.max_prompt_tokens} exceeds the {context}-token context of "
                              f"{lm.name} ({alias}); give at most {context}")
