@@ -41,7 +41,7 @@ def main() -> None:
         prompt = lm.tokenizer.decode(ids)
         encoded = encode(lm.tokenizer, prompt, " item")
         units = prompt_units(encoded, "token")[-MAX_UNITS:]
-        multipliers = explainer.multipliers(encoded, units, 0.9, None)
+        multipliers = explainer.multipliers(encoded, units, 0.1, None)
         stamps = [time.perf_counter()]
         rows: list[int] = []
 

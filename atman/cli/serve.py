@@ -14,7 +14,6 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from ..errors import AtmanError
 from ..server import security
 from .shared import DTYPES, MAX_COUNT, UsageError
 
@@ -145,10 +144,7 @@ def run(args: argparse.Namespace) -> int:
                     max_units=numbers["max_units"], max_tokens=numbers["max_tokens"],
                     max_completions=numbers["max_completions"], timeout_s=numbers["timeout"],
                     max_queue=numbers["max_queue"])
-    try:
-        app = create_app(models, limits=limits, token=token, allowed_hosts=hosts)
-    except AtmanError as exc:
-        raise UsageError(str(exc)) from None
+    app = create_app(models, limits=limits, token=token, allowed_hosts=hosts)
     if token is None and not security.is_loopback(args.host):
         print(f"atman serve: warning: serving on {args.host or 'every interface'} without authentication: anyone "
               f"who can reach this port can use the models (set {args.token_env} to require a token)",

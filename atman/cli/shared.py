@@ -149,13 +149,12 @@ def warn_small_budget(explainer: Any, text: str) -> bool:
     The explainer then still runs, one perturbation per pass, but above its budget; returns whether
     it warned.
     """
-    budget = explainer.max_memory
-    if not isinstance(budget, int):
+    engine = explainer.engine
+    if not isinstance(engine.max_memory, int):
         return False
-    from ..budget import MemoryModel
-
+    budget = engine.max_memory
     length = len(explainer.lm.tokenizer(text)["input_ids"])
-    plain = MemoryModel(explainer.lm.model).plain_forward(max(length, 1))
+    plain = engine.memory.plain_forward(max(length, 1))
     if budget >= plain:
         return False
     print(f"atman: warning: --max-memory {budget} bytes is below one plain forward pass of this input "
