@@ -139,3 +139,13 @@ def test_a_budget_below_one_plain_pass_is_warned(capsys, smollm2):
     assert "below one plain forward pass" in err and json.loads(out)["target"] == " Quillmere"
     assert main(["explain", prompt, "-t", " Quillmere", "-g", "sentence", "-f", "json", "-q"]) == 0
     assert "below one plain forward pass" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["atman.cli.shared", "atman.cli.batch", "atman.cli.text", "atman.cli.media",
+                                  "atman.server.security"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.failed == 0 and result.attempted > 0
