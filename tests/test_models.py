@@ -234,3 +234,21 @@ def test_suggestions_name_the_close_embedded_models():
     with pytest.raises(ModelLoadError, match="not an embedded model, a file, a directory or a hub id"):
         load_model("two words")
     assert atman.models.EMBEDDED_MODELS == ("smollm2", "gemma3-270m")
+
+
+def test_the_server_works_on_a_split_model(saved, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from atman.server import create_app
+
+    body = {"model": "tiny", "prompt": PROMPT, "target": " Oslo", "prompt_granularity": {"type": "word"}}
+    answers = []
+    for lm in (load_model(str(saved)),
+               load_model(str(saved), device_map=CPU_AND_DISK, offload_folder=tmp_path / "offload")):
+        with TestClient(create_app({"tiny": lm})) as client:
+            response = client.post("/explain", json=body)
+        assert response.status_code == 200, response.text
+        answers.append([score for item in response.json()["explanations"][0]["items"] for score in item["scores"]])
+    assert [(s["start"], s["length"]) for s in answers[1]] == [(s["start"], s["length"]) for s in answers[0]]
+    assert [s["score"] for s in answers[1]] == pytest.approx([s["score"] for s in answers[0]], abs=1e-6)
