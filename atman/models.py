@@ -51,6 +51,51 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the model takes, in tokens (None when its config does not say)."""
+        return context_length(self.model.config)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Every token id that ends generation (generation config, model config and tokenizer)."""
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(int(v) for v in value)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+
+def context_length(config) -> int | None:
+    """The context length a (text or multimodal) model config declares, or None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+_SHARED: dict[tuple, LoadedModel] = {}
+
+
+def default_model(name: str | None = None, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """:func:`load_model`, loaded once per process and shared by every entry point that asks for the same
+    model (the one-call :func:`atman.explain`, steering's :func:`atman.steering.generate`, the CLI's batch).
+
+    >>> default_model() is default_model()   # doctest: +SKIP
+    True
+    """
+    key = (name or DEFAULT_MODEL, dtype, device)
+    if key not in _SHARED:
+        _SHARED[key] = load_model(name, dtype=dtype, device=device)
+    return _SHARED[key]
+
 
 def cache_dir() -> Path:
     """Where converted models are kept."""

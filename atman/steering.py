@@ -43,10 +43,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .engine import Suppression, forward_options
 from .errors import AtmanError, ContextLengthError, EmptyInputError
-from .explainer import _context_length, _eos_ids, _forward_options
-from .manipulation import BACKENDS, MODES, manipulate
+from .manipulation import manipulate
 from .models import LoadedModel
+from .units import tokenize
 
 OVERLAPS = ("partial", "complete")
 FINISH_REASONS = ("maximum_tokens", "end_of_text", "stop_sequence_reached")
@@ -190,29 +191,19 @@ class Steerer:
     """
 
     def __init__(self, model: LoadedModel, *, mode: str = "log-additive", backend: str = "sdpa") -> None:
-        if mode not in MODES:
-            raise AtmanError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if backend not in BACKENDS:
-            raise AtmanError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        Suppression(mode=mode, backend=backend)
         self.lm = model
         self.mode = mode
         self.backend = backend
-        self._logits_to_keep, self._cache_argument = _forward_options(model.model)
-        self.eos_ids = _eos_ids(model)
+        self._logits_to_keep, self._cache_argument = forward_options(model.model)
+        self.eos_ids = model.eos_ids
 
     # --- text in, text out -------------------------------------------------------------------
     def encode(self, prompt: str) -> tuple[list[int], list[tuple[int, int] | None]]:
         """Prompt token ids and each token's character span (None for special tokens)."""
         if not prompt:
             raise EmptyInputError("the prompt is empty")
-        tokenizer = self.lm.tokenizer
-        enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
-        special = set(tokenizer.all_special_ids)
-        spans = [
-            None if token in special or b <= a else (int(a), int(b))
-            for token, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
-        ]
-        return list(enc["input_ids"]), spans
+        return tokenize(self.lm.tokenizer, prompt)
 
     def multipliers(
         self,
@@ -282,14 +273,13 @@ class Steerer:
         bad = [t for t in input_ids if not 0 <= int(t) < vocab]
         if bad:
             raise AtmanError(f"token id(s) {bad[:5]} are outside the vocabulary of {vocab} tokens")
-        limit = _context_length(self.lm.model.config)
+        limit = self.lm.context_length
         if limit is not None and len(input_ids) + extra > limit:
             raise ContextLengthError(
                 f"{len(input_ids)} prompt tokens plus {extra} more exceed the model's context of {limit} tokens"
             )
         mode = mode or self.mode
-        if mode not in MODES:
-            raise AtmanError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        Suppression(mode=mode)
         return mode
 
     def _forward(self, ids: torch.Tensor, cache: DynamicCache, keep_last: bool) -> torch.Tensor:
@@ -445,9 +435,6 @@ def _first_stop(text: str, stop: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
-_DEFAULT: Steerer | None = None
-
-
 def generate(
     prompt: str,
     controls: Sequence[Control] = (),
@@ -464,13 +451,6 @@ def generate(
         ...          [TextControl(19, 17, 0.0)], max_new_tokens=2).text
         ' Oslo.'
     """
-    global _DEFAULT
-    if model is None:
-        if _DEFAULT is None:
-            from .models import load_model
+    from .models import default_model
 
-            _DEFAULT = Steerer(load_model())
-        steerer = _DEFAULT
-    else:
-        steerer = Steerer(model)
-    return steerer.generate(prompt, controls, mode=mode, **options)
+    return Steerer(model or default_model()).generate(prompt, controls, mode=mode, **options)

@@ -91,11 +91,7 @@ def encode(
     if chat:
         ids, spans = _encode_chat(tokenizer, prompt, system)
     else:
-        enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        spans = [_explainable(a, b) for a, b in enc["offset_mapping"]]
-        special = set(tokenizer.all_special_ids)
-        spans = [None if tok in special else span for tok, span in zip(ids, spans, strict=True)]
+        ids, spans = tokenize(tokenizer, prompt)
     if isinstance(target, str):
         if not target:
             raise EmptyInputError("the target is empty")
@@ -116,6 +112,22 @@ def encode(
         target_start=len(ids),
         target_spans=tuple(target_spans),
     )
+
+
+def tokenize(tokenizer, text: str, *, add_special_tokens: bool = True,
+             offset: int = 0) -> tuple[list[int], list[tuple[int, int] | None]]:
+    """Token ids of ``text`` and each token's character span (shifted by ``offset``); None for special
+    tokens and tokens that cover no character. The one place text meets a tokenizer's offsets.
+
+    >>> tokenize(tokenizer, "Hi there")  # doctest: +SKIP
+    ([1, 17535, 686], [None, (0, 2), (2, 8)])
+    """
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    special = set(tokenizer.all_special_ids)
+    ids = [int(t) for t in enc["input_ids"]]
+    spans = [None if tok in special or b <= a else (offset + int(a), offset + int(b))
+             for tok, (a, b) in zip(ids, enc["offset_mapping"], strict=True)]
+    return ids, spans
 
 
 def _check_text(text: str, what: str) -> None:

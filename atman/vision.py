@@ -29,17 +29,24 @@ from typing import Any
 
 import torch
 
-from .encoders import _class_index, _label
+from .encoders import class_index, class_label
+from .engine import (
+    EngineClient,
+    Progress,
+    refuse_factor,
+    spread_conceptually,
+    suppression_rows,
+)
 from .errors import AtmanError, EmptyInputError, ModelLoadError, UnsupportedModelError
-from .explainer import _check_suppression
 from .explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
-from .manipulation import enable, manipulate
+from .manipulation import enable
 from .tiles import ImageGrid, TileSpec, grid_tiles, tile_shape
-from .units import GRANULARITIES, EncodedInput, Unit, choose_granularity, prompt_units
+from .units import GRANULARITIES, EncodedInput, choose_granularity, prompt_units
 
-DEFAULT_FACTOR = 0.9
 IMAGE_MARKER = "<image>"
-TOKEN_BUDGET = 8192
+# the language model run on the vision tower's output embeddings must reproduce the model's own
+# target log-probability this closely for the fast path (vision tower once, prefix reuse) to be used
+EMBEDDING_PATH_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -55,12 +62,6 @@ class LoadedVisionModel:
         return next(self.model.parameters()).device
 
 
-def _check(factor: float, mode: str, backend: str, batch_size: int | None) -> None:
-    _check_suppression(factor, mode, backend)
-    if batch_size is not None and batch_size < 1:
-        raise AtmanError(f"batch_size must be at least 1, got {batch_size}")
-
-
 def _patch_size(config) -> int:
     vision = getattr(config, "vision_config", None) or config
     size = getattr(vision, "patch_size", None)
@@ -69,20 +70,6 @@ def _patch_size(config) -> int:
     if not isinstance(size, int):
         raise UnsupportedModelError(f"{type(config).__name__} declares no patch_size, so its patch grid is unknown")
     return size
-
-
-def _batches(rows: int, length: int, batch_size: int | None) -> list[range]:
-    size = batch_size or max(1, TOKEN_BUDGET // max(length, 1))
-    return [range(first, min(first + size, rows)) for first in range(0, rows, size)]
-
-
-def _repeat(inputs: dict[str, Any], count: int) -> dict[str, Any]:
-    """The processor's outputs for one example, repeated ``count`` times along the batch dimension.
-
-    Per-image tensors (pixel values, grid sizes) are stacked along dim 0 in batch order by every
-    processor we know, so repeating them along dim 0 gives every batch row its own copy.
-    """
-    return {k: torch.cat([v] * count) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def _tile_items(tiles_per_image: list[list], scores: Sequence[float]) -> list[ImageItem]:
@@ -110,20 +97,17 @@ def _load_pretrained(model_class, processor_class, path: str, device: str, kind:
     return LoadedVisionModel(model, processor, name=str(path).rstrip("/").rsplit("/", 1)[-1])
 
 
-class _Settings:
-    """The suppression settings both vision explainers take, checked once."""
+class VisionExplainer(EngineClient):
+    """What both vision explainers share: a loaded vision model under one suppression setting."""
 
-    def __init__(self, loaded: LoadedVisionModel, *, factor: float = DEFAULT_FACTOR, mode: str = "log-additive",
-                 backend: str = "sdpa", batch_size: int | None = None) -> None:
-        _check(factor, mode, backend, batch_size)
+    def __init__(self, loaded: LoadedVisionModel, **options) -> None:
+        refuse_factor(options.pop("factor", None))
+        super().__init__(loaded.model, **options)
         self.loaded = loaded
-        self.factor = factor
-        self.mode = mode
-        self.backend = backend
-        self.batch_size = batch_size
 
 
-class ImageClassifierExplainer(_Settings):
+
+class ImageClassifierExplainer(VisionExplainer):
     """Explains an image classifier's log-probability of one class over tiles of the patch grid.
 
     Example::
@@ -133,9 +117,8 @@ class ImageClassifierExplainer(_Settings):
         >>> render_overlay(exp, image).save("why.png")
     """
 
-    def __init__(self, loaded: LoadedVisionModel, *, factor: float = DEFAULT_FACTOR, mode: str = "log-additive",
-                 backend: str = "sdpa", batch_size: int | None = None) -> None:
-        super().__init__(loaded, factor=factor, mode=mode, backend=backend, batch_size=batch_size)
+    def __init__(self, loaded: LoadedVisionModel, **options) -> None:
+        super().__init__(loaded, **options)
         self.patch = _patch_size(loaded.model.config)
         self._enabled = False
 
@@ -148,10 +131,10 @@ class ImageClassifierExplainer(_Settings):
         return self.loaded.processor(images=image, return_tensors="pt")["pixel_values"]
 
     def explain(self, image, target: int | str | None = None, *, granularity: TileSpec = "token",
-                factor: float | None = None) -> Explanation:
+                multiplier: float | None = None, factor: None = None) -> Explanation:
         """Scores of the image's tiles for class ``target`` (index or label; None = the predicted class)."""
-        factor = self.factor if factor is None else factor
-        _check(factor, self.mode, self.backend, self.batch_size)
+        refuse_factor(factor)
+        suppression = self.suppression.with_options(multiplier=multiplier)
         model = self.loaded.model
         pixels = self.pixel_values(image).to(self.loaded.device)
         if not self._enabled:
@@ -168,27 +151,20 @@ class ImageClassifierExplainer(_Settings):
             raise UnsupportedModelError(
                 f"{type(model).__name__} has {length} tokens for a {grid.rows}x{grid.cols} patch grid"
             )
-        multipliers = torch.ones(len(tiles) + 1, length)
-        for row, tile in enumerate(tiles, start=1):
-            multipliers[row, [first_patch + c for c in tile.cells]] = 1.0 - factor
-        logprobs = []
-        with torch.no_grad():
-            for rows in _batches(multipliers.shape[0], length, self.batch_size):
-                with manipulate(multipliers[rows.start:rows.stop].to(pixels.device), mode=self.mode,
-                                backend=self.backend):
-                    out = model(pixel_values=pixels.expand(len(rows), -1, -1, -1))
-                logprobs.append(torch.log_softmax(out.logits.float(), -1).cpu())
-        logprobs = torch.cat(logprobs)
-        index = _class_index(model.config, target, logprobs.shape[1], int(logprobs[0].argmax()))
+        rows = suppression_rows(length, [[first_patch + c for c in tile.cells] for tile in tiles],
+                                suppression.multiplier)
+        logprobs = self.engine.outputs({"pixel_values": pixels}, rows,
+                                       lambda out: torch.log_softmax(out.logits.float(), -1))
+        index = class_index(model.config, target, logprobs.shape[1], int(logprobs[0].argmax()))
         delta = logprobs[0, index] - logprobs[1:, index]
-        label = _label(model.config, index)
+        label = class_label(model.config, index)
         items = tuple(_tile_items([tiles], delta.tolist()))
         return Explanation(
             model=self.loaded.name, prompt="", target=label,
             explanations=(TargetExplanation(TargetSpan(label, 0, len(label)), items),),
-            settings={"task": "image-classification", "class_index": index, "factor": factor, "mode": self.mode,
+            settings={"task": "image-classification", "class_index": index, **suppression.settings(),
                       "target_logprob": float(logprobs[0, index]),
-                      "predicted": _label(model.config, int(logprobs[0].argmax())),
+                      "predicted": class_label(model.config, int(logprobs[0].argmax())),
                       "images": [{"width": int(pixels.shape[-1]), "height": int(pixels.shape[-2]),
                                   "rows": grid.rows, "cols": grid.cols,
                                   "tile": list(tile_shape(grid, granularity))}]},
@@ -203,6 +179,14 @@ def load_vision_language(path: str, *, device: str = "cpu") -> LoadedVisionModel
 
 
 @dataclass(frozen=True)
+class EmbeddedInput:
+    """The language model's input embeddings (1, positions, hidden) and the model's own target losses."""
+
+    embeddings: torch.Tensor
+    reference: torch.Tensor
+
+
+@dataclass(frozen=True)
 class VisionLanguageInput:
     """Processed prompt + target: the model inputs, character spans of text tokens, image token runs."""
 
@@ -211,7 +195,7 @@ class VisionLanguageInput:
     image_runs: tuple[tuple[int, ...], ...]
 
 
-class VisionLanguageExplainer(_Settings):
+class VisionLanguageExplainer(VisionExplainer):
     """Explains a vision-language model's target text over text units and image tiles.
 
     ``<image>`` markers in the prompt place the images (in order). Text units follow
@@ -223,9 +207,8 @@ class VisionLanguageExplainer(_Settings):
         >>> exp = explainer.explain("<image>This is a picture of a", " red circle", images=[image])
     """
 
-    def __init__(self, loaded: LoadedVisionModel, *, factor: float = DEFAULT_FACTOR, mode: str = "log-additive",
-                 backend: str = "sdpa", batch_size: int | None = None) -> None:
-        super().__init__(loaded, factor=factor, mode=mode, backend=backend, batch_size=batch_size)
+    def __init__(self, loaded: LoadedVisionModel, **options) -> None:
+        super().__init__(loaded, **options)
         config = loaded.model.config
         self.image_token_id = getattr(config, "image_token_id", None)
         if self.image_token_id is None:
@@ -242,6 +225,9 @@ class VisionLanguageExplainer(_Settings):
         implementation = {name: "sdpa" for name in subconfigs} | {"text_config": "atman"}
         enable(loaded.model, implementation=implementation)
         self.tokenizer = getattr(loaded.processor, "tokenizer", None)
+        # whether the last explanation ran the language model on its input embeddings with prefix
+        # reuse (see :meth:`losses`)
+        self.fast_path: bool | None = None
 
     def prepare(self, prompt: str, target: str, images: Sequence) -> VisionLanguageInput:
         """Run the processor on prompt + target and locate text spans and image-token runs."""
@@ -351,20 +337,20 @@ class VisionLanguageExplainer(_Settings):
         images: Sequence = (),
         granularity: str = "word",
         image_granularity: TileSpec = "token",
-        factor: float | None = None,
-        kappa: float | None = None,
+        multiplier: float | None = None,
+        kappa: float | None | str = "default",
         delimiter: str | None = None,
+        progress: Progress | None = None,
+        factor: None = None,
     ) -> Explanation:
         """Scores of the prompt's text units and image tiles for ``target`` (summed over its tokens).
 
         ``kappa`` switches conceptual suppression on: with a unit, every prompt token (text or
-        image) whose language-model input embedding has cosine similarity >= ``kappa`` to one of
-        the unit's is damped too, by ``1 - factor * similarity``.
+        image) whose language-model input embedding has cosine similarity s >= ``kappa`` to one of
+        the unit's is damped too, to ``1 - (1 - multiplier) * s``.
         """
-        factor = self.factor if factor is None else factor
-        _check(factor, self.mode, self.backend, self.batch_size)
-        if kappa is not None and not 0.0 < kappa <= 1.0:
-            raise AtmanError(f"kappa must lie in (0, 1], got {kappa}")
+        refuse_factor(factor)
+        suppression = self.suppression.with_options(multiplier=multiplier, kappa=kappa)
         if granularity not in GRANULARITIES or granularity in ("refine", "spans"):
             raise AtmanError(f"granularity {granularity!r} is not offered with images")
         prepared = self.prepare(prompt, target, images)
@@ -376,26 +362,17 @@ class VisionLanguageExplainer(_Settings):
             units = prompt_units(encoded, resolved, delimiter=delimiter)
         grids = [self._grid(run, image) for run, image in zip(prepared.image_runs, images, strict=True)]
         tiles = [grid_tiles(grid, image_granularity) for grid in grids]
-        length = len(encoded.input_ids)
-        multipliers = torch.ones(1 + len(units) + sum(map(len, tiles)), length)
-        row = 1
-        for unit in units:
-            multipliers[row, list(unit.positions)] = 1.0 - factor
-            row += 1
-        for run, image_tiles in zip(prepared.image_runs, tiles, strict=True):
-            for tile in image_tiles:
-                multipliers[row, [run[c] for c in tile.cells]] = 1.0 - factor
-                row += 1
-        if kappa is not None:
-            from .explainer import _conceptual
-
-            all_units = list(units) + [Unit("image", tuple(run[c] for c in tile.cells), 0, 0, "")
-                                       for run, image_tiles in zip(prepared.image_runs, tiles, strict=True)
-                                       for tile in image_tiles]
+        positions = [unit.positions for unit in units] + [
+            tuple(run[c] for c in tile.cells)
+            for run, image_tiles in zip(prepared.image_runs, tiles, strict=True) for tile in image_tiles]
+        rows = suppression_rows(len(encoded.input_ids), positions, suppression.multiplier)
+        embedded = self.embed(prepared)
+        if suppression.kappa is not None:
             candidates = sorted({p for p, span in enumerate(encoded.prompt_spans) if span is not None}
                                 | {p for run in prepared.image_runs for p in run})
-            _conceptual(self.input_embeddings(prepared), all_units, candidates, multipliers, factor, kappa)
-        losses = self.losses(prepared, multipliers)
+            spread_conceptually(rows, embedded.embeddings[0].float().cpu(), positions, candidates,
+                                suppression.multiplier, suppression.kappa)
+        losses = self.losses(prepared, rows, mode=suppression.mode, embedded=embedded, progress=progress)
         delta = (losses[1:] - losses[0:1]).sum(dim=1)
         items: list = [Item("prompt", u.text, u.start, u.length, float(d))
                        for u, d in zip(units, delta[:len(units)], strict=True)]
@@ -406,47 +383,54 @@ class VisionLanguageExplainer(_Settings):
             settings={"task": "vision-language", "granularity": granularity if has_text else None,
                       "image_granularity": list(image_granularity) if isinstance(image_granularity, tuple)
                       else image_granularity,
-                      "factor": factor, "kappa": kappa, "mode": self.mode,
+                      **suppression.settings(),
                       "target_logprob": -float(losses[0].sum()),
                       "images": [{"width": image.width, "height": image.height, "rows": g.rows, "cols": g.cols,
                                   "tile": list(tile_shape(g, image_granularity))}
                                  for image, g in zip(images, grids, strict=True)]},
         )
 
+    def embed(self, prepared: VisionLanguageInput) -> EmbeddedInput:
+        """One pass of the whole model: what its language model receives (image features included) and
+        the model's own loss of every target token, the reference the fast path must reproduce."""
+        encoded = prepared.encoded
+        embeddings, logits = language_model_inputs(self.loaded.model, prepared.inputs)
+        targets = torch.tensor(encoded.input_ids[encoded.target_start:], device=logits.device)
+        logprobs = torch.log_softmax(logits[0, encoded.target_start - 1:-1].float(), -1)
+        reference = -logprobs.gather(-1, targets[:, None])[:, 0].cpu()
+        return EmbeddedInput(embeddings=embeddings, reference=reference)
+
     def input_embeddings(self, prepared: VisionLanguageInput) -> torch.Tensor:
         """What the language model receives: (positions, hidden) embeddings, image features included."""
-        decoder = self.loaded.model.get_decoder()
-        captured: dict = {}
+        return self.embed(prepared).embeddings[0].float().cpu()
 
-        def grab(_module, args, kwargs):
-            captured["embeds"] = kwargs.get("inputs_embeds")
+    def losses(self, prepared: VisionLanguageInput, multipliers: torch.Tensor, *, mode: str | None = None,
+               engine: str | None = None, embedded: EmbeddedInput | None = None,
+               progress: Progress | None = None) -> torch.Tensor:
+        """Cross-entropy of every target token (columns) under every multiplier row (rows).
 
-        handle = decoder.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                self.loaded.model(**prepared.inputs, use_cache=False)
-        finally:
-            handle.remove()
-        if captured.get("embeds") is None:
-            raise UnsupportedModelError(f"{type(self.loaded.model).__name__} does not pass inputs_embeds to its "
-                                        "language model, so conceptual suppression cannot see the image features")
-        return captured["embeds"][0].float().cpu()
-
-    def losses(self, prepared: VisionLanguageInput, multipliers: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of every target token (columns) under every multiplier row (rows)."""
+        The vision tower runs once: the rows run the model on the language model's input embeddings,
+        with the unperturbed prefix reused (``engine="cached"``, the default). A model whose language
+        model does not reproduce its own output from those embeddings alone (positions or attention
+        masks that depend on more than the embeddings, bidirectional image blocks) is run on its full
+        inputs for every row instead — exact, at the old cost; :attr:`fast_path` tells which was used.
+        """
         encoded = prepared.encoded
         targets = torch.tensor(encoded.input_ids[encoded.target_start:])
-        out = []
-        with torch.no_grad():
-            for rows in _batches(multipliers.shape[0], len(encoded.input_ids), self.batch_size):
-                inputs = _repeat(prepared.inputs, len(rows))
-                with manipulate(multipliers[rows.start:rows.stop].to(self.loaded.device), mode=self.mode,
-                                backend=self.backend):
-                    logits = self.loaded.model(**inputs, use_cache=False).logits
-                logits = logits[:, encoded.target_start - 1:-1].float().cpu()
-                logprobs = torch.log_softmax(logits, -1)
-                out.append(-logprobs.gather(-1, targets.expand(len(rows), -1)[..., None])[..., 0])
-        return torch.cat(out)
+        embedded = embedded or self.embed(prepared)
+        # decided per input (a processor may mark bidirectional image blocks for some inputs only), at
+        # the cost of one language-model pass; the split lies inside the first image block, which
+        # catches bidirectional image attention, prefix-LM prompts and positions the embeddings lack
+        first_image = prepared.image_runs[0][0] if prepared.image_runs else encoded.target_start // 2
+        split = min(max(first_image + 1, 1), encoded.target_start - 1)
+        self.fast_path = (encoded.target_start > 1 and not has_multimodal_positions(self.loaded.model)
+                          and self.engine.reuses_prefix_exactly({"inputs_embeds": embedded.embeddings}, targets,
+                                                                embedded.reference, split, EMBEDDING_PATH_TOLERANCE))
+        if self.fast_path:
+            return self.engine.target_losses({"inputs_embeds": embedded.embeddings}, targets, multipliers,
+                                             mode=mode, engine=engine, progress=progress)
+        return self.engine.target_losses(prepared.inputs, targets, multipliers, mode=mode, engine="naive",
+                                         progress=progress)
 
     def _grid(self, run: tuple[int, ...], image) -> ImageGrid:
         """The patch grid of one image's token run: square runs are square grids; otherwise the
@@ -460,6 +444,33 @@ class VisionLanguageExplainer(_Settings):
             if n % rows == 0 and abs(rows / (n // rows) - height / width) < 1e-6:
                 return ImageGrid(rows, n // rows)
         raise UnsupportedModelError(f"cannot lay out {n} image tokens as a grid for a {width}x{height} image")
+
+
+def has_multimodal_positions(model: torch.nn.Module) -> bool:
+    """Whether the model derives rotary positions from its image layout and keeps them between calls
+    (Qwen2-VL's M-RoPE ``rope_deltas``): its language model cannot be fed embeddings alone."""
+    return any(hasattr(module, "rope_deltas") for module in model.modules())
+
+
+def language_model_inputs(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a vision-language model once on ``inputs``; return the input embeddings its language model
+    received (1, positions, hidden: text embeddings with the image features in place) and the logits."""
+    decoder = model.get_decoder()
+    captured: dict = {}
+
+    def grab(_module, args, kwargs):
+        captured["embeds"] = kwargs.get("inputs_embeds")
+
+    handle = decoder.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits
+    finally:
+        handle.remove()
+    if captured.get("embeds") is None:
+        raise UnsupportedModelError(f"{type(model).__name__} does not pass inputs_embeds to its language model, "
+                                    "so its image features cannot be located")
+    return captured["embeds"].detach(), logits
 
 
 def _runs(positions: list[int]) -> list[tuple[int, ...]]:

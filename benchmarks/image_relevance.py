@@ -8,7 +8,7 @@ the object's mask (precision and recall, ``atman.evaluate.image_metrics``):
 * ``vit``: the ViT classifier in tests/fixtures/tiny-vit-scenes on one coloured shape among grey
   distractors; target: the true class.
 
-Methods: AtMan (token tiles, factor 0.9, log-additive); Captum IntegratedGradients on the image
+Methods: AtMan (token tiles, multiplier 0.1, log-additive); Captum IntegratedGradients on the image
 embeddings that the model consumes (the projector's output for the VLM, the patch embeddings for
 the ViT; zero baseline, 32 steps; attribution summed over the hidden dimension); uniformly random
 grids. Negative relevance is clipped to 0 for every method.
@@ -122,7 +122,8 @@ def main() -> int:
     parser.add_argument("--task", choices=("vlm", "vit"), required=True)
     parser.add_argument("--scenes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=20_000, help="held out: training used seeds below 10,100")
-    parser.add_argument("--factor", type=float, default=0.9, help="AtMan suppression strength")
+    parser.add_argument("--multiplier", type=float, default=0.1,
+                        help="AtMan: attention multiplier of a suppressed tile")
     parser.add_argument("--kappa", type=float, help="vlm: AtMan conceptual suppression threshold (default off)")
     parser.add_argument("--output", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
@@ -133,13 +134,13 @@ def main() -> int:
     start = time.monotonic()
     if args.task == "vlm":
         explainer = VisionLanguageExplainer(load_vision_language(str(FIXTURES / "tiny-llava-scenes")),
-                                            factor=args.factor)
+                                            multiplier=args.multiplier)
         for _ in range(args.scenes):
             scene = make_scene(rng, 2)
             cases += [vlm_case(explainer, scene, k, args.kappa) for k in range(len(scene.objects))]
     else:
         explainer = ImageClassifierExplainer(load_image_classifier(str(FIXTURES / "tiny-vit-scenes")),
-                                             factor=args.factor)
+                                             multiplier=args.multiplier)
         for _ in range(args.scenes):
             cases.append(vit_case(explainer, make_scene(rng, 1, clutter=CLASSIFIER_CLUTTER)))
     results = {}
@@ -149,7 +150,7 @@ def main() -> int:
         precision, recall = np.array(scores).T
         results[method] = {"mean_precision": round(float(precision.mean()) * 100, 1),
                            "mean_recall": round(float(recall.mean()) * 100, 1)}
-    report = {"task": args.task, "cases": len(cases), "factor": args.factor, "kappa": args.kappa,
+    report = {"task": args.task, "cases": len(cases), "multiplier": args.multiplier, "kappa": args.kappa,
               "seconds": round(time.monotonic() - start), **results}
     print(json.dumps(report, indent=1))
     if args.output:

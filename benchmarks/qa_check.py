@@ -17,19 +17,21 @@ from atman import Explainer, load_model
 from atman.evaluate.context_qa import hits, make_examples
 
 
-def run(explainer: Explainer, examples, kappa, mode: str, factor: float) -> dict:
+def run(explainer: Explainer, examples, kappa, mode: str, multiplier: float) -> dict:
     sentence_hits = token_hits = 0
     margin = 0.0
     start = time.perf_counter()
     for ex in examples:
-        exp = explainer.explain(ex.prompt, ex.target, granularity="sentence", kappa=kappa, mode=mode, factor=factor)
+        exp = explainer.explain(ex.prompt, ex.target, granularity="sentence", kappa=kappa, mode=mode,
+                                multiplier=multiplier)
         sentence_hits += hits(exp, ex)[1]
         scores = sorted((i.score for i in exp.explanations[0].items), reverse=True)
         margin += scores[0] - scores[1]
-        exp = explainer.explain(ex.prompt, ex.target, granularity="token", kappa=kappa, mode=mode, factor=factor)
+        exp = explainer.explain(ex.prompt, ex.target, granularity="token", kappa=kappa, mode=mode,
+                                multiplier=multiplier)
         token_hits += hits(exp, ex)[0]
     n = len(examples)
-    return {"kappa": kappa, "mode": mode, "factor": factor, "n": n, "sentence_top1": sentence_hits / n,
+    return {"kappa": kappa, "mode": mode, "multiplier": multiplier, "n": n, "sentence_top1": sentence_hits / n,
             "token_top1_in_evidence": token_hits / n, "mean_sentence_margin": margin / n,
             "seconds": round(time.perf_counter() - start, 1)}
 
@@ -42,19 +44,19 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=4, help="fact sentences per prompt")
     parser.add_argument("--kappa", nargs="+", default=["none", "0.7"])
     parser.add_argument("--mode", nargs="+", default=["log-additive"])
-    parser.add_argument("--factor", nargs="+", type=float, default=[0.9])
+    parser.add_argument("--multiplier", nargs="+", type=float, default=[0.1])
     args = parser.parse_args()
     explainer = Explainer(load_model(args.model))
     examples = make_examples(args.n, seed=args.seed, facts=args.facts)
     print(f"model: {explainer.lm.name}; {args.n} prompts of {args.facts} facts, seed {args.seed}")
-    print(f"{'kappa':>6} {'mode':>15} {'factor':>6} {'sentence top-1':>15} {'token top-1 in evidence':>24} "
+    print(f"{'kappa':>6} {'mode':>15} {'multiplier':>10} {'sentence top-1':>15} {'token top-1 in evidence':>24} "
           f"{'margin':>7} {'s':>6}")
     for mode in args.mode:
-        for factor in args.factor:
+        for multiplier in args.multiplier:
             for kappa_text in args.kappa:
                 kappa = None if kappa_text == "none" else float(kappa_text)
-                row = run(explainer, examples, kappa, mode, factor)
-                print(f"{kappa_text:>6} {mode:>15} {factor:>6} {row['sentence_top1']:>15.2%} "
+                row = run(explainer, examples, kappa, mode, multiplier)
+                print(f"{kappa_text:>6} {mode:>15} {multiplier:>10} {row['sentence_top1']:>15.2%} "
                       f"{row['token_top1_in_evidence']:>24.2%} {row['mean_sentence_margin']:>7.2f} "
                       f"{row['seconds']:>6}")
                 print(json.dumps(row), flush=True)

@@ -32,31 +32,24 @@ import torch
 
 from atman import Explainer, load_model
 from atman.evaluate.context_qa import make_examples
-from atman.explainer import _Run
 from atman.units import encode, prompt_units
 
 
 class Meter:
-    """Counts the forward calls and token-forwards of the explainer's engine."""
+    """Counts the forward calls and token-forwards the explainer's engine runs inside the block."""
 
-    def __init__(self) -> None:
+    def __init__(self, explainer: Explainer) -> None:
+        self.engine = explainer.engine
         self.calls = 0
         self.token_forwards = 0
-        self._original = _Run._forward
 
     def __enter__(self) -> Meter:
-        meter = self
-
-        def counted(run, input_ids, *args, **kwargs):
-            meter.calls += 1
-            meter.token_forwards += input_ids.shape[0] * input_ids.shape[1]
-            return meter._original(run, input_ids, *args, **kwargs)
-
-        _Run._forward = counted
+        self._start = (self.engine.forward_calls, self.engine.token_forwards)
         return self
 
     def __exit__(self, *exc) -> None:
-        _Run._forward = self._original
+        self.calls = self.engine.forward_calls - self._start[0]
+        self.token_forwards = self.engine.token_forwards - self._start[1]
 
 
 def long_example(tokenizer, tokens: int, seed: int):
@@ -103,7 +96,7 @@ def run_one(explainer: Explainer, lm, tokens: int, seed: int, top: int, full: bo
           flush=True)
     results: dict = {"seed": seed, "prompt_tokens": length, "sequence_tokens": total, "target": example.target,
                      "refine_top": top, "token_level_lower_bound_token_forwards": bound}
-    with Meter() as meter:
+    with Meter(explainer) as meter:
         start = time.perf_counter()
         refined = explainer.explain(example.prompt, example.target, granularity="refine", refine_top=top)
         _sync(lm.device)
@@ -119,7 +112,7 @@ def run_one(explainer: Explainer, lm, tokens: int, seed: int, top: int, full: bo
           f"({meter.token_forwards / bound:.3f} of token level's lower bound {bound}); "
           f"evidence sentence refined: {evidence_refined}", flush=True)
     if full:
-        with Meter() as meter:
+        with Meter(explainer) as meter:
             start = time.perf_counter()
             token_level = explainer.explain(example.prompt, example.target, granularity="token")
             _sync(lm.device)

@@ -117,7 +117,7 @@ def test_padded_batches_give_the_unpadded_log_probabilities(smollm2):
 
 
 def test_atman_method_matches_the_explainer(smollm2):
-    for options in ({}, {"factor": 0.5, "mode": "multiplicative"}):
+    for options in ({}, {"multiplier": 0.5, "mode": "multiplicative"}):
         ours = AtMan(smollm2, **options).attribute(PROMPT, TARGET, granularity="sentence")
         theirs = Explainer(smollm2, **options).explain(PROMPT, TARGET, granularity="sentence")
         assert ours.explanations[0].scores == pytest.approx(theirs.explanations[0].scores, abs=1e-4)
@@ -152,7 +152,7 @@ def test_attnlrp_says_why_it_cannot_run(smollm2):
 
 
 def test_specs_and_their_errors(smollm2):
-    assert parse_spec("atman:factor=0.5,kappa=none") == ("atman", {"factor": 0.5, "kappa": None})
+    assert parse_spec("atman:multiplier=0.5,kappa=none") == ("atman", {"multiplier": 0.5, "kappa": None})
     assert parse_spec("integrated-gradients:steps=8") == ("integrated-gradients", {"steps": 8})
     assert get_method("atman:kappa=0.7", smollm2).explainer.kappa == 0.7
     with pytest.raises(AtmanError, match="unknown method"):
@@ -160,10 +160,13 @@ def test_specs_and_their_errors(smollm2):
     with pytest.raises(AtmanError, match="bad option"):
         parse_spec("atman:strength=2")
     with pytest.raises(AtmanError, match="bad value"):
-        parse_spec("atman:factor=high")
+        parse_spec("atman:multiplier=high")
     with pytest.raises(AtmanError, match="does not take"):
-        get_method("occlusion:factor=0.5", smollm2)
-    with pytest.raises(AtmanError, match="factor"):
-        get_method("atman:factor=1.5", smollm2)
+        get_method("occlusion:multiplier=0.5", smollm2)
+    with pytest.raises(AtmanError, match="multiplier must lie"):
+        get_method("atman:multiplier=1.5", smollm2)
+    # the old spelling meant the opposite (suppression strength): refused, never reinterpreted
+    with pytest.raises(AtmanError, match="multiplier = 1 - factor"):
+        parse_spec("atman:factor=0.9")
     with pytest.raises(AtmanError, match="refine"):
         get_method("occlusion", smollm2).attribute(PROMPT, TARGET, granularity="refine")

@@ -60,13 +60,13 @@ def test_prompt_from_file_and_options(capsys, tmp_path):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text(PROMPT)
     code, out, err = run(capsys, "explain", "--prompt-file", str(prompt_file), "-t", " Quillmere",
-                         "--span", "0:12", "--span", "32:42", "--factor", "1.0", "--no-conceptual",
+                         "--span", "0:12", "--span", "32:42", "--multiplier", "0", "--no-conceptual",
                          "--mode", "multiplicative", "--target-granularity", "token", "--postprocessing",
                          "absolute", "--normalize", "-f", "json", "-q")
     assert code == 0, err
     exp = Explanation.from_json(out)
     assert [i.text for i in exp.explanations[0].items] == ["Kira Denholm", "Omar Pelle"]
-    assert exp.settings["factor"] == 1.0 and exp.settings["kappa"] is None
+    assert exp.settings["multiplier"] == 0.0 and exp.settings["kappa"] is None
     assert exp.settings["mode"] == "multiplicative" and len(exp.explanations) > 1
 
 
@@ -78,7 +78,7 @@ def test_batch_keeps_going_past_bad_lines(capsys, tmp_path):
         json.dumps({"prompt": "", "target": " x"}),
         json.dumps({"prompt": PROMPT, "target": " x", "granularity": "chapter"}),
         json.dumps({"prompt": PROMPT, "target": " x", "colour": "red"}),
-        json.dumps({"prompt": PROMPT, "target": " x", "factor": "high"}),
+        json.dumps({"prompt": PROMPT, "target": " x", "multiplier": "high"}),
         "",
         json.dumps({"prompt": PROMPT, "max_new_tokens": 3, "granularity": "word", "conceptual": False}),
     ]
@@ -117,12 +117,12 @@ def test_batch_line_fields_and_unicode(capsys, tmp_path):
 
 
 def test_batch_from_stdin(capsys, monkeypatch):
-    lines = [{"prompt": PROMPT, "target": " Quillmere", "granularity": "sentence"}, {"prompt": PROMPT, "factor": 7}]
+    lines = [{"prompt": PROMPT, "target": " Quillmere", "granularity": "sentence"}, {"prompt": PROMPT, "multiplier": 7}]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(json.dumps(x) for x in lines) + "\n"))
     code, out, err = run(capsys, "explain", "--input", "-", "-q")
     results = [json.loads(line) for line in out.split("\n") if line]
     assert code == 1
-    assert results[0]["target"] == " Quillmere" and "factor" in results[1]["error"]
+    assert results[0]["target"] == " Quillmere" and "multiplier" in results[1]["error"]
 
 
 def test_batch_fail_fast_stops_at_the_first_bad_line(capsys, tmp_path):
@@ -147,7 +147,8 @@ def test_batch_fail_fast_stops_at_the_first_bad_line(capsys, tmp_path):
         (["explain", "<|im_start|>", "-t", " x"], "no unit"),
         (["explain", PROMPT, "-t", " x", "-g", "delimiter"], "delimiter"),
         (["explain", PROMPT, "-t", " x", "--span", "3-4"], "START:END"),
-        (["explain", PROMPT, "-t", " x", "--factor", "2"], "factor"),
+        (["explain", PROMPT, "-t", " x", "--multiplier", "2"], "multiplier"),
+        (["explain", PROMPT, "-t", " x", "--factor", "0.9"], "pass --multiplier = 1 - factor"),
         (["explain", "--prompt-file", "/no/such/file", "-t", " x"], "cannot read"),
         (["explain", PROMPT, "-t", " x", "--model", "./no/such/dir"], "no such model directory"),
         (["explain", PROMPT, "-t", " x", "--model", "/no/such/model.gguf"], "no such GGUF file"),

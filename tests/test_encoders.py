@@ -84,7 +84,7 @@ class _Tokenizer:
 
 def test_classifier_explainer_scores_are_logprob_drops():
     model = enable(tiny_classifier("bert"))
-    explainer = ClassifierExplainer(LoadedEncoder(model, _Tokenizer(), "tiny-bert"), factor=1.0)
+    explainer = ClassifierExplainer(LoadedEncoder(model, _Tokenizer(), "tiny-bert"), multiplier=0.0)
     text = "the cat sat on the mat"
     exp = explainer.explain(text, target=2, granularity="word")
     assert [item.text for item in exp.explanations[0].items] == text.split()
@@ -94,7 +94,7 @@ def test_classifier_explainer_scores_are_logprob_drops():
         ids = torch.tensor([encoded.input_ids])
         base = torch.log_softmax(model(input_ids=ids).logits, -1)[0, 2]
         mask = torch.ones_like(ids)
-        mask[0, 3] = 0  # "sat", factor 1 removes it: the same as masking it
+        mask[0, 3] = 0  # "sat", multiplier 0 removes it: the same as masking it
         removed = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, -1)[0, 2]
     assert exp.explanations[0].items[2].score == pytest.approx(float(base - removed), abs=1e-5)
     assert exp.settings["target_logprob"] == pytest.approx(float(base), abs=1e-5)

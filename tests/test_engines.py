@@ -8,7 +8,7 @@ from conftest import TINY_CONFIGS, tiny_model
 
 from atman import AtmanError, Explainer, LoadedModel, enable
 from atman.budget import MemoryModel, parse_memory
-from atman.explainer import _groups, _Run
+from atman.engine import batch_groups
 from atman.units import EncodedInput
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -57,7 +57,7 @@ def test_groups_cover_every_row_once_and_respect_limits():
     def fits(count, start):
         return count <= 3 and count * (120 - start) <= 200
 
-    groups = _groups(starts, 120, fits)
+    groups = batch_groups(starts, 120, fits)
     assert sorted(r for g in groups for r in g) == list(range(len(starts)))
     for g in groups:
         assert len(g) == 1 or fits(len(g), min(min(starts[r] for r in g), 119))
@@ -72,7 +72,7 @@ def test_groups_are_optimal_under_the_cost_model():
 
     starts = [9, 0, 4, 7, 7, 2, 11]
     length, overhead = 12, 5
-    groups = _groups(starts, length, lambda count, start: True, overhead)
+    groups = batch_groups(starts, length, lambda count, start: True, overhead)
     order = sorted(range(len(starts)), key=lambda r: -starts[r])
     best = min(
         _cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)), strict=True)], starts, length, overhead)
@@ -84,11 +84,11 @@ def test_groups_are_optimal_under_the_cost_model():
 
 def test_groups_trade_call_overhead_against_padding():
     starts = list(range(200))
-    one_call = _groups(starts, 200, lambda count, start: True, overhead=10**6)
+    one_call = batch_groups(starts, 200, lambda count, start: True, overhead=10**6)
     assert len(one_call) == 1
-    no_overhead = _groups(starts, 200, lambda count, start: True, overhead=0)
+    no_overhead = batch_groups(starts, 200, lambda count, start: True, overhead=0)
     assert len(no_overhead) == 200
-    balanced = _groups(starts, 200, lambda count, start: True, overhead=32)
+    balanced = batch_groups(starts, 200, lambda count, start: True, overhead=32)
     assert _cost(balanced, starts, 200, 32) <= 1.1 * (sum(200 - s for s in starts) + 32)
 
 
@@ -99,44 +99,27 @@ def test_memory_budget_splits_batches_without_changing_results(monkeypatch):
     memory = MemoryModel(lm.model)
     budget = memory.batch(1, LENGTH, LENGTH, N_TARGET + 1) + 1
     tight = Explainer(lm, max_memory=budget)
-    calls = []
-    original = _Run._forward
-
-    def spy(self, input_ids, *args, **kwargs):
-        calls.append(input_ids.shape)
-        return original(self, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(_Run, "_forward", spy)
+    tight.engine.trace = []
     squeezed = tight.losses(encoded, rows)
-    assert len(calls) > 3
+    calls = [(record.rows, record.queries) for record in tight.engine.trace]
+    assert len(calls) > 3 and tight.engine.forward_calls == len(calls)
+    assert tight.engine.token_forwards == sum(n * q for n, q in calls)
     for rows_, queries in calls:
         assert rows_ == 1 or memory.batch(rows_, queries, LENGTH, N_TARGET + 1) <= budget
     assert torch.allclose(squeezed, roomy, atol=2e-6)
 
 
-def test_budget_holds_the_kept_prefix_and_plain_means_one_plain_pass(monkeypatch):
+def test_budget_holds_the_kept_prefix_and_plain_means_one_plain_pass():
     lm = LoadedModel(model=enable(tiny_model("llama")), tokenizer=None, name="llama")
     encoded, rows = _encoded(), _multipliers()
     roomy = Explainer(lm).losses(encoded, rows)
     memory = MemoryModel(lm.model)
-    budgets, calls = [], []
-    original_cached, original_forward = _Run.cached, _Run._forward
-
-    def spy_cached(self, multipliers):
-        budgets.append(self.budget)
-        return original_cached(self, multipliers)
-
-    def spy_forward(self, input_ids, *args, **kwargs):
-        kept = kwargs.get("cache")
-        kept = kept.get_seq_length() if kept is not None else 0
-        calls.append((input_ids.shape[0], input_ids.shape[1], kept))
-        return original_forward(self, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(_Run, "cached", spy_cached)
-    monkeypatch.setattr(_Run, "_forward", spy_forward)
     given = memory.batch(2, LENGTH, LENGTH, N_TARGET + 1)
-    squeezed = Explainer(lm, max_memory=given).losses(encoded, rows)
-    batches = calls[1:]
+    explainer = Explainer(lm, max_memory=given)
+    explainer.engine.trace = []
+    squeezed = explainer.losses(encoded, rows)
+    batches = [(r.rows, r.queries, r.reused) for r in explainer.engine.trace[1:]]
+    budgets = [explainer.engine.trace[0].budget]
     # a batch runs beside the unperturbed keys/values it reuses, which count against the budget
     assert all(n == 1 or memory.cache(kept) + memory.batch(n, q, LENGTH, N_TARGET + 1) <= given
                for n, q, kept in batches)
@@ -144,30 +127,33 @@ def test_budget_holds_the_kept_prefix_and_plain_means_one_plain_pass(monkeypatch
     assert [kept for _, _, kept in batches] == sorted((kept for _, _, kept in batches), reverse=True)
     assert all(kept + q == LENGTH for _, q, kept in batches)
     assert torch.allclose(squeezed, roomy, atol=2e-6)
-    calls.clear()
-    plain = Explainer(lm, max_memory="plain").losses(encoded, rows)
+    lean = Explainer(lm, max_memory="plain")
+    lean.engine.trace = []
+    plain = lean.losses(encoded, rows)
+    budgets.append(lean.engine.trace[0].budget)
     assert budgets == [given, memory.plain_forward(LENGTH)]
     assert memory.plain_forward(LENGTH) > memory.cache(LENGTH) > 0
     assert torch.allclose(plain, roomy, atol=2e-6)
 
 
-def test_out_of_memory_halves_the_batch(monkeypatch):
+def test_out_of_memory_halves_the_batch():
     lm = LoadedModel(model=enable(tiny_model("llama")), tokenizer=None, name="llama")
     encoded, rows = _encoded(), _multipliers()
     expected = Explainer(lm).losses(encoded, rows)
-    original = _Run._forward
     sizes = []
 
-    def fragile(self, input_ids, *args, **kwargs):
-        sizes.append(input_ids.shape[0])
-        if input_ids.shape[0] > 2:
+    def fragile(module, args, kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[0] > 2:
             raise torch.OutOfMemoryError("simulated")
-        return original(self, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(_Run, "_forward", fragile)
-    for engine in ("cached", "naive"):
-        got = Explainer(lm, engine=engine, batch_size=8).losses(encoded, rows)
-        assert torch.allclose(got, expected, atol=2e-6), engine
+    handle = lm.model.register_forward_pre_hook(fragile, with_kwargs=True)
+    try:
+        for engine in ("cached", "naive"):
+            got = Explainer(lm, engine=engine, batch_size=8).losses(encoded, rows)
+            assert torch.allclose(got, expected, atol=2e-6), engine
+    finally:
+        handle.remove()
     assert max(sizes) > 2 and sizes[-1] <= 2
 
 

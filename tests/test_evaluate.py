@@ -129,11 +129,11 @@ def test_evaluate_command_rejects_bad_options(tmp_path):
 @pytest.mark.slow
 def test_evaluate_command_writes_reports(tmp_path):
     run = _cli("evaluate", "--qa", "1", "--squad", "0", "--texts", "1", "--granularities", "sentence",
-               "--methods", "atman:factor=1.0+mode=log-additive,random", "-o", str(tmp_path), "--name", "r", "-q")
+               "--methods", "atman:multiplier=0.0+mode=log-additive,random", "-o", str(tmp_path), "--name", "r", "-q")
     assert run.returncode == 0, run.stderr
     result = json.loads((tmp_path / "r.json").read_text())
-    assert result["methods"] == ["atman:factor=1.0,mode=log-additive", "random"]
-    assert "atman:factor=1.0,mode=log-additive" in (tmp_path / "r.md").read_text()
+    assert result["methods"] == ["atman:multiplier=0.0,mode=log-additive", "random"]
+    assert "atman:multiplier=0.0,mode=log-additive" in (tmp_path / "r.md").read_text()
 
 
 @pytest.mark.slow

@@ -156,10 +156,11 @@ def test_chat_mode_finds_the_users_text_not_the_template(smollm2, prompt):
 
 
 def test_generated_target_offsets_survive_multibyte_characters(smollm2):
-    from atman.units import _decode_with_offsets
+    from atman.units import encode
 
     ids = smollm2.tokenizer("a 𓀀 bc de 日本語", add_special_tokens=False)["input_ids"]
-    text, spans = _decode_with_offsets(smollm2.tokenizer, ids)
+    encoded = encode(smollm2.tokenizer, "The text:", ids)  # a generated target: token ids, decoded with offsets
+    text, spans = encoded.target, encoded.target_spans
     assert text == "a 𓀀 bc de 日本語"
     assert "".join(text[a:b] for a, b in spans) == text
     assert all(b >= a for a, b in spans)
@@ -218,7 +219,9 @@ def test_multiplicative_mode_explains_too(explainer):
         ({"prompt": PROMPT, "target": TARGET, "granularity": "spans", "spans": [(5, 500)]}, GranularityError),
         ({"prompt": PROMPT, "target": TARGET, "granularity": "spans", "spans": [(0, 9), (5, 12)]}, GranularityError),
         ({"prompt": PROMPT, "target": TARGET, "target_granularity": "word"}, GranularityError),
-        ({"prompt": PROMPT, "target": TARGET, "factor": 1.5}, ValueError),
+        ({"prompt": PROMPT, "target": TARGET, "multiplier": 1.5}, ValueError),
+        ({"prompt": PROMPT, "target": TARGET, "multiplier": float("nan")}, ValueError),
+        ({"prompt": PROMPT, "target": TARGET, "factor": 0.9}, ValueError),
         ({"prompt": PROMPT, "target": TARGET, "granularity": "refine", "refine_top": 0}, GranularityError),
         ({"prompt": PROMPT, "target": TARGET, "granularity": "refine", "refine_from": "token"}, GranularityError),
         ({"prompt": PROMPT, "target": TARGET, "granularity": "refine", "refine_share": 0.0}, GranularityError),

@@ -157,17 +157,17 @@ def test_vit_family_identities(family):
 
 @pytest.mark.parametrize("family", sorted(CLASSIFIERS))
 def test_classifier_explainer_maps_tiles_to_patches(family):
-    """With factor 1 a tile's patches are removed as keys: in CLS-pooled models, changing the pixels
+    """With multiplier 0 a tile's patches are removed as keys: in CLS-pooled models, changing the pixels
     inside that tile no longer changes the output, and changing pixels elsewhere does."""
     model = tiny_classifier(family)
-    explainer = ImageClassifierExplainer(LoadedVisionModel(model, None, family), factor=1.0)
+    explainer = ImageClassifierExplainer(LoadedVisionModel(model, None, family), multiplier=0.0)
     x = pixels()
     exp = explainer.explain(x, target=1, granularity="word")
     items = exp.explanations[0].items
     assert len(items) == 4 and all(isinstance(item, ImageItem) for item in items)
     assert exp.settings["images"] == [{"width": SIDE, "height": SIDE, "rows": 4, "cols": 4, "tile": [2, 2]}]
     assert (items[1].left, items[1].top, items[1].width, items[1].height) == (0.5, 0.0, 0.5, 0.5)
-    batch_one = ImageClassifierExplainer(LoadedVisionModel(model, None, family), factor=1.0, batch_size=1)
+    batch_one = ImageClassifierExplainer(LoadedVisionModel(model, None, family), multiplier=0.0, batch_size=1)
     assert [i.score for i in batch_one.explain(x, target=1, granularity="word").explanations[0].items] == \
         pytest.approx([i.score for i in items], abs=1e-5)
     if family not in CLS_POOLED:

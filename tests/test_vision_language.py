@@ -69,7 +69,7 @@ def test_relevance_points_at_the_named_object(explainer):
 
 
 def test_identities(vlm, explainer):
-    """Row 0 is the plain model; factor 1 on a text unit equals masking it; batching changes nothing."""
+    """Row 0 is the plain model; multiplier 0 on a text unit equals masking it; batching changes nothing."""
     scene = make_scene(np.random.default_rng(3), 2)
     prompt, target = PROMPT, " " + scene.objects[0].name
     prepared = explainer.prepare(prompt, target, [scene.image])

@@ -3,7 +3,7 @@
 Every method is a class with one verb, ``attribute(prompt, target, granularity=...)``, returning an
 :class:`atman.Explanation` over exactly the units AtMan uses. Token-level methods sum token scores
 to coarser units. :func:`get_method` builds one from a spec such as ``"atman"``,
-``"atman:factor=0.5,mode=multiplicative"`` or ``"integrated-gradients:steps=32"``.
+``"atman:multiplier=0.5,mode=multiplicative"`` or ``"integrated-gradients:steps=32"``.
 
 Example::
 
@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+from ..engine import FACTOR_RENAMED
 from ..errors import AtmanError
 from ..models import LoadedModel
 from .attention import AttentionRollout, CheferRelevance
@@ -26,12 +27,15 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
     Occlusion, AttnLRP, Random,
 )}
 # option name -> parser of its value
-_OPTIONS = {"factor": float, "mode": str, "steps": int, "seed": int,
+_OPTIONS = {"multiplier": float, "mode": str, "steps": int, "seed": int,
             "kappa": lambda text: None if text.lower() in ("none", "off") else float(text)}
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
-    """``"atman:factor=0.5,kappa=0.7"`` -> ``("atman", {"factor": 0.5, "kappa": 0.7})``."""
+    """``"atman:multiplier=0.5,kappa=0.7"`` -> ``("atman", {"multiplier": 0.5, "kappa": 0.7})``.
+
+    The old option ``factor`` (the suppression strength, whose meaning flipped) is refused.
+    """
     name, _, rest = spec.strip().partition(":")
     if name not in METHODS:
         raise AtmanError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
@@ -39,6 +43,8 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     for part in filter(None, rest.split(",")):
         key, eq, value = part.partition("=")
         key = key.strip()
+        if key == "factor":
+            raise AtmanError(f"in method {spec!r}: {FACTOR_RENAMED}")
         if not eq or key not in _OPTIONS:
             raise AtmanError(f"bad option {part!r} in method {spec!r}; options look like name=value, "
                              f"names: {', '.join(_OPTIONS)}")

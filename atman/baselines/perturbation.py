@@ -6,7 +6,8 @@ import hashlib
 
 import torch
 
-from ..explainer import DEFAULT_FACTOR, DEFAULT_KAPPA, Explainer
+from ..engine import DEFAULT_KAPPA, DEFAULT_MULTIPLIER, Suppression, refuse_factor
+from ..explainer import Explainer
 from ..models import LoadedModel
 from ..units import EncodedInput, Unit
 from .base import Method, delete_units, sequence_logprobs
@@ -17,22 +18,23 @@ class AtMan(Method):
 
     Example::
 
-        >>> AtMan(load_model(), factor=1.0).attribute(prompt, " Oslo", granularity="sentence")
+        >>> AtMan(load_model(), multiplier=0.0).attribute(prompt, " Oslo", granularity="sentence")
     """
 
     name = "atman"
 
-    def __init__(self, model: LoadedModel, factor: float = DEFAULT_FACTOR, kappa: float | None = DEFAULT_KAPPA,
-                 mode: str = "log-additive") -> None:
+    def __init__(self, model: LoadedModel, multiplier: float = DEFAULT_MULTIPLIER,
+                 kappa: float | None = DEFAULT_KAPPA, mode: str = "log-additive", factor: None = None) -> None:
+        refuse_factor(factor)
         super().__init__(model)
-        self.explainer = Explainer(model, factor=factor, kappa=kappa, mode=mode)
+        self.explainer = Explainer(model, suppression=Suppression(multiplier=multiplier, kappa=kappa, mode=mode))
 
     def settings(self) -> dict:
-        return {"factor": self.explainer.factor, "kappa": self.explainer.kappa, "mode": self.explainer.mode}
+        return self.explainer.suppression.settings()
 
     def unit_scores(self, encoded: EncodedInput, units: list[Unit]) -> torch.Tensor:
         ex = self.explainer
-        multipliers = ex.multipliers(encoded, units, ex.factor, ex.kappa)
+        multipliers = ex.multipliers(encoded, units)
         losses = ex.losses(encoded, multipliers)
         return (losses[1:] - losses[0:1]).sum(dim=1).double()
 

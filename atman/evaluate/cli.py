@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     parser.add_argument("--methods", default=None,
                         help="comma-separated method specs, options after a colon joined by '+', e.g. "
-                             "'atman,atman:factor=0.5+mode=multiplicative,occlusion' "
+                             "'atman,atman:multiplier=0.5+mode=multiplicative,occlusion' "
                              f"(default: {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--ablations", action="store_true",
                         help=f"evaluate AtMan's variants instead: {','.join(ABLATION_METHODS)}")

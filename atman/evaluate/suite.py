@@ -33,7 +33,7 @@ from .metrics import FRACTIONS, curve_steps, faithfulness, plausibility, summari
 
 DEFAULT_METHODS = ("atman", "integrated-gradients", "input-x-gradient", "saliency", "feature-ablation",
                    "attention-rollout", "chefer", "occlusion", "attnlrp", "random")
-ABLATION_METHODS = ("atman", "atman:factor=0.5", "atman:factor=0.99", "atman:factor=1.0",
+ABLATION_METHODS = ("atman", "atman:multiplier=0.5", "atman:multiplier=0.01", "atman:multiplier=0.0",
                     "atman:mode=multiplicative", "atman:kappa=0.6", "atman:kappa=0.7", "atman:kappa=0.8")
 FAITHFULNESS_GRANULARITY = "sentence"
 Progress = Callable[[int, int, str], None]

@@ -7,23 +7,23 @@ knows about HTTP. User errors raise :class:`atman.AtmanError` (the app answers 4
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..engine import DEFAULT_MULTIPLIER, Suppression
 from ..errors import AtmanError, EmptyInputError, NoUnitsError
-from ..explainer import DEFAULT_FACTOR, Explainer, _context_length
-from ..explanation import Explanation, Item, TargetExplanation, TargetSpan
+from ..explainer import Explainer, build_explanation
+from ..explanation import TargetExplanation
 from ..models import LoadedModel
 from ..steering import Steerer, TextControl, TokenControl
-from ..units import EncodedInput, Unit, choose_granularity, encode, prompt_units, target_units
+from ..units import EncodedInput, Unit, choose_granularity, encode, prompt_units, target_units, tokenize
 from . import schemas
 
-# Aleph Alpha's default explanation control factor: the multiplier of a suppressed unit
-DEFAULT_CONTROL_FACTOR = 1.0 - DEFAULT_FACTOR
+# Aleph Alpha's explanation control factor is the attention multiplier of a suppressed unit, as ours
+DEFAULT_CONTROL_FACTOR = DEFAULT_MULTIPLIER
 GRANULARITY_NAMES = {"token": "token", "word": "word", "sentence": "sentence", "paragraph": "paragraph",
                      "custom": "delimiter"}
 
@@ -103,7 +103,7 @@ class ModelService:
     def info(self) -> schemas.ModelInfo:
         return schemas.ModelInfo(
             name=self.name, description=f"{self.name}, served by atman (AtMan explanations and steering)",
-            max_context_size=_context_length(self.lm.model.config), hostings=["aleph-alpha"],
+            max_context_size=self.lm.context_length, hostings=["aleph-alpha"],
             image_support=False, explanation_support=True, steering_support=True, aliases=list(self.aliases),
         )
 
@@ -131,11 +131,9 @@ class ModelService:
                 if isinstance(item, schemas.TextItem):
                     if not item.data:
                         raise EmptyInputError("a text prompt item is empty")
-                    enc = tokenizer(item.data, add_special_tokens=False, return_offsets_mapping=True)
-                    for token, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
-                        out.input_ids.append(int(token))
-                        keep = b > a and token not in self.special
-                        out.spans.append((first_char + int(a), first_char + int(b)) if keep else None)
+                    ids, spans = tokenize(tokenizer, item.data, add_special_tokens=False, offset=first_char)
+                    out.input_ids.extend(ids)
+                    out.spans.extend(spans)
                     out.text += item.data
                     kind = "text"
                 else:
@@ -190,12 +188,10 @@ class ModelService:
         prompt = self.prompt(request.prompt)
         if not request.target:
             raise EmptyInputError("the target is empty")
-        control_factor = DEFAULT_CONTROL_FACTOR if request.control_factor is None else request.control_factor
-        factor = 1.0 - control_factor
-        kappa = request.contextual_control_threshold
-        if kappa is not None and not 0.0 < kappa <= 1.0:
-            raise AtmanError(f"contextual_control_threshold must lie in (0, 1], got {kappa}")
-        mode = "multiplicative" if request.control_log_additive is False else "log-additive"
+        suppression = Suppression(
+            multiplier=DEFAULT_CONTROL_FACTOR if request.control_factor is None else request.control_factor,
+            kappa=self._threshold(request.contextual_control_threshold),
+            mode="multiplicative" if request.control_log_additive is False else "log-additive")
         target_granularity = request.target_granularity or "complete"
         granularity = request.prompt_granularity
         delimiter = None
@@ -215,10 +211,10 @@ class ModelService:
             raise LimitError(f"this explanation has {len(units)} units; this server computes at most "
                              f"{self.limits.max_units} (choose a coarser prompt_granularity)", 422)
         check()
-        multipliers = self.explainer.multipliers(encoded, units, factor, kappa)
-        losses = self.explainer.losses(encoded, multipliers, mode=mode, progress=check)
-        delta = (losses[1:] - losses[0:1]).double()
-        explanation = _explanation(self.name, encoded, units, delta, target_granularity)
+        multipliers = self.explainer.multipliers(encoded, units, suppression.multiplier, suppression.kappa)
+        losses = self.explainer.losses(encoded, multipliers, mode=suppression.mode, progress=check)
+        explanation = build_explanation(encoded, units, losses[1:] - losses[0:1], set(), target_granularity,
+                                        model=self.name, settings=suppression.settings())
         explanation = explanation.postprocessed(request.postprocessing or "none", bool(request.normalize))
         return schemas.ExplanationResponse(
             model_version=self.name,
@@ -373,32 +369,6 @@ class ModelService:
         if value is not None and not 0.0 < value <= 1.0:
             raise AtmanError(f"contextual_control_threshold must lie in (0, 1], got {value}")
         return value
-
-
-def _explanation(model: str, encoded: EncodedInput, units: list, delta: torch.Tensor,
-                 target_granularity: str) -> Explanation:
-    """Scores ``delta[unit, target token]`` as the core's Explanation (prompt offsets into the joined text)."""
-    prompt_idx = [i for i, u in enumerate(units) if u.kind == "prompt"]
-    target_idx = [i for i, u in enumerate(units) if u.kind == "target"]
-
-    def item(i: int, score: float) -> Item:
-        if not math.isfinite(score):
-            raise AtmanError("the explanation produced non-finite scores (a control factor of 0 with the "
-                             "multiplicative variant can do this); use a factor above 0")
-        u = units[i]
-        return Item(kind=u.kind, text=u.text, start=u.start, length=u.length, score=score)
-
-    if target_granularity == "complete":
-        totals = delta.sum(dim=1)
-        spans = [TargetExplanation(TargetSpan(encoded.target, 0, len(encoded.target)),
-                                   tuple(item(i, float(totals[i])) for i in prompt_idx))]
-    else:
-        spans = []
-        for t, (a, b) in enumerate(encoded.target_spans):
-            items = [item(i, float(delta[i, t])) for i in prompt_idx] + [
-                item(i, float(delta[i, t])) for i in target_idx[:t]]
-            spans.append(TargetExplanation(TargetSpan(encoded.target[a:b], a, b - a), tuple(items)))
-    return Explanation(model=model, prompt=encoded.prompt, target=encoded.target, explanations=tuple(spans))
 
 
 def _api_explanation(exp: TargetExplanation, prompt: PromptInput, owners: list[int]) -> schemas.TargetExplanation:

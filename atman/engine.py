@@ -1,0 +1,606 @@
+"""The engine under every explainer: rows of attention multipliers in, one output per row out.
+
+Every AtMan client (causal-LM text, sequence classifiers, embedding similarity, image classifiers,
+vision-language models, citation, the server) says only what its units are and what its output is;
+it builds one multiplier row per perturbation (row 0 untouched) and hands the rows to an
+:class:`Engine`, which owns the forward passes:
+
+* :meth:`Engine.target_losses` — teacher-forced cross-entropy of the target tokens at the end of a
+  sequence, per row. The ``cached`` path runs the unperturbed pass once, keeps its keys and values,
+  and recomputes each row only from its first damped position (exact: earlier positions cannot see
+  a damped key in a causal model); only the target positions' logits are computed.
+* :meth:`Engine.outputs` — any output of a full forward pass, per row (encoders, image classifiers).
+
+Both batch the rows within a memory budget (:mod:`atman.budget`) and a token budget, halve a
+batch that runs out of device memory, report progress after every batch and stop when the
+progress callback raises (that is how callers cancel). :class:`Suppression` is the one validated
+setting every client shares: the attention multiplier of a suppressed unit, conceptual
+suppression, the variant and the attention kernel.
+
+Example::
+
+    >>> engine = Engine(lm.model)  # doctest: +SKIP
+    >>> rows = suppression_rows(len(ids), [[3], [4, 5]], multiplier=0.1)  # doctest: +SKIP
+    >>> engine.target_losses({"input_ids": torch.tensor([ids])}, torch.tensor(ids[-2:]), rows).shape  # doctest: +SKIP
+    torch.Size([3, 2])
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from transformers import Cache, DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .budget import PLAIN, MemoryModel, default_budget, parse_memory, release_freed_memory
+from .errors import AtmanError
+from .manipulation import BACKENDS, MODES, manipulate
+
+# the attention to a suppressed unit is multiplied by this (the AtMan authors' code and Aleph Alpha's
+# API use the same number: suppression_factor / control_factor = 0.1)
+DEFAULT_MULTIPLIER = 0.1
+# conceptual suppression is off by default: on the context-QA check it lowered sentence top-1 from
+# 100 % to 90 % (docs/defaults.md). CONCEPTUAL_KAPPA is the threshold used when it is switched on.
+DEFAULT_KAPPA: float | None = None
+CONCEPTUAL_KAPPA = 0.7
+ENGINES = ("cached", "naive")
+# token-forwards per batch: enough to keep the CPU's cores busy; a GPU wants far more rows
+CPU_TOKEN_BUDGET = 8192
+GPU_TOKEN_BUDGET = 131072
+# the naive engine computes logits at every position (as the paper's code did): keep its batches small
+NAIVE_TOKEN_BUDGET = 2048
+# fixed cost of one forward call, in token-forwards (measured: ~60 ms of a 1.7 ms/token CPU pass)
+CPU_CALL_OVERHEAD = 32
+GPU_CALL_OVERHEAD = 1024
+MAX_GROUP_ROWS = 512
+Progress = Callable[[int, int], None]
+FACTOR_RENAMED = (
+    "`factor` (the suppression strength: 0.9 meant attention x 0.1) has been replaced by `multiplier`, the "
+    "attention multiplier itself (default 0.1; 0 removes the unit, 1 leaves it untouched), as in the AtMan "
+    "authors' code and Aleph Alpha's API: pass multiplier = 1 - factor"
+)
+
+
+def refuse_factor(factor: object) -> None:
+    """Raise for the old ``factor`` spelling, whose meaning flipped; never reinterpret it."""
+    if factor is not None:
+        raise AtmanError(FACTOR_RENAMED)
+
+
+@dataclass(frozen=True)
+class Suppression:
+    """How a unit is suppressed, checked once and shared by every explainer, steering and the server.
+
+    ``multiplier``: the attention to a suppressed unit is multiplied by it (default 0.1; 0 removes
+    the unit; in the paper's notation the suppression factor f = 1 - multiplier). ``kappa``:
+    conceptual suppression threshold (None = off): tokens whose input embeddings have cosine
+    similarity s >= kappa to the unit's are damped too, to ``1 - (1 - multiplier) * s``. ``mode``:
+    log-additive or multiplicative. ``backend``: the attention kernel (sdpa, eager, flex_attention).
+
+    >>> Suppression(multiplier=0.0).settings()
+    {'multiplier': 0.0, 'kappa': None, 'mode': 'log-additive'}
+    """
+
+    multiplier: float = DEFAULT_MULTIPLIER
+    kappa: float | None = DEFAULT_KAPPA
+    mode: str = "log-additive"
+    backend: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.multiplier, bool) or not isinstance(self.multiplier, (int, float)) or not (
+            math.isfinite(self.multiplier) and 0.0 <= self.multiplier <= 1.0
+        ):
+            raise AtmanError(
+                f"multiplier must lie in [0, 1] (0 removes the unit, 1 leaves it), got {self.multiplier!r}"
+            )
+        if self.kappa is not None and (
+            isinstance(self.kappa, bool) or not isinstance(self.kappa, (int, float))
+            or not (math.isfinite(self.kappa) and 0.0 < self.kappa <= 1.0)
+        ):
+            raise AtmanError(f"kappa must lie in (0, 1], got {self.kappa!r}")
+        if self.mode not in MODES:
+            raise AtmanError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.backend not in BACKENDS:
+            raise AtmanError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+    def with_options(self, *, multiplier: float | None = None, kappa: float | None | str = "default",
+                     mode: str | None = None) -> Suppression:
+        """A copy with per-call overrides (None / ``"default"`` keep this setting's value)."""
+        return replace(self, multiplier=self.multiplier if multiplier is None else multiplier,
+                       kappa=self.kappa if kappa == "default" else kappa, mode=mode or self.mode)
+
+    def settings(self) -> dict:
+        """What an Explanation records of this setting."""
+        return {"multiplier": self.multiplier, "kappa": self.kappa, "mode": self.mode}
+
+
+def suppression_rows(length: int, units: Sequence[Sequence[int]], multiplier: float) -> torch.Tensor:
+    """Row 0 untouched, row ``u + 1`` with ``multiplier`` on the positions of ``units[u]``.
+
+    >>> suppression_rows(3, [[1], [0, 2]], 0.1).tolist()
+    [[1.0, 1.0, 1.0], [1.0, 0.10000000149011612, 1.0], [0.10000000149011612, 1.0, 0.10000000149011612]]
+    """
+    rows = torch.ones(len(units) + 1, length)
+    for row, positions in enumerate(units, start=1):
+        rows[row, list(positions)] = multiplier
+    return rows
+
+
+def spread_conceptually(
+    rows: torch.Tensor,
+    embeddings: torch.Tensor,
+    units: Sequence[Sequence[int]],
+    candidates: Sequence[int],
+    multiplier: float,
+    kappa: float,
+) -> None:
+    """Conceptual suppression, in place: with unit u (row u + 1) also damp every candidate position k
+    whose input embedding has cosine similarity s >= ``kappa`` to one of u's, to ``1 - (1 - multiplier) * s``.
+
+    ``candidates`` are the positions that may be damped (the explained prompt tokens, target tokens
+    later target tokens see, image tokens); template and special tokens are never touched. A
+    unit's similarity to k is the maximum over its positions.
+    """
+    candidates = list(candidates)
+    if not candidates:
+        return
+    normed = torch.nn.functional.normalize(embeddings[candidates].float(), dim=-1)
+    similarity = normed @ normed.T
+    index = {pos: i for i, pos in enumerate(candidates)}
+    cand = torch.tensor(candidates)
+    for row, positions in enumerate(units, start=1):
+        own = [index[p] for p in positions if p in index]
+        if not own:
+            continue
+        sim = similarity[own].amax(dim=0)
+        sim[own] = 0.0
+        hit = sim >= kappa
+        if bool(hit.any()):
+            damped = (1.0 - (1.0 - multiplier) * sim[hit]).clamp(min=0.0)
+            hit_positions = cand[hit]
+            rows[row, hit_positions] = torch.minimum(rows[row, hit_positions], damped)
+
+
+def forward_options(model: torch.nn.Module) -> tuple[bool, str]:
+    """Whether ``model.forward`` takes ``logits_to_keep``, and the name of its cache argument
+    (transformers renamed ``past_key_values`` to ``cache`` in its 5.x series)."""
+    forward = inspect.signature(model.forward).parameters
+    return "logits_to_keep" in forward, "cache" if "cache" in forward else "past_key_values"
+
+
+OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if cls
+)
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One forward pass the engine ran: batch rows, recomputed positions, positions reused from the
+    unperturbed pass, and the memory budget it ran under (bytes)."""
+
+    rows: int
+    queries: int
+    reused: int
+    budget: int
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class Engine:
+    """Forward passes of multiplier rows through one model, batched within a memory budget.
+
+    ``batch_size`` fixes the rows per forward pass (default: as many as the budgets allow);
+    ``max_memory``: bytes, a size such as ``"2GB"``, or ``"plain"`` (what one plain forward pass of
+    the input needs); default a quarter of free RAM on a CPU, a few plain passes on a GPU.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        suppression: Suppression | None = None,
+        batch_size: int | None = None,
+        max_memory: int | str | None = None,
+        engine: str = "cached",
+    ) -> None:
+        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+            raise AtmanError(f"batch_size must be at least 1, got {batch_size}")
+        if engine not in ENGINES:
+            raise AtmanError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        self.model = model
+        self.suppression = suppression or Suppression()
+        self.batch_size = batch_size
+        self.max_memory = parse_memory(max_memory) if max_memory is not None else None
+        self.kind = engine
+        self.logits_to_keep, self.cache_argument = forward_options(model)
+        self.memory = MemoryModel(model)
+        # what the engine has run so far: forward passes and token-forwards (rows x recomputed
+        # positions); with ``trace`` set to a list, one BatchRecord per forward pass is appended
+        self.forward_calls = 0
+        self.token_forwards = 0
+        self.trace: list[BatchRecord] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return _device_of(self.model)
+
+    def budget(self, length: int) -> int:
+        """Bytes a batch may use for a sequence of ``length`` tokens."""
+        if self.max_memory == PLAIN:
+            return self.memory.plain_forward(length)
+        return self.max_memory or default_budget(self.device, self.memory, length)
+
+    def token_budget(self) -> int:
+        return GPU_TOKEN_BUDGET if self.device.type == "cuda" else CPU_TOKEN_BUDGET
+
+    def target_losses(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        targets: torch.Tensor,
+        rows: torch.Tensor,
+        *,
+        mode: str | None = None,
+        engine: str | None = None,
+        readout_from: int | None = None,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy of each of the last ``len(targets)`` tokens (columns) under each row (rows).
+
+        ``inputs``: the model's sequence inputs for one sequence — ``input_ids`` (1, L) or
+        ``inputs_embeds`` (1, L, H), plus any other (1, L, ...) per-position tensors; for the naive
+        engine any other model input too (repeated for every row). ``rows``: (rows, L) multipliers.
+        ``engine="cached"`` needs row 0 untouched. ``readout_from`` p: positions before p are always
+        computed unperturbed (their keys and values come from the unperturbed pass) and only the
+        queries from p on see the multipliers — the attention of the readout to the units, not of
+        the rest of the context (cached engine only).
+        """
+        run = _Run(self, inputs, targets, rows, mode or self.suppression.mode, progress)
+        engine = engine or self.kind
+        if engine not in ENGINES:
+            raise AtmanError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        if readout_from is not None and engine != "cached":
+            raise AtmanError("readout_from needs the cached engine")
+        with torch.no_grad():
+            if engine == "naive":
+                return run.naive()
+            return run.cached(readout_from)
+
+    def reuses_prefix_exactly(self, inputs: Mapping[str, torch.Tensor], targets: torch.Tensor,
+                              reference: torch.Tensor, split: int, tolerance: float = 1e-4) -> bool:
+        """Whether running ``inputs`` in two pieces, the second on the first's cache, reproduces
+        ``reference`` (the model's own loss of each target token) within ``tolerance`` (relative).
+
+        The cached engine is exact only for models in which a position never depends on later ones
+        and positions follow from the cache length; a model with bidirectional spans (image blocks,
+        prefix-LM prompts) or positions computed from more than the sequence fails this check.
+        """
+        run = _Run(self, inputs, targets, torch.ones(1, next(iter(inputs.values())).shape[1]),
+                   self.suppression.mode, None)
+        if not 0 < split < run.length - run.n_target:
+            raise AtmanError(f"split must lie inside the prompt (1..{run.length - run.n_target - 1}), got {split}")
+        cache = DynamicCache()
+        with torch.no_grad():
+            head = {k: v[:, :split] for k, v in run.sequence.items()}
+            run.forward(head, run.rows[:, :split], 1, cache=cache)
+            logits = run.forward(run.sliced(split, 1), run.rows, run.n_target + 1, cache=cache)
+        losses = run.nll(logits[:, :-1], 0)[0]
+        reference = reference.reshape(-1).cpu()
+        return bool(((losses - reference).abs() <= tolerance * (1.0 + reference.abs())).all())
+
+    def outputs(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        rows: torch.Tensor,
+        head: Callable[[object], torch.Tensor],
+        *,
+        mode: str | None = None,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
+        """``head(model output)`` of a full forward pass under every row, concatenated over batches.
+
+        ``inputs`` are the model's inputs for one example (batch of one); every tensor is repeated
+        along dim 0 for the rows of a batch (per-image tensors are stacked in batch order by every
+        processor we know). ``head`` returns one (batch rows, ...) tensor per batch.
+        """
+        length = rows.shape[1]
+        run = _Run(self, inputs, None, rows, mode or self.suppression.mode, progress)
+        out: list[torch.Tensor | None] = [None] * rows.shape[0]
+
+        def one(batch: list[int]) -> None:
+            self.forward_calls += 1
+            self.token_forwards += len(batch) * length
+            if self.trace is not None:
+                self.trace.append(BatchRecord(len(batch), length, 0, int(run.budget)))
+            with manipulate(rows[batch].to(self.device), mode=run.mode, backend=self.suppression.backend):
+                result = head(self.model(**repeat_inputs(inputs, len(batch)))).float().cpu()
+            for k, r in enumerate(batch):
+                out[r] = result[k]
+            run.tick(len(batch))
+
+        size = self.batch_size or max(1, self.token_budget() // max(length, 1))
+        with torch.no_grad():
+            for first in range(0, rows.shape[0], size):
+                run.split_on_oom(list(range(first, min(first + size, rows.shape[0]))), one)
+                release_freed_memory(self.device)
+        return torch.stack(out)  # type: ignore[arg-type]
+
+
+class EngineClient:
+    """What every explainer holds: one :class:`Suppression` setting and the :class:`Engine` that runs
+    its rows. Subclasses say what their units and their score are.
+
+    ``multiplier``, ``kappa``, ``mode``, ``backend`` build the setting (or pass ``suppression``);
+    ``batch_size``, ``max_memory`` and ``engine`` ("cached" or "naive") configure the engine.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        multiplier: float = DEFAULT_MULTIPLIER,
+        kappa: float | None = DEFAULT_KAPPA,
+        mode: str = "log-additive",
+        backend: str = "sdpa",
+        batch_size: int | None = None,
+        max_memory: int | str | None = None,
+        engine: str = "cached",
+        suppression: Suppression | None = None,
+        factor: None = None,
+    ) -> None:
+        refuse_factor(factor)
+        self.suppression = suppression or Suppression(multiplier=multiplier, kappa=kappa, mode=mode, backend=backend)
+        self.engine = Engine(model, suppression=self.suppression, batch_size=batch_size, max_memory=max_memory,
+                             engine=engine)
+
+    @property
+    def multiplier(self) -> float:
+        return self.suppression.multiplier
+
+    @property
+    def kappa(self) -> float | None:
+        return self.suppression.kappa
+
+    @property
+    def mode(self) -> str:
+        return self.suppression.mode
+
+
+def repeat_inputs(inputs: Mapping[str, object], count: int) -> dict[str, object]:
+    """One example's model inputs repeated ``count`` times along the batch dimension."""
+    return {k: torch.cat([v] * count) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+class _Run:
+    """The forward passes of one call, batched within the budgets."""
+
+    def __init__(self, engine: Engine, inputs: Mapping[str, torch.Tensor], targets: torch.Tensor | None,
+                 rows: torch.Tensor, mode: str, progress: Progress | None) -> None:
+        if rows.ndim != 2 or rows.shape[0] < 1:
+            raise AtmanError(f"multiplier rows must be 2-D with at least one row, got shape {tuple(rows.shape)}")
+        Suppression(mode=mode, backend=engine.suppression.backend)
+        self.engine = engine
+        self.model = engine.model
+        device = engine.device
+        self.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        self.rows = rows
+        self.length = rows.shape[1]
+        self.mode = mode
+        self.progress = progress
+        self.done = 0
+        self.budget = engine.budget(self.length)
+        if targets is not None:
+            self.targets = targets.to(device).long().reshape(-1)
+            self.n_target = int(self.targets.shape[0])
+            if not 0 < self.n_target < self.length:
+                raise AtmanError(f"{self.n_target} target tokens for a sequence of {self.length}")
+            self.sequence = {k: v for k, v in self.inputs.items()
+                             if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.shape[1] == self.length}
+            if not self.sequence:
+                raise AtmanError(f"no sequence input of length {self.length} (input_ids or inputs_embeds)")
+
+    def tick(self, rows: int) -> None:
+        self.done += rows
+        if self.progress is not None:
+            self.progress(self.done, self.rows.shape[0])
+
+    def split_on_oom(self, rows: list[int], run: Callable[[list[int]], None]) -> None:
+        """Run ``rows`` as one batch; if the device runs out of memory, in two halves."""
+        try:
+            run(rows)
+        except OOM_ERRORS:
+            if len(rows) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(rows) // 2
+            self.split_on_oom(rows[:half], run)
+            self.split_on_oom(rows[half:], run)
+
+    def fits(self, count: int, start: int, logits: int, token_budget: int, held: int = 0) -> bool:
+        """May ``count`` rows recomputing positions ``start``.. run as one batch, beside ``held`` bytes?"""
+        if self.engine.batch_size is not None:
+            return count <= self.engine.batch_size
+        queries = self.length - start
+        return (count * queries <= token_budget
+                and held + self.engine.memory.batch(count, queries, self.length, logits) <= self.budget)
+
+    def nll(self, logits: torch.Tensor, first_target: int) -> torch.Tensor:
+        """Negative log-likelihood of target tokens ``first_target``.. from the logits predicting them."""
+        targets = self.targets[first_target:].expand(logits.shape[0], -1)
+        if logits.shape[1] != targets.shape[1]:
+            raise RuntimeError(f"{logits.shape[1]} logits for {targets.shape[1]} target tokens")
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        return -logprobs.gather(-1, targets[..., None])[..., 0].cpu()
+
+    def sliced(self, start: int, count: int) -> dict[str, torch.Tensor]:
+        """The sequence inputs from position ``start`` on, for ``count`` rows (views, not copies)."""
+        return {k: v[:, start:].expand(count, *([-1] * (v.ndim - 1))) for k, v in self.sequence.items()}
+
+    def forward(self, inputs: dict, multipliers: torch.Tensor, keep: int, cache=None) -> torch.Tensor:
+        """Logits of the last ``keep`` positions of ``inputs`` under ``multipliers``."""
+        first = next(iter(inputs.values()))
+        queries = first.shape[1]
+        reused = cache.get_seq_length() if cache is not None else 0
+        self.engine.forward_calls += 1
+        self.engine.token_forwards += first.shape[0] * queries
+        if self.engine.trace is not None:
+            self.engine.trace.append(BatchRecord(int(first.shape[0]), int(queries), int(reused), int(self.budget)))
+        extra = {"logits_to_keep": keep} if self.engine.logits_to_keep and keep < queries else {}
+        if cache is not None:
+            extra.update({self.engine.cache_argument: cache, "use_cache": True})
+        else:
+            extra["use_cache"] = False
+        with manipulate(multipliers.to(self.engine.device), mode=self.mode,
+                        backend=self.engine.suppression.backend):
+            logits = self.model(**inputs, **extra).logits
+        return logits[:, -keep:]
+
+    def naive(self) -> torch.Tensor:
+        """Every row recomputes the whole sequence (as the paper's code did)."""
+        out = torch.empty(self.rows.shape[0], self.n_target)
+
+        def run(batch: list[int]) -> None:
+            inputs = repeat_inputs(self.inputs, len(batch))
+            logits = self.forward(inputs, self.rows[batch], self.n_target + 1)
+            out[batch] = self.nll(logits[:, :-1], 0)
+            self.tick(len(batch))
+
+        total = self.rows.shape[0]
+        size = 1
+        while size < total and self.fits(size + 1, 0, self.length, NAIVE_TOKEN_BUDGET):
+            size += 1
+        for first in range(0, total, size):
+            self.split_on_oom(list(range(first, min(first + size, total))), run)
+            release_freed_memory(self.engine.device)
+        return out
+
+    def cached(self, readout_from: int | None) -> torch.Tensor:
+        """Row 0 must be untouched; its keys and values serve every other row's prefix."""
+        rows = self.rows
+        if not bool((rows[0] == 1).all()):
+            raise AtmanError("the cached engine needs the unperturbed pass as row 0")
+        if readout_from is not None and not 0 <= readout_from <= self.length - self.n_target:
+            raise AtmanError(f"readout_from must lie in [0, {self.length - self.n_target}], got {readout_from}")
+        first_prediction = self.length - self.n_target - 1
+        out = torch.empty(rows.shape[0], self.n_target)
+        cache = DynamicCache()
+        logits = self.forward(self.sliced(0, 1), rows[:1], self.n_target + 1, cache=cache)
+        out[0] = self.nll(logits[:, :-1], 0)[0]
+        self.tick(1)
+        # batches run latest start first, so the kept prefix only ever shrinks: it is cut to the
+        # current batch's start, and the memory of the positions no later batch needs is freed
+        prefix = [(layer.keys, layer.values) for layer in cache.layers]
+        del cache
+        damped = rows[1:] != 1
+        # a row with nothing damped is the unperturbed pass; it starts "after the end"
+        starts = torch.where(damped.any(dim=1), damped.int().argmax(dim=1), self.length)
+        if readout_from is not None:
+            starts = torch.where(starts < self.length, starts.clamp(min=readout_from), starts)
+        starts_list = starts.tolist()
+
+        def run(group: list[int]) -> None:
+            batch = [r + 1 for r in group]
+            start = min(starts_list[r] for r in group)
+            if start >= self.length:
+                out[batch] = out[0].clone()
+                self.tick(len(batch))
+                return
+            kept = prefix[0][0].shape[-2] if prefix else 0
+            if kept > start:
+                for layer, (keys, values) in enumerate(prefix):
+                    prefix[layer] = (keys[:, :, :start].clone(), values[:, :, :start].clone())
+            # a retried half of a batch that ran out of memory may start later than what is kept:
+            # recomputing from the kept length is exact too
+            start = min(start, kept)
+            # target predictions before ``start`` cannot see any damped key: they are the baseline's
+            begin = max(start, first_prediction)
+            batch_cache = SharedPrefix(prefix, start) if start > 0 else None
+            logits = self.forward(self.sliced(start, len(batch)), rows[batch], self.length - begin,
+                                  cache=batch_cache)
+            first_target = begin - first_prediction
+            out[batch, :first_target] = out[0, :first_target].clone()
+            out[batch, first_target:] = self.nll(logits[:, :-1], first_target)
+            self.tick(len(batch))
+
+        def fits(count: int, start: int) -> bool:
+            # while this batch runs, the unperturbed keys/values before ``start`` are held
+            return self.fits(count, start, self.n_target + 1, self.engine.token_budget(),
+                             self.engine.memory.cache(start))
+
+        overhead = GPU_CALL_OVERHEAD if self.engine.device.type == "cuda" else CPU_CALL_OVERHEAD
+        for group in batch_groups(starts_list, self.length, fits, overhead):
+            self.split_on_oom(group, run)
+            release_freed_memory(self.engine.device)
+        return out
+
+
+class PrefixLayer(DynamicLayer):
+    """One layer's unperturbed keys and values, shared by every row of a batch and never grown.
+
+    Each call returns the prefix (broadcast, not copied, over the rows) joined to the rows' own new
+    keys and values; nothing is stored, so a batch holds one layer's keys and values at a time.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device = keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        rows = key_states.shape[0]
+        return (torch.cat([self.keys.expand(rows, -1, -1, -1), key_states], dim=-2),
+                torch.cat([self.values.expand(rows, -1, -1, -1), value_states], dim=-2))
+
+
+class SharedPrefix(Cache):
+    """A read-only cache: the first ``start`` positions of the unperturbed pass, for a whole batch."""
+
+    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], start: int) -> None:
+        super().__init__(layers=[PrefixLayer(keys[:, :, :start], values[:, :, :start]) for keys, values in prefix])
+
+
+def batch_groups(
+    starts: list[int], length: int, fits: Callable[[int, int], bool], overhead: int = CPU_CALL_OVERHEAD
+) -> list[list[int]]:
+    """Rows in batches of similar first damped position, at the least total cost.
+
+    A batch recomputes every row from its earliest start, so a batch of ``k`` rows whose earliest
+    start is ``s`` costs ``overhead + k * (length - s)`` token-forwards; ``overhead`` is the fixed
+    cost of one forward call in token-forwards. Sorted by start, the best split into consecutive
+    batches that ``fits(rows, earliest start)`` allows is found by dynamic programming.
+
+    >>> batch_groups([5, 1, 4], 6, lambda rows, start: rows <= 2, overhead=10)
+    [[0, 2], [1]]
+    """
+    order = sorted(range(len(starts)), key=lambda r: -starts[r])
+    begin = [min(starts[r], length - 1) for r in order]
+    n = len(order)
+    best = [0.0] + [float("inf")] * n
+    size = [0] * (n + 1)
+    for j in range(1, n + 1):
+        suffix = length - begin[j - 1]
+        # the largest batch ending at row j that fits (fits is monotone in the number of rows)
+        low, high = 1, min(j, MAX_GROUP_ROWS)
+        while low < high:
+            mid = (low + high + 1) // 2
+            if fits(mid, begin[j - 1]):
+                low = mid
+            else:
+                high = mid - 1
+        for k in range(1, low + 1):
+            cost = best[j - k] + overhead + k * suffix
+            if cost < best[j]:
+                best[j], size[j] = cost, k
+    groups = []
+    j = n
+    while j > 0:
+        groups.append(order[j - size[j]:j])
+        j -= size[j]
+    return groups[::-1]
