@@ -301,6 +301,8 @@ def _hub_has(name: str, options: dict[str, Any]) -> bool:
     except HFValidationError:
         raise ModelLoadError(f"{name!r} is not an embedded model, a file, a directory or a hub id"
                              f"{_suggest(name)}") from None
+    if options.get("proxies"):
+        return True  # the lookup would not go through the user's proxies: leave it to from_pretrained
     if huggingface_hub.constants.is_offline_mode():
         reason = "offline mode is on (HF_HUB_OFFLINE)"
     else:
