@@ -23,6 +23,8 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .citations import Citations, CitedSpan, Passage, Source
+    from .cite import Citer, cite
     from .encoders import ClassifierExplainer, SimilarityExplainer, load_encoder
     from .explainer import Explainer, explain
     from .explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 
 # public name -> the module that defines it
 LAZY: dict[str, str] = {
+    **dict.fromkeys(("Citations", "CitedSpan", "Passage", "Source"), ".citations"),
+    **dict.fromkeys(("Citer", "cite"), ".cite"),
     **dict.fromkeys(("ClassifierExplainer", "SimilarityExplainer", "load_encoder"), ".encoders"),
     **dict.fromkeys(("Explainer", "explain"), ".explainer"),
     **dict.fromkeys(("Explanation", "ImageItem", "Item", "TargetExplanation", "TargetSpan"), ".explanation"),
@@ -45,6 +49,11 @@ LAZY: dict[str, str] = {
 
 __all__ = [
     "AtmanError",
+    "Citations",
+    "CitedSpan",
+    "Citer",
+    "Passage",
+    "Source",
     "ClassifierExplainer",
     "ContextLengthError",
     "EmptyInputError",
@@ -65,6 +74,7 @@ __all__ = [
     "TokenControl",
     "UnsupportedModelError",
     "VisionLanguageExplainer",
+    "cite",
     "enable",
     "explain",
     "load_encoder",

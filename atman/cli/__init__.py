@@ -20,12 +20,13 @@ import sys
 from .. import __version__
 from ..errors import AtmanError
 from . import evaluate, serve, text
+from .batch import LINE_FIELDS
 from .shared import UsageError
 
 OK, SOME_LINES_FAILED, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED = 0, 1, 2, 3, 130
 
-__all__ = ["BAD_INPUT", "INTERNAL_ERROR", "INTERRUPTED", "OK", "SOME_LINES_FAILED", "UsageError", "build_parser",
-           "main"]
+__all__ = ["BAD_INPUT", "INTERNAL_ERROR", "INTERRUPTED", "LINE_FIELDS", "OK", "SOME_LINES_FAILED", "UsageError",
+           "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
