@@ -181,6 +181,24 @@ def test_scores_equal_the_library_and_granularity_maps_to_tiles(client, vlm):
         assert image_item.scores[-1].left + image_item.scores[-1].width == pytest.approx(1.0)
 
 
+def test_token_target_granularity_splits_the_complete_scores(client):
+    """Per target token: prompt scores that sum to the complete target's, and earlier target tokens as units."""
+    scene = make_scene(np.random.default_rng(17), 2)
+    target = " " + scene.objects[0].name
+    options = dict(prompt_granularity=PromptGranularity.Word, control_factor=0.0)
+    complete = client.explain(ExplanationRequest(scene_prompt(scene), target, **options), model=MODEL)
+    tokens = client.explain(ExplanationRequest(scene_prompt(scene), target, target_granularity=TargetGranularity.Token,
+                                               **options), model=MODEL)
+    assert [e.target for e in tokens.explanations] == target.split()
+    for item in (0, 1):
+        summed = np.sum([[s.score for s in e.items[item].scores] for e in tokens.explanations], axis=0)
+        assert summed == pytest.approx([s.score for s in complete.explanations[0].items[item].scores], abs=1e-5)
+    first, second = tokens.explanations
+    assert first.items[2].scores == []
+    (colour,) = second.items[2].scores
+    assert (colour.start, colour.length) == (1, len(target.split()[0]))
+
+
 def test_a_crop_maps_tiles_back_onto_the_whole_image(client):
     scene = make_scene(np.random.default_rng(5), 1)
     wide = PILImage.new("RGB", (96, 48), (235, 235, 235))
@@ -286,7 +304,6 @@ def test_bad_images_and_unsupported_requests_answer_400(client):
     cropped = Image.from_bytes(png(scene.image), cropping=aa_cropping(40, 0, 20))
     assert "does not lie inside" in refused(Prompt([cropped, text]))
     assert "token_ids" in refused(Prompt([Image.from_bytes(png(scene.image)), Tokens([5, 6], [])]))
-    assert "target_granularity" in refused(scene_prompt(scene), target_granularity=TargetGranularity.Token)
     outside = ImageControl(left=0.5, top=0.0, width=0.8, height=1.0, factor=0.0)
     with pytest.raises(ValueError, match="inside 0..1"):
         client.complete(CompletionRequest(scene_prompt(scene, controls=[outside]), maximum_tokens=2), model=MODEL)

@@ -36,13 +36,13 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..engine import DEFAULT_MULTIPLIER, Suppression
+from ..engine import DEFAULT_MULTIPLIER, Suppression, spread_conceptually, suppression_rows
 from ..errors import AtmanError, ContextLengthError, EmptyInputError
-from ..explanation import TargetExplanation
+from ..explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
 from ..manipulation import manipulate
 from ..steering import TextControl, control_multipliers, spread_to_similar
-from ..tiles import ImageGrid, TileSpec, grid_tiles
-from ..units import choose_granularity, prompt_units
+from ..tiles import ImageGrid, grid_tiles
+from ..units import choose_granularity, prompt_units, target_units
 from ..vision import (
     IMAGE_MARKER,
     LoadedVisionModel,
@@ -312,13 +312,14 @@ class VisionLanguageService:
     # --- endpoints -------------------------------------------------------------------------
     def explain(self, request: schemas.ExplanationRequest,
                 check: Callable[..., None]) -> VisionExplanationResponse:
-        """AtMan explanation of ``request.target``: per prompt item, scores of its text units or image tiles."""
+        """AtMan explanation of ``request.target``: per prompt item, scores of its text units or image tiles.
+
+        The units and rows are those of :meth:`VisionLanguageExplainer.explain`; with ``target_granularity
+        "token"`` each target token gets its own explanation, the target tokens before it being units too.
+        """
         vision = self.prompt(request.prompt)
         if not request.target:
             raise EmptyInputError("the target is empty")
-        if (request.target_granularity or "complete") != "complete":
-            raise AtmanError("target_granularity 'token' is not offered for vision-language models here; "
-                             "use 'complete'")
         suppression = Suppression(
             multiplier=DEFAULT_MULTIPLIER if request.control_factor is None else request.control_factor,
             kappa=_threshold(request.contextual_control_threshold),
@@ -329,29 +330,54 @@ class VisionLanguageService:
             if not granularity.delimiter:
                 raise AtmanError("prompt_granularity 'custom' needs a non-empty delimiter")
             delimiter = granularity.delimiter
-        wanted = GRANULARITY_NAMES[granularity.type] if granularity is not None else "auto"
         image_granularity = DEFAULT_IMAGE_GRANULARITY if granularity is None or granularity.type == "custom" \
             else granularity.type
+        per_token = request.target_granularity == "token"
         explainer = self.explainers[suppression.mode]
-        images = [image.image for image in vision.images]
-        prepared = explainer.prepare(vision.text, request.target, images)
+        prepared = explainer.prepare(vision.text, request.target, [image.image for image in vision.images])
         encoded = prepared.encoded
         self._check_length(len(encoded.input_ids), "prompt and target")
-        grids = {_grid(len(run)) for run in prepared.image_runs}
-        if len(grids) > 1:
-            raise AtmanError("the images of this prompt give image-token grids of different shapes")
-        spec: TileSpec = image_tile_spec(next(iter(grids)), image_granularity) if grids else "token"
-        count = sum(len(grid_tiles(_grid(len(run)), spec)) for run in prepared.image_runs)
+        units = []
         if any(span is not None for span in encoded.prompt_spans):
-            resolved = choose_granularity(encoded) if wanted == "auto" else wanted
-            count += len(prompt_units(encoded, resolved, delimiter=delimiter))
-        if count > self.limits.max_units:
-            raise LimitError(f"this explanation has {count} units; this server computes at most "
+            wanted = GRANULARITY_NAMES[granularity.type] if granularity is not None else "auto"
+            units = prompt_units(encoded, choose_granularity(encoded) if wanted == "auto" else wanted,
+                                 delimiter=delimiter)
+        tiles = [grid_tiles(grid, image_tile_spec(grid, image_granularity))
+                 for grid in (_grid(len(run)) for run in prepared.image_runs)]
+        later = target_units(encoded) if per_token else []
+        positions = [unit.positions for unit in units] + [
+            tuple(run[c] for c in tile.cells) for run, image_tiles in zip(prepared.image_runs, tiles, strict=True)
+            for tile in image_tiles] + [unit.positions for unit in later]
+        if len(positions) > self.limits.max_units:
+            raise LimitError(f"this explanation has {len(positions)} units; this server computes at most "
                              f"{self.limits.max_units} (choose a coarser prompt_granularity)", 422)
         check()
-        explanation = explainer.explain(
-            vision.text, request.target, images=images, granularity=wanted, image_granularity=spec,
-            multiplier=suppression.multiplier, kappa=suppression.kappa, delimiter=delimiter, progress=check)
+        rows = suppression_rows(len(encoded.input_ids), positions, suppression.multiplier)
+        embedded = explainer.embed(prepared)
+        if suppression.kappa is not None:
+            candidates = sorted({p for p, span in enumerate(encoded.prompt_spans) if span is not None}
+                                | {p for run in prepared.image_runs for p in run})
+            spread_conceptually(rows, embedded.embeddings[0].float().cpu(), positions, candidates,
+                                suppression.multiplier, suppression.kappa)
+        losses = explainer.losses(prepared, rows, mode=suppression.mode, embedded=embedded, progress=check)
+        delta = losses[1:] - losses[0:1]
+        spans = [(request.target, 0, len(request.target), delta.sum(dim=1))]
+        if per_token:
+            spans = [(request.target[a:b], a, b - a, delta[:, t]) for t, (a, b) in enumerate(encoded.target_spans)]
+        explanations = []
+        for t, (text, start, length, scores) in enumerate(spans):
+            items: list = [Item("prompt", u.text, u.start, u.length, float(s))
+                           for u, s in zip(units, scores[:len(units)], strict=True)]
+            k = len(units)
+            for image, image_tiles in enumerate(tiles):
+                items += [ImageItem(image, tile.left, tile.top, tile.width, tile.height, float(scores[k + j]))
+                          for j, tile in enumerate(image_tiles)]
+                k += len(image_tiles)
+            # a target token is explained by the target tokens before it
+            items += [Item("target", u.text, u.start, u.length, float(scores[k + j])) for j, u in enumerate(later[:t])]
+            explanations.append(TargetExplanation(TargetSpan(text, start, length), tuple(items)))
+        explanation = Explanation(model=self.name, prompt=vision.text, target=request.target,
+                                  explanations=tuple(explanations), settings=suppression.settings())
         explanation = explanation.postprocessed(request.postprocessing or "none", bool(request.normalize))
         return VisionExplanationResponse(
             model_version=self.name,
