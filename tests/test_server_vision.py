@@ -42,12 +42,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
 from atman import manipulate  # noqa: E402
-from atman.errors import AtmanError  # noqa: E402
+from atman.errors import AtmanError, ContextLengthError  # noqa: E402
 from atman.evaluate.image_metrics import mask_to_grid  # noqa: E402
 from atman.evaluate.scenes import CAPTION_PREFIX, make_scene  # noqa: E402
 from atman.server import schemas  # noqa: E402
 from atman.server.queue import JobQueue  # noqa: E402
-from atman.server.service import LimitError, Limits, Timeout  # noqa: E402
+from atman.server.service import Deadline, LimitError, Limits, Timeout  # noqa: E402
 from atman.server.vision_service import VisionExplanationResponse, VisionLanguageService  # noqa: E402
 from atman.vision import VisionLanguageExplainer, load_vision_language  # noqa: E402
 
@@ -282,8 +282,33 @@ def test_sampling_stop_sequences_and_tokenize(client):
                               model=MODEL).completions[0]
     assert stopped.finish_reason == "stop_sequence_reached"
     assert stopped.completion == " " + scene.objects[0].name
+    biased = client.complete(CompletionRequest(scene_prompt(scene), maximum_tokens=1, logit_bias={16: 100.0}),
+                             model=MODEL).completions[0]
+    assert biased.completion == " triangle"
     tokens = client.tokenize(TokenizationRequest("a red circle", tokens=True, token_ids=True), model=MODEL)
     assert tokens.tokens == ["a", "red", "circle"]
+
+
+def test_limits_and_deadline(vlm):
+    scene = make_scene(np.random.default_rng(6), 1)
+    data = base64.b64encode(png(scene.image)).decode()
+    prompt = [schemas.ImageItem(type="image", data=data), schemas.TextItem(type="text", data=CAPTION_PREFIX)]
+    explain = schemas.ExplanationRequest(model=MODEL, prompt=prompt, target=" red",
+                                         prompt_granularity=schemas.CustomGranularity(type="token"))
+    complete = schemas.CompletionRequest(model=MODEL, prompt=prompt, maximum_tokens=4)
+    with pytest.raises(LimitError, match="computes at most 40") as caught:
+        VisionLanguageService(vlm, Limits(max_units=40)).explain(explain, lambda *_: None)
+    assert caught.value.status == 422
+    with pytest.raises(LimitError, match="at most 30") as caught:
+        VisionLanguageService(vlm, Limits(max_prompt_tokens=30)).complete(complete, lambda *_: None)
+    assert caught.value.status == 413
+    long = schemas.CompletionRequest(model=MODEL, prompt=prompt, maximum_tokens=100)
+    with pytest.raises(ContextLengthError, match="context of 128 tokens"):
+        VisionLanguageService(vlm, Limits(max_tokens=100)).complete(long, lambda *_: None)
+    service = VisionLanguageService(vlm, LIMITS)
+    for method, request in ((service.explain, explain), (service.complete, complete)):
+        with pytest.raises(Timeout):
+            method(request, Deadline(0.0))
 
 
 def test_bad_images_and_unsupported_requests_answer_400(client):

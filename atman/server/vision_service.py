@@ -163,17 +163,22 @@ def decode_image(item: schemas.ImageItem, index: int, max_pixels: int = MAX_IMAG
     return PromptImage(image.crop((left, top, left + size, top + size)), width, height, left, top, size)
 
 
-class _Deadline(StoppingCriteria):
-    """Lets the request's deadline abort ``generate`` between tokens (the check raises)."""
+class _Watch(StoppingCriteria):
+    """Between tokens: lets the request's deadline abort ``generate`` (the check raises), and stops once the
+    new text holds a stop sequence."""
 
-    def __init__(self, check: Callable[..., None]) -> None:
-        self.check = check
+    def __init__(self, check: Callable[..., None], text: Callable[[list[int]], str], length: int,
+                 stops: Sequence[str]) -> None:
+        self.check, self.text, self.length = check, text, length
+        self.stops = [stop for stop in stops if stop]
         self.step = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         self.check(self.step)
         self.step += 1
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done = bool(self.stops) and any(stop in self.text(input_ids[0, self.length:].tolist())
+                                        for stop in self.stops)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 class VisionLanguageService:
@@ -402,14 +407,16 @@ class VisionLanguageService:
             raise AtmanError(f"logit_bias token id(s) {bad[:5]} are outside the vocabulary of {self.vocab} tokens")
         vision = self.prompt(request.prompt)
         prepared = self.explainer.prepare_prompt(vision.text, [image.image for image in vision.images])
-        length = len(prepared.encoded.input_ids)
+        prompt_ids = list(prepared.encoded.input_ids)
+        length = len(prompt_ids)
         self._check_length(length, "the prompt", extra=maximum)
         threshold = _threshold(request.contextual_control_threshold)
         multipliers = self.multipliers(request.prompt, vision, prepared, threshold)
         mode = "multiplicative" if request.control_log_additive is False else "log-additive"
         options: dict = {"max_new_tokens": maximum, "min_new_tokens": request.minimum_tokens or None,
                          "return_dict_in_generate": True, "output_logits": True,
-                         "stopping_criteria": StoppingCriteriaList([_Deadline(check)])}
+                         "stopping_criteria": StoppingCriteriaList([_Watch(
+                             check, lambda new: self._decode(prompt_ids, new), length, request.stop_sequences or ())])}
         if bias:
             options["sequence_bias"] = {(int(token),): float(value) for token, value in bias.items()}
         if request.temperature > 0:
