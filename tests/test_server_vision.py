@@ -214,6 +214,24 @@ def test_a_crop_maps_tiles_back_onto_the_whole_image(client):
     assert in_pixels.explanations[0].items[0].scores[0].left == 24
 
 
+def test_two_images_an_explicit_crop_and_a_unit_across_two_text_items(client):
+    scene = make_scene(np.random.default_rng(8), 2)
+    corner = Image.from_bytes(png(scene.image), cropping=aa_cropping(0, 0, 24))
+    prompt = Prompt([Image.from_bytes(png(scene.image)), Text.from_text("This is a pic"), Text.from_text("ture of a"),
+                     corner, Text.from_text(" and")])
+    response = client.explain(ExplanationRequest(prompt, " " + scene.objects[0].name,
+                                                 prompt_granularity=PromptGranularity.Sentence), model=MODEL)
+    whole, first, second, cropped, last, target = response.explanations[0].items
+    assert [(s.left, s.width) for s in whole.scores[:3]] == pytest.approx([(0, 1 / 3), (1 / 3, 1 / 3), (2 / 3, 1 / 3)])
+    # 2 x 2 tiles of the 24-pixel corner crop: a sixth of the 48-pixel image
+    assert [(s.left, s.top, s.width) for s in cropped.scores[:4]] == pytest.approx(
+        [(0, 0, 1 / 6), (1 / 6, 0, 1 / 6), (1 / 3, 0, 1 / 6), (0, 1 / 6, 1 / 6)])
+    # one sentence over both text items: its part in each, with its one score
+    ((a,), (b,)) = first.scores, second.scores
+    assert (a.start, a.length, b.start, b.length) == (0, 13, 0, 9) and a.score == b.score
+    assert [(s.start, s.length) for s in last.scores] == [(0, 4)]
+
+
 def test_image_control_factor_one_changes_nothing_and_zero_changes_the_distribution(client):
     scene = make_scene(np.random.default_rng(12), 2)
     expected = " " + scene.objects[0].name
