@@ -173,6 +173,17 @@ def test_scores_equal_the_library_and_granularity_maps_to_tiles(client, vlm):
     tiles = [i for i in items if i.kind == "image"]
     assert [s.score for s in image_item.scores] == pytest.approx([t.score for t in tiles], abs=1e-6)
     assert target_item.scores == []
+    # the multiplicative variant and conceptual suppression reach the library's settings too
+    library = VisionLanguageExplainer(vlm, mode="multiplicative").explain(
+        "<image>" + CAPTION_PREFIX, target, images=[scene.image], granularity="word", image_granularity="token",
+        kappa=0.5)
+    response = client.explain(ExplanationRequest(scene_prompt(scene), target, control_log_additive=False,
+                                                 contextual_control_threshold=0.5,
+                                                 prompt_granularity=PromptGranularity.Word), model=MODEL)
+    image_item, text_item, _ = response.explanations[0].items
+    scores = [s.score for s in text_item.scores] + [s.score for s in image_item.scores]
+    expected = [i.score for i in library.explanations[0].items]
+    assert scores == pytest.approx(expected, abs=1e-6)
     # sentence = 3 x 3 tiles of the image, paragraph = the whole image (Aleph Alpha's tiling)
     for granularity, count in ((PromptGranularity.Sentence, 9), (PromptGranularity.Paragraph, 1)):
         image_item = client.explain(ExplanationRequest(scene_prompt(scene), target, prompt_granularity=granularity),
@@ -363,13 +374,12 @@ def aa_cropping(x: int, y: int, size: int):
     return Cropping(upper_left_x=x, upper_left_y=y, size=size)
 
 
-def test_docstring_examples():
+def test_docstring_examples(monkeypatch):
+    """The examples in the service's docstrings, run on the reference LLaVA from the repository root."""
     import doctest
 
     from atman.server import vision_schemas, vision_service
 
-    assert doctest.testmod(vision_schemas).failed == 0
-    runner = doctest.DocTestRunner()
-    for test in doctest.DocTestFinder().find(vision_service.image_tile_spec, globs=vars(vision_service)):
-        runner.run(test)
-    assert runner.summarize(verbose=False) == (0, 2)
+    monkeypatch.chdir(FIXTURES.parent.parent)
+    results = [doctest.testmod(vision_schemas), doctest.testmod(vision_service)]
+    assert all(r.failed == 0 for r in results) and results[1].attempted >= 6

@@ -189,6 +189,7 @@ class VisionLanguageService:
 
     Example::
 
+        >>> from atman.vision import load_vision_language
         >>> service = VisionLanguageService(load_vision_language("tests/fixtures/tiny-llava-scenes"), Limits())
         >>> service.detokenize(schemas.DetokenizationRequest(model=service.name, token_ids=[5])).result
         'This'
