@@ -1,5 +1,7 @@
 """atman: explain transformer outputs with AtMan (attention manipulation, forward passes only)."""
 
+from .citations import Citations, CitedSpan, Passage, Source
+from .cite import Citer, cite
 from .encoders import ClassifierExplainer, SimilarityExplainer, load_encoder
 from .errors import (
     AtmanError,
@@ -19,6 +21,11 @@ from .vision import ImageClassifierExplainer, VisionLanguageExplainer, load_imag
 
 __all__ = [
     "AtmanError",
+    "Citations",
+    "CitedSpan",
+    "Citer",
+    "Passage",
+    "Source",
     "ClassifierExplainer",
     "ContextLengthError",
     "EmptyInputError",
@@ -39,6 +46,7 @@ __all__ = [
     "TokenControl",
     "UnsupportedModelError",
     "VisionLanguageExplainer",
+    "cite",
     "enable",
     "explain",
     "load_encoder",

@@ -1,0 +1,136 @@
+"""Views of :class:`~atman.citations.Citations`: the terminal and a page where hovering a response
+sentence lights up the sources it rests on. Pure functions of the result; nothing here runs a model.
+
+>>> from atman.render.citations import render_citations_html
+>>> page = render_citations_html(result)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..citations import Citations
+from .palette import FOR_RGB, MAX_ALPHA, blend, rgba
+
+DEFAULT_TOP = 3
+SNIPPET = 90
+
+
+def _snippet(text: str, limit: int = SNIPPET) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def citations_table(result: Citations, top: int = DEFAULT_TOP) -> Table:
+    """A rich table: each response span with its top sources (score, passage, text)."""
+    table = Table(title=f"Sources of the response ({result.model}, {result.settings.get('method', 'readout')}, "
+                        f"{result.settings.get('sources', 'sentence')} level)", show_lines=True, expand=True)
+    table.add_column("response", ratio=2)
+    table.add_column("rests on", ratio=3)
+    for span in result.spans:
+        cited = Text()
+        best = max((abs(s) for s in span.scores), default=0.0) or 1.0
+        for rank, (index, score) in enumerate(span.top(top)):
+            source = result.sources[index]
+            passage = result.passages[source.passage]
+            if rank:
+                cited.append("\n")
+            r, g, b = blend(score, score / best)
+            cited.append(f"[{index + 1}] {score:+.2f} ", style=f"bold on rgb({r},{g},{b})")
+            if passage.label:
+                cited.append(f"({passage.label}) ", style="dim")
+            cited.append(_snippet(source.text))
+        if not cited:
+            cited.append("no source raised this part's likelihood", style="dim")
+        table.add_row(span.text, cited)
+    return table
+
+
+def render_citations_terminal(result: Citations, console: Console | None = None, top: int = DEFAULT_TOP) -> None:
+    """Print the response's spans with their top ``top`` sources."""
+    (console or Console()).print(citations_table(result, top))
+
+
+def render_citations_fragment(result: Citations, top: int = DEFAULT_TOP) -> str:
+    """An HTML fragment (for notebooks and pages): the response's spans on the left, the context's
+    sources on the right; hovering or focusing a span colours its sources by score and lists its top
+    ``top``. Works without JavaScript too (each span's sources are listed under it)."""
+    digest = hashlib.sha1((result.context + "\0" + result.response).encode("utf-8", "replace")).hexdigest()
+    ident = f"atman-cite-{digest[:10]}"
+    scores = [[round(s, 6) for s in span.scores] for span in result.spans]
+    spans_html = []
+    for k, span in enumerate(result.spans):
+        listed = "".join(
+            f"<li>[{i + 1}] {score:+.3f} {html.escape(_snippet(result.sources[i].text, 60))}</li>"
+            for i, score in span.top(top))
+        spans_html.append(
+            f'<div class="span" tabindex="0" data-span="{k}"><span class="text">{html.escape(span.text)}</span>'
+            f'<ol class="top">{listed or "<li>no positive source</li>"}</ol></div>')
+    # the context with every source marked, passage by passage
+    context_html = []
+    for p, passage in enumerate(result.passages):
+        pieces, cursor = [], passage.start
+        for i, source in enumerate(result.sources):
+            if source.passage != p:
+                continue
+            pieces.append(html.escape(result.context[cursor:source.start]))
+            pieces.append(f'<span class="source" data-source="{i}"><sup>{i + 1}</sup>'
+                          f"{html.escape(result.context[source.start:source.end])}</span>")
+            cursor = source.end
+        pieces.append(html.escape(result.context[cursor:passage.end]))
+        label = f'<div class="label">{html.escape(passage.label)}</div>' if passage.label else ""
+        context_html.append(f'<div class="passage">{label}{"".join(pieces)}</div>')
+    r, g, b = FOR_RGB
+    return f"""<div class="atman-cite" id="{ident}">
+<style>
+#{ident} {{ display: grid; grid-template-columns: 2fr 3fr; gap: 1.2em; font-family: system-ui, sans-serif;
+  line-height: 1.5; }}
+#{ident} .span {{ padding: .3em .5em; margin: .2em 0; border-left: 3px solid #ccc; cursor: pointer; }}
+#{ident} .span:hover, #{ident} .span:focus, #{ident} .span.active {{ border-left-color: rgb({r}, {g}, {b});
+  background: {rgba(FOR_RGB, 0.08)}; outline: none; }}
+#{ident} .span .top {{ font-size: .8em; color: #555; margin: .2em 0 0 1.2em; padding: 0; }}
+#{ident} .passage {{ margin: 0 0 .8em; white-space: pre-wrap; }}
+#{ident} .label {{ font-weight: 600; font-size: .85em; color: #444; }}
+#{ident} .source {{ border-radius: 3px; transition: background .15s; }}
+#{ident} .source sup {{ color: #888; font-size: .65em; margin-right: .1em; }}
+#{ident} h3 {{ font-size: 1em; margin: 0 0 .4em; }}
+</style>
+<div><h3>Response — hover a sentence</h3>{"".join(spans_html)}</div>
+<div><h3>Context — orange: the sentence rests on it</h3>{"".join(context_html)}</div>
+<script>
+(function () {{
+  const root = document.getElementById({json.dumps(ident)});
+  const scores = {json.dumps(scores)};
+  const sources = root.querySelectorAll(".source");
+  function show(k) {{
+    const row = scores[k] || [];
+    const best = Math.max(1e-12, ...row.map(Math.abs));
+    sources.forEach((el) => {{
+      const s = row[Number(el.dataset.source)] || 0;
+      el.style.background = s > 0 ? "rgba({r}, {g}, {b}, " + (s / best * {MAX_ALPHA}).toFixed(3) + ")" : "";
+      el.title = "score " + s.toFixed(3);
+    }});
+    root.querySelectorAll(".span").forEach((el) => el.classList.toggle("active", Number(el.dataset.span) === k));
+  }}
+  root.querySelectorAll(".span").forEach((el) => {{
+    el.addEventListener("mouseenter", () => show(Number(el.dataset.span)));
+    el.addEventListener("focus", () => show(Number(el.dataset.span)));
+  }});
+  if (scores.length) show(0);
+}})();
+</script>
+</div>"""
+
+
+def render_citations_html(result: Citations, title: str | None = None, top: int = DEFAULT_TOP) -> str:
+    """A standalone HTML page of :func:`render_citations_fragment`, with the question as its heading."""
+    heading = html.escape(title or f"Sources of the answer to: {result.question}")
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{heading}</title></head>'
+            f'<body style="max-width: 1100px; margin: 2em auto; padding: 0 1em;"><h2 style="font-family: '
+            f'system-ui, sans-serif">{heading}</h2>\n{render_citations_fragment(result, top)}\n</body></html>\n')

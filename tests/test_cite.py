@@ -1,0 +1,132 @@
+"""Citing the sources of a response in a context (atman.cite) on the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from atman import AtmanError, Citations, Citer, EmptyInputError, Explainer, Passage, cite
+from atman.cite import CitationError, passages_from
+from atman.engine import suppression_rows
+from atman.render.citations import render_citations_html, render_citations_terminal
+
+PASSAGES = [
+    {"id": "a", "title": "Harbours", "text": "Tamsin Orrelby keeps bees on the island of Quellmark. "
+                                             "The ferry to Quellmark leaves at dawn."},
+    {"id": "b", "title": "Trades", "text": "Doran Vesk repairs clocks in the town of Lindhaven. "
+                                           "Mirela Castaine teaches music in Olvereth."},
+    {"id": "c", "title": "Rivers", "text": "The river Sorrow runs past the mill at Brackwater."},
+]
+QUESTION = "Where does Doran Vesk repair clocks?"
+RESPONSE = "Doran Vesk repairs clocks in Lindhaven. He has done so for years."
+
+
+@pytest.fixture(scope="module")
+def citer(smollm2):
+    return Citer(smollm2)
+
+
+@pytest.fixture(scope="module")
+def result(citer):
+    return citer.cite(PASSAGES, QUESTION, RESPONSE)
+
+
+def test_the_answer_sentence_cites_its_evidence(result):
+    assert [s.text for s in result.spans] == ["Doran Vesk repairs clocks in Lindhaven.", "He has done so for years."]
+    assert len(result.sources) == 5 and [s.passage for s in result.sources] == [0, 0, 1, 1, 2]
+    best, score = result.cite(0, k=1)[0]
+    assert best.text == "Doran Vesk repairs clocks in the town of Lindhaven." and score > 0
+    assert result.passages[best.passage].id == "b"
+    # offsets point into the context the result carries
+    for source in result.sources:
+        assert result.context[source.start:source.end] == source.text
+    for span in result.spans:
+        assert result.response[span.start:span.end] == span.text
+
+
+def test_scores_are_the_engines_losses_summed_over_each_span(citer, result):
+    """Readout suppression through Explainer.losses, summed over the tokens of each response span."""
+    prepared = citer.prepare(PASSAGES, QUESTION, RESPONSE)
+    rows = suppression_rows(len(prepared.encoded.input_ids), prepared.source_positions, 0.0)
+    losses = citer.explainer.losses(prepared.encoded, rows, readout_from=prepared.readout_from)
+    delta = losses[1:] - losses[0:1]
+    for span, tokens in zip(result.spans, prepared.span_tokens, strict=True):
+        assert span.scores == pytest.approx(delta[:, list(tokens)].sum(dim=1).tolist(), abs=1e-5)
+    # every target token belongs to one span here; the readout starts right after the context
+    covered = sorted(t for tokens in prepared.span_tokens for t in tokens)
+    assert covered == list(range(len(prepared.encoded.target_spans)))
+    question_start = prepared.encoded.prompt.index("Question:")
+    first_after = [p for p, span in enumerate(prepared.encoded.prompt_spans)
+                   if span is not None and span[0] >= question_start]
+    assert prepared.readout_from <= first_after[0]
+
+
+def test_full_suppression_equals_explaining_with_source_spans(smollm2):
+    """method='atman' at sentence level is AtMan with those spans as units: the complete-target scores
+    are the sum of the spans' scores when the spans cover the response."""
+    result = Citer(smollm2, method="atman", multiplier=0.1).cite(PASSAGES, QUESTION, RESPONSE)
+    prepared = Citer(smollm2).prepare(PASSAGES, QUESTION, RESPONSE)
+    offset = prepared.encoded.prompt.index("Tamsin")
+    spans = [(offset + s.start, offset + s.end) for s in result.sources]
+    exp = Explainer(smollm2, multiplier=0.1).explain(prepared.encoded.prompt, RESPONSE, granularity="spans",
+                                                     spans=spans, chat=True)
+    assert exp.explanations[0].scores == pytest.approx(result.source_scores(), abs=1e-4)
+
+
+def test_generated_response_and_passage_level(citer):
+    result = citer.cite(PASSAGES, QUESTION, sources="passage", max_new_tokens=12)
+    assert result.settings["generated_response"] and result.response.strip()
+    assert [s.text for s in result.sources] == [p["text"] for p in PASSAGES]
+    assert result.settings["token_forwards"] > 0
+
+
+def test_json_round_trip_and_views(result, tmp_path):
+    again = Citations.from_json(result.to_json())
+    assert again == result
+    result.save(tmp_path / "c.json")
+    assert Citations.load(tmp_path / "c.json") == result
+    result.save(tmp_path / "c.html")
+    page = (tmp_path / "c.html").read_text()
+    assert "Lindhaven" in page and "data-source=\"4\"" in page and json.dumps(QUESTION)[1:-1] in page
+    assert page == render_citations_html(result)
+    console = Console(record=True, width=140)
+    render_citations_terminal(result, console)
+    text = console.export_text()
+    assert "Doran Vesk repairs clocks in Lindhaven." in text and "(Trades)" in text
+    with pytest.raises(ValueError, match=".txt"):
+        result.save(tmp_path / "c.txt")
+
+
+def test_context_as_text_splits_at_blank_lines():
+    passages = passages_from("First passage.\n\n  Second one.\n\n\n")
+    assert [p.text for p in passages] == ["First passage.", "Second one."]
+    assert passages[1].start == len("First passage.\n\n")
+    assert passages_from([Passage("x", id="1"), "y"])[0].id == "1"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"context": "  \n\n ", "question": QUESTION, "response": RESPONSE}, EmptyInputError, "context is empty"),
+        ({"context": PASSAGES, "question": " ", "response": RESPONSE}, EmptyInputError, "question"),
+        ({"context": PASSAGES, "question": QUESTION, "response": ""}, EmptyInputError, "response"),
+        ({"context": PASSAGES, "question": QUESTION, "response": RESPONSE, "spans": [(5, 500)]}, CitationError,
+         "outside the response"),
+        ({"context": PASSAGES, "question": QUESTION, "response": RESPONSE, "sources": "chapter"}, AtmanError,
+         "source level"),
+        ({"context": [{"title": "no text"}], "question": QUESTION, "response": RESPONSE}, CitationError, "no text"),
+        ({"context": ["word " * 9000], "question": QUESTION, "response": RESPONSE}, AtmanError, "context of"),
+    ],
+)
+def test_bad_input_is_refused_with_a_message(citer, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        citer.cite(**kwargs)
+
+
+def test_one_call_cite_and_bad_method(smollm2):
+    result = cite(PASSAGES[:2], QUESTION, "In Lindhaven.", model=smollm2, sources="passage")
+    assert len(result.sources) == 2 and result.spans[0].top(1)[0][0] == 1
+    with pytest.raises(AtmanError, match="citation method"):
+        Citer(smollm2, method="lasso")
