@@ -273,6 +273,41 @@ class VisionLanguageExplainer(VisionExplainer):
                                target_spans=target_spans)
         return VisionLanguageInput(inputs=full, encoded=encoded, image_runs=tuple(runs))
 
+    def prepare_prompt(self, prompt: str, images: Sequence) -> VisionLanguageInput:
+        """Run the processor on the prompt alone (no target), for steered generation: the model inputs,
+        the character span in ``prompt`` of every text token and the image-token runs.
+
+        ``encoded.target_start`` is the prompt's length and ``encoded.target`` is empty.
+
+        Example::
+
+            >>> prepared = explainer.prepare_prompt("<image>This is a picture of a", [image])
+            >>> len(prepared.image_runs[0])
+            36
+        """
+        if not prompt.strip() and not images:
+            raise EmptyInputError("the prompt is empty")
+        markers = prompt.count(IMAGE_MARKER)
+        if markers != len(images):
+            raise AtmanError(f"the prompt has {markers} {IMAGE_MARKER} marker(s) for {len(images)} image(s)")
+        pieces = prompt.split(IMAGE_MARKER)
+        text, origin = "", []
+        for k, piece in enumerate(pieces):
+            origin.append((len(text), sum(len(p) + len(IMAGE_MARKER) for p in pieces[:k])))
+            text += piece + (self.image_token if k < len(pieces) - 1 else "")
+        inputs = self._process(text, images)
+        ids = inputs["input_ids"][0].tolist()
+        runs = _runs([i for i, tok in enumerate(ids) if tok == self.image_token_id])
+        if len(runs) != len(images):
+            raise UnsupportedModelError(
+                f"found {len(runs)} runs of image tokens for {len(images)} image(s); this model's image "
+                "layout (split images, tiles with separators) is not supported"
+            )
+        spans = self._text_spans(text, ids, origin, len(text), len(ids))
+        encoded = EncodedInput(input_ids=tuple(ids), prompt=prompt.replace(IMAGE_MARKER, " " * len(IMAGE_MARKER)),
+                               target="", prompt_spans=tuple(spans), target_start=len(ids), target_spans=())
+        return VisionLanguageInput(inputs=inputs, encoded=encoded, image_runs=tuple(runs))
+
     def generate(self, prompt: str, images: Sequence, *, max_new_tokens: int = 32) -> str:
         """The model's greedy continuation of ``prompt`` (with ``<image>`` markers) and ``images``, as text."""
         if max_new_tokens < 1:
