@@ -22,9 +22,11 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +42,7 @@ from .engine import (
 from .errors import AtmanError, EmptyInputError, ModelLoadError, UnsupportedModelError
 from .explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
 from .manipulation import enable
+from .models import context_length
 from .tiles import ImageGrid, TileSpec, grid_tiles, tile_shape
 from .units import GRANULARITIES, EncodedInput, choose_granularity, prompt_units
 
@@ -60,6 +63,24 @@ class LoadedVisionModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def context_length(self) -> int | None:
+        """The language model's context in tokens (None when its config does not say)."""
+        return context_length(self.model.config)
+
+
+def is_vision_language(path: str) -> bool:
+    """Whether ``path`` is a local model directory whose config declares a vision-language model
+    (a vision config beside a text config), e.g. the reference LLaVA in tests/fixtures."""
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "vision_config" in data and "text_config" in data
 
 
 def _patch_size(config) -> int:

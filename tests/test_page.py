@@ -123,3 +123,33 @@ def test_the_page_asks_for_the_token_when_auth_is_on(page, smollm2):
         page.find_element(By.ID, "explain").click()
         wait(page).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Explained"))
         assert len(page.find_elements(By.CSS_SELECTOR, "#highlighted .unit")) == 3
+
+
+def test_an_image_explanation_is_laid_over_the_image(page, tmp_path):
+    """A vision-language model: the page sends the chosen image before the text and colours its tiles."""
+    import numpy as np
+
+    from atman.evaluate.scenes import CAPTION_PREFIX, make_scene
+    from atman.vision import load_vision_language
+
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-llava-scenes")
+    scene = make_scene(np.random.default_rng(5), 2)
+    picture = tmp_path / "scene.png"
+    scene.image.save(picture)
+    with serving(create_app({"tiny-llava-scenes": load_vision_language(fixture)},
+                            limits=Limits(max_prompt_tokens=128))) as base:
+        page.get(base + "/")
+        wait(page).until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 1)
+        assert page.find_element(By.ID, "image-label").is_displayed()
+        page.find_element(By.ID, "image").send_keys(str(picture))
+        fill(page, "prompt", CAPTION_PREFIX)
+        fill(page, "target", " " + scene.objects[0].name)
+        Select(page.find_element(By.ID, "granularity")).select_by_value("word")
+        Select(page.find_element(By.ID, "target-granularity")).select_by_value("complete")
+        page.find_element(By.ID, "explain").click()
+        wait(page).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Explained"))
+        wait(page, 30).until(lambda b: b.find_element(By.ID, "image-canvas").get_attribute("data-tiles"))
+        assert page.find_element(By.ID, "image-view").is_displayed()
+        assert page.find_element(By.ID, "image-canvas").get_attribute("data-tiles") == "36"
+        assert page.find_element(By.ID, "highlighted").text == CAPTION_PREFIX
+        page.save_screenshot(str(tmp_path / "image.png"))

@@ -1,14 +1,12 @@
 """A served vision-language model (the committed reference LLaVA), driven by the official Aleph Alpha client.
 
-``create_app`` builds a :class:`ModelService` for every model it is given, so the app here mirrors its
-routes and error handlers with a :class:`VisionLanguageService` instead.
+``create_app`` serves a loaded vision-language model through :class:`VisionLanguageService`.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,74 +35,24 @@ from aleph_alpha_client import (  # noqa: E402
     TokenizationRequest,
     Tokens,
 )
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse, PlainTextResponse  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
 from atman import manipulate  # noqa: E402
-from atman.errors import AtmanError, ContextLengthError  # noqa: E402
+from atman.errors import ContextLengthError  # noqa: E402
 from atman.evaluate.image_metrics import mask_to_grid  # noqa: E402
 from atman.evaluate.scenes import CAPTION_PREFIX, make_scene  # noqa: E402
-from atman.server import schemas  # noqa: E402
-from atman.server.queue import JobQueue  # noqa: E402
+from atman.server import (
+    create_app,  # noqa: E402
+    schemas,  # noqa: E402
+)
 from atman.server.service import Deadline, LimitError, Limits, Timeout  # noqa: E402
-from atman.server.vision_service import VisionExplanationResponse, VisionLanguageService  # noqa: E402
+from atman.server.vision_service import VisionLanguageService  # noqa: E402
 from atman.vision import VisionLanguageExplainer, load_vision_language  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODEL = "tiny-llava-scenes"
-LIMITS = Limits(max_prompt_tokens=100, max_units=60, max_tokens=12)
 MAX_PIXELS = 128 * 128
-
-
-def vision_app(service: VisionLanguageService) -> FastAPI:
-    """``create_app``'s API routes and error handlers, serving ``service``."""
-    queue = JobQueue(LIMITS.max_queue, LIMITS.timeout_s)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI):
-        yield
-        queue.shutdown()
-
-    app = FastAPI(lifespan=lifespan)
-
-    @app.exception_handler(LimitError)
-    async def limit_error(_: Request, exc: LimitError) -> JSONResponse:
-        return JSONResponse({"error": str(exc), "code": "LIMIT_EXCEEDED"}, status_code=exc.status)
-
-    @app.exception_handler(AtmanError)
-    async def bad_request(_: Request, exc: AtmanError) -> JSONResponse:
-        return JSONResponse({"error": str(exc), "code": "BAD_REQUEST"}, status_code=400)
-
-    @app.exception_handler(Timeout)
-    async def timeout(_: Request, exc: Timeout) -> JSONResponse:
-        return JSONResponse({"error": str(exc), "code": "TIMEOUT"}, status_code=408)
-
-    @app.post("/explain", response_model_exclude_none=True)
-    async def explain(body: schemas.ExplanationRequest) -> VisionExplanationResponse:
-        return await queue.run(lambda deadline: service.explain(body, deadline))
-
-    @app.post("/complete", response_model_exclude_none=True)
-    async def complete(body: schemas.CompletionRequest) -> schemas.CompletionResponse:
-        return await queue.run(lambda deadline: service.complete(body, deadline))
-
-    @app.post("/evaluate")
-    async def evaluate(body: schemas.EvaluationRequest) -> schemas.EvaluationResponse:
-        return await queue.run(lambda deadline: service.evaluate(body, deadline))
-
-    @app.post("/tokenize", response_model_exclude_none=True)
-    async def tokenize(body: schemas.TokenizationRequest) -> schemas.TokenizationResponse:
-        return await queue.run(lambda _: service.tokenize(body))
-
-    @app.get("/models_available")
-    async def models_available() -> list[schemas.ModelInfo]:
-        return [service.info()]
-
-    @app.get("/version", response_class=PlainTextResponse)
-    async def version() -> str:
-        return "1.19.0"
-
-    return app
+LIMITS = Limits(max_prompt_tokens=100, max_units=60, max_tokens=12, max_image_pixels=MAX_PIXELS)
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +62,12 @@ def vlm():
 
 @pytest.fixture(scope="module")
 def service(vlm):
-    return VisionLanguageService(vlm, LIMITS, max_image_pixels=MAX_PIXELS)
+    return VisionLanguageService(vlm, LIMITS)
 
 
 @pytest.fixture(scope="module")
 def client(service):
-    with serving(vision_app(service)) as base:
+    with serving(create_app({MODEL: service.loaded}, limits=LIMITS)) as base:
         yield Client(token="unused", host=base, total_retries=0)
 
 

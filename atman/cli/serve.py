@@ -132,13 +132,17 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"atman serve needs the server extra (pip install 'atman[server]'): {exc}") from None
     from ..models import load_model
+    from ..vision import is_vision_language, load_vision_language
     from .shared import quiet_libraries
 
     quiet_libraries()
     models = {}
     for name in args.models or ["smollm2"]:
         print(f"loading {name} ...", file=sys.stderr)
-        models[name] = load_model(name, dtype=args.dtype, device=args.device)
+        if is_vision_language(name):
+            models[name] = load_vision_language(name, device=args.device)
+        else:
+            models[name] = load_model(name, dtype=args.dtype, device=args.device)
     prompt_tokens = numbers.get("max_prompt_tokens") or default_prompt_tokens(models.values())
     limits = Limits(max_body_bytes=numbers["max_body_bytes"], max_prompt_tokens=prompt_tokens,
                     max_units=numbers["max_units"], max_tokens=numbers["max_tokens"],

@@ -27,10 +27,12 @@ from fastapi.staticfiles import StaticFiles
 
 from ..errors import AtmanError
 from ..models import LoadedModel
+from ..vision import LoadedVisionModel
 from . import schemas
 from .queue import Cancelled, JobCheck, JobQueue, QueueFull
 from .security import token_problem
 from .service import LimitError, Limits, ModelService, Timeout
+from .vision_service import VisionLanguageService
 
 T = TypeVar("T")
 
@@ -206,9 +208,10 @@ def create_app(
         raise AtmanError("create_app needs at least one model")
     check_token(token)
     limits = limits or Limits()
-    services: dict[str, ModelService] = {}
+    services: dict[str, ModelService | VisionLanguageService] = {}
     for alias, lm in models.items():
-        service = ModelService(lm, limits, aliases=(alias,) if alias != lm.name else ())
+        kind = VisionLanguageService if isinstance(lm, LoadedVisionModel) else ModelService
+        service = kind(lm, limits, aliases=(alias,) if alias != lm.name else ())
         context = lm.context_length
         if context is not None and limits.max_prompt_tokens > context:
             raise AtmanError(f"max_prompt_tokens {limits.max_prompt_tokens} exceeds the {context}-token context of "
@@ -246,7 +249,7 @@ def create_app(
             raise _ApiError(401, "missing or wrong bearer token (send Authorization: Bearer <token>)",
                             "UNAUTHENTICATED")
 
-    def service_for(name: str) -> ModelService:
+    def service_for(name: str) -> ModelService | VisionLanguageService:
         service = services.get(name)
         if service is None:
             served = ", ".join(sorted(services))

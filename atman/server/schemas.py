@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from .vision_schemas import ImageExplanationItem
+
 # attention control factors above this overflow the multiplicative variant's float32 scores
 MAX_CONTROL_FACTOR = 1000.0
 # below these (but above 0, which means off), logits / temperature overflow to infinity and a top_p
@@ -143,7 +145,7 @@ class TokenExplanationItem(BaseModel):
 
 class TargetExplanation(BaseModel):
     target: str
-    items: list[TextExplanationItem | TokenExplanationItem]
+    items: list[TextExplanationItem | TokenExplanationItem | ImageExplanationItem]
 
 
 class ExplanationResponse(BaseModel):

@@ -39,6 +39,8 @@ class Limits:
     max_completions: int = 8
     timeout_s: float = 300.0
     max_queue: int = 64
+    # image prompt items (vision-language models): pixels of one image, checked before decoding
+    max_image_pixels: int = 4096 * 4096
 
 
 class LimitError(AtmanError):

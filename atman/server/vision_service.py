@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..engine import DEFAULT_MULTIPLIER, Suppression, spread_conceptually, suppression_rows
@@ -115,20 +114,6 @@ class VisionPrompt:
     items: tuple[tuple[str, int, int], ...]
 
 
-class VisionTargetExplanation(BaseModel):
-    """One target's scores per prompt item (text or image), then the target item."""
-
-    target: str
-    items: list[schemas.TextExplanationItem | ImageExplanationItem]
-
-
-class VisionExplanationResponse(BaseModel):
-    """``/explain``'s answer with image items (the JSON of Aleph Alpha's ``ExplanationResponse``)."""
-
-    model_version: str
-    explanations: list[VisionTargetExplanation]
-
-
 def decode_image(item: schemas.ImageItem, index: int, max_pixels: int = MAX_IMAGE_PIXELS) -> PromptImage:
     """The RGB square crop of an image prompt item (base64 bytes); a bad item raises :class:`AtmanError`
     naming prompt item ``index``."""
@@ -185,7 +170,7 @@ class VisionLanguageService:
     """One served vision-language model: explanations, steered completions, evaluation and tokenization.
 
     A drop-in for :class:`~atman.server.service.ModelService` with image prompt items (see the module
-    docstring). ``max_image_pixels`` bounds the size of an image before it is decoded.
+    docstring). ``limits.max_image_pixels`` bounds the size of an image before it is decoded.
 
     Example::
 
@@ -195,12 +180,11 @@ class VisionLanguageService:
         'This'
     """
 
-    def __init__(self, loaded: LoadedVisionModel, limits: Limits, aliases: tuple[str, ...] = (),
-                 *, max_image_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    def __init__(self, loaded: LoadedVisionModel, limits: Limits, aliases: tuple[str, ...] = ()) -> None:
         self.loaded = loaded
         self.limits = limits
         self.aliases = tuple(aliases)
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels = limits.max_image_pixels
         # one explainer per attention variant (the explainer's mode is fixed at construction)
         self.explainers = {mode: VisionLanguageExplainer(loaded, mode=mode)
                            for mode in ("log-additive", "multiplicative")}
@@ -317,7 +301,7 @@ class VisionLanguageService:
 
     # --- endpoints -------------------------------------------------------------------------
     def explain(self, request: schemas.ExplanationRequest,
-                check: Callable[..., None]) -> VisionExplanationResponse:
+                check: Callable[..., None]) -> schemas.ExplanationResponse:
         """AtMan explanation of ``request.target``: per prompt item, scores of its text units or image tiles.
 
         The units and rows are those of :meth:`VisionLanguageExplainer.explain`; with ``target_granularity
@@ -385,7 +369,7 @@ class VisionLanguageService:
         explanation = Explanation(model=self.name, prompt=vision.text, target=request.target,
                                   explanations=tuple(explanations), settings=suppression.settings())
         explanation = explanation.postprocessed(request.postprocessing or "none", bool(request.normalize))
-        return VisionExplanationResponse(
+        return schemas.ExplanationResponse(
             model_version=self.name,
             explanations=[_api_explanation(exp, vision) for exp in explanation.explanations],
         )
@@ -548,7 +532,7 @@ def _grid(tokens: int) -> ImageGrid:
     return ImageGrid(side, side)
 
 
-def _api_explanation(exp: TargetExplanation, vision: VisionPrompt) -> VisionTargetExplanation:
+def _api_explanation(exp: TargetExplanation, vision: VisionPrompt) -> schemas.TargetExplanation:
     """One target's scores grouped by prompt item: text offsets relative to the item (a unit that spans two
     adjacent text items appears in both, with its one score), tile rectangles in 0..1 of the whole image."""
     items: list[schemas.TextExplanationItem | ImageExplanationItem] = []
@@ -567,4 +551,4 @@ def _api_explanation(exp: TargetExplanation, vision: VisionPrompt) -> VisionTarg
         items.append(schemas.TextExplanationItem(type="text", scores=scores))
     items.append(schemas.TextExplanationItem(type="target", scores=[
         schemas.TextScore(start=i.start, length=i.length, score=i.score) for i in exp.items if i.kind == "target"]))
-    return VisionTargetExplanation(target=exp.target.text, items=items)
+    return schemas.TargetExplanation(target=exp.target.text, items=items)

@@ -3,7 +3,8 @@
 
 const $ = (id) => document.getElementById(id);
 const controls = [];  // {start, length, factor, token_overlap, text}
-let current = null;   // {prompt, explanations}
+let current = null;   // {prompt, explanations, image}
+let models = [];      // /models_available entries
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -35,12 +36,35 @@ async function loadModels() {
       status("This server needs a token: enter it above.");
       return;
     }
-    const models = await call("GET", "/models_available");
+    models = await call("GET", "/models_available");
     $("model").replaceChildren(...models.map((m) => new Option(m.name, m.name)));
+    imageSupport();
     status("");
   } catch (err) {
     status("Cannot list the models: " + err.message, true);
   }
+}
+
+function imageSupport() {
+  const model = models.find((m) => m.name === $("model").value);
+  $("image-label").hidden = !(model && model.image_support);
+}
+
+// the chosen image as {data: base64, url} when the model reads images, else null
+function chosenImage() {
+  const file = $("image").files[0];
+  if ($("image-label").hidden || !file) return Promise.resolve(null);
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve({ data: String(reader.result).split(",", 2)[1], url: String(reader.result) });
+    reader.onerror = () => reject(new Error("cannot read the image file"));
+    reader.readAsDataURL(file);
+  });
+}
+
+function promptItems(prompt, image, textControls = []) {
+  const text = { type: "text", data: prompt, controls: textControls };
+  return image ? [{ type: "image", data: image.data, controls: [] }, text] : [text];
 }
 
 function granularity() {
@@ -56,9 +80,10 @@ async function explain() {
   const button = $("explain");
   button.disabled = true;
   try {
+    const image = await chosenImage();
     if (!target) {
       status("Completing the prompt ...");
-      const done = await call("POST", "/complete", { model: $("model").value, prompt: [{ type: "text", data: prompt, controls: [] }], maximum_tokens: Number($("max-tokens").value) || 12 });
+      const done = await call("POST", "/complete", { model: $("model").value, prompt: promptItems(prompt, image), maximum_tokens: Number($("max-tokens").value) || 12 });
       target = done.completions[0].completion;
       if (!target) throw new Error("the model completed nothing; give a target");
       $("target").value = target;
@@ -66,7 +91,7 @@ async function explain() {
     status("Explaining ...");
     const body = {
       model: $("model").value,
-      prompt: [{ type: "text", data: prompt, controls: [] }],
+      prompt: promptItems(prompt, image),
       target,
       control_factor: Number($("control-factor").value),
       target_granularity: $("target-granularity").value,
@@ -75,7 +100,7 @@ async function explain() {
     if (g) body.prompt_granularity = g;
     const started = performance.now();
     const result = await call("POST", "/explain", body);
-    current = { prompt, explanations: result.explanations };
+    current = { prompt, explanations: result.explanations, image };
     showTargets();
     status(`Explained in ${((performance.now() - started) / 1000).toFixed(1)} s by ${result.model_version}.`);
   } catch (err) {
@@ -130,6 +155,30 @@ function select(index) {
   }
   if (at < text.length) parts.push(document.createTextNode(text.slice(at)));
   $("highlighted").replaceChildren(...parts);
+  showImage(current.explanations[index].items.find((item) => item.type === "image"));
+}
+
+// the image with each tile's relevance laid over it, on the same scale as the image's tiles
+function showImage(item) {
+  $("image-view").hidden = !(item && current.image);
+  if ($("image-view").hidden) return;
+  const picture = new Image();
+  picture.onload = () => {
+    const canvas = $("image-canvas");
+    const side = 320 / Math.max(picture.width, picture.height);
+    canvas.width = Math.round(picture.width * side);
+    canvas.height = Math.round(picture.height * side);
+    const context = canvas.getContext("2d");
+    context.drawImage(picture, 0, 0, canvas.width, canvas.height);
+    const scale = Math.max(0, ...item.scores.map((s) => Math.abs(s.score)));
+    for (const s of item.scores) {
+      context.fillStyle = colour(s.score, scale);
+      context.fillRect(s.rect.left * canvas.width, s.rect.top * canvas.height,
+                       s.rect.width * canvas.width, s.rect.height * canvas.height);
+    }
+    canvas.dataset.tiles = String(item.scores.length);
+  };
+  picture.src = current.image.url;
 }
 
 function addControl() {
@@ -166,12 +215,14 @@ async function complete() {
   const button = $("complete");
   button.disabled = true;
   const prompt = $("prompt").value;
+  let image = null;
   const request = (withControls) => ({
     model: $("model").value,
-    prompt: [{ type: "text", data: prompt, controls: withControls ? controls.map(({ text, ...c }) => c) : [] }],
+    prompt: promptItems(prompt, image, withControls ? controls.map(({ text, ...c }) => c) : []),
     maximum_tokens: Number($("max-tokens").value) || 12,
   });
   try {
+    image = await chosenImage();
     status("Completing ...");
     const plain = await call("POST", "/complete", request(false));
     const steered = await call("POST", "/complete", request(true));
@@ -191,4 +242,5 @@ $("explain").addEventListener("click", explain);
 $("add-control").addEventListener("click", addControl);
 $("complete").addEventListener("click", complete);
 $("token").addEventListener("change", loadModels);
+$("model").addEventListener("change", imageSupport);
 loadModels();
