@@ -130,3 +130,54 @@ def test_one_call_cite_and_bad_method(smollm2):
     assert len(result.sources) == 2 and result.spans[0].top(1)[0][0] == 1
     with pytest.raises(AtmanError, match="citation method"):
         Citer(smollm2, method="lasso")
+
+
+def _cli(*argv: str) -> int:
+    from atman.cli import main
+
+    return main(list(argv))
+
+
+def test_cli_cites_passages_from_a_jsonl_file(tmp_path, capsys, smollm2):
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text("\n".join(json.dumps(p) for p in PASSAGES) + "\n")
+    out = tmp_path / "c.json"
+    code = _cli("cite", "--passages", str(passages), "-Q", QUESTION, "-r", RESPONSE, "-f", "json", "-o", str(out),
+                "-q")
+    assert code == 0
+    result = Citations.load(out)
+    assert result.cite(0, k=1)[0][0].text == "Doran Vesk repairs clocks in the town of Lindhaven."
+    assert [p.id for p in result.passages] == ["a", "b", "c"]
+    code = _cli("cite", "--passages", str(passages), "-Q", QUESTION, "-r", RESPONSE, "-q", "--top", "1")
+    text = capsys.readouterr().out
+    assert code == 0 and "[3]" in text and "(Trades)" in text
+
+
+def test_cli_batch_keeps_going_past_a_bad_line(tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join([
+        json.dumps({"id": "ok", "context": [p["text"] for p in PASSAGES], "question": QUESTION,
+                    "response": "In Lindhaven.", "sources": "passage"}),
+        json.dumps({"id": "bad", "context": "", "question": QUESTION, "response": "x"}),
+        "{not json",
+        json.dumps({"id": 7, "context": "Some text.", "question": QUESTION, "response": "x", "factor": 0.9}),
+    ]) + "\n")
+    out = tmp_path / "results.jsonl"
+    code = _cli("cite", "--input", str(requests), "-o", str(out), "-q")
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 1 and [r["line"] for r in results] == [1, 2, 3, 4]
+    assert results[0]["id"] == "ok" and len(results[0]["sources"]) == 3 and "error" not in results[0]
+    assert results[1]["id"] == "bad" and "context is empty" in results[1]["error"]
+    assert "not valid JSON" in results[2]["error"]
+    assert results[3]["id"] == 7 and "multiplier" in results[3]["error"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["cite", "-Q", QUESTION], "exactly one of --context"),
+    (["cite", "--context", "x", "--passages", "p.jsonl", "-Q", QUESTION], "exactly one of --context"),
+    (["cite", "--context", "x"], "no question"),
+    (["cite", "--context", "Ada lives in Oslo.", "-Q", QUESTION, "-r", "In Oslo.", "--span", "1-2"], "START:END"),
+])
+def test_cli_bad_options_exit_2(argv, message, capsys):
+    assert _cli(*argv) == 2
+    assert message in capsys.readouterr().err

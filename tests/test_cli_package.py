@@ -38,6 +38,7 @@ def imported(stderr: str) -> set[str]:
     (["explain", "--help"], 0, "--granularity"),
     (["serve", "--help"], 0, "--read-timeout"),
     (["evaluate", "--help"], 0, "--ablations"),
+    (["cite", "--help"], 0, "--passages"),
     (["explain", "x", "--granularity", "chapter"], 2, "invalid choice"),
     (["explain", "x", "--multiplier", "nan"], 2, "finite"),
     (["explain", "x", "--batch-size", "1" + "0" * 30], 2, "must lie in"),
@@ -91,7 +92,8 @@ def test_overflowing_memory_budget_exits_2(capsys):
 
 
 def test_cli_choices_agree_with_the_core():
-    from atman.cli import media, shared
+    from atman import cite as core_cite
+    from atman.cli import cite, media, shared
     from atman.engine import CONCEPTUAL_KAPPA, ENGINES
     from atman.manipulation import BACKENDS, MODES
     from atman.tiles import IMAGE_GRANULARITIES
@@ -99,6 +101,7 @@ def test_cli_choices_agree_with_the_core():
     assert shared.MODES == MODES and shared.BACKENDS == BACKENDS and shared.ENGINES == ENGINES
     assert shared.CONCEPTUAL_KAPPA == CONCEPTUAL_KAPPA
     assert media.IMAGE_GRANULARITY_NAMES == tuple(IMAGE_GRANULARITIES)
+    assert cite.SOURCE_LEVELS == core_cite.SOURCE_LEVELS and cite.METHODS == core_cite.METHODS
 
 
 def test_the_console_script_and_module_entry_points():

@@ -1,4 +1,4 @@
-"""The ``atman`` command: ``explain`` and ``demo`` (text.py, media.py), ``serve`` and ``evaluate``.
+"""The ``atman`` command: ``explain`` and ``demo`` (text.py, media.py), ``cite``, ``serve`` and ``evaluate``.
 
 Exit codes: 0 success; 1 a batch finished but some of its lines failed (their error objects are in
 the output); 2 bad input or options (a clear message on stderr, never a traceback); 3 an unexpected
@@ -19,7 +19,7 @@ import sys
 
 from .. import __version__
 from ..errors import AtmanError
-from . import evaluate, serve, text
+from . import cite, evaluate, serve, text
 from .batch import LINE_FIELDS
 from .shared import UsageError
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"atman {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     text.add_parsers(sub)
+    cite.add_parser(sub)
     serve.add_parser(sub)
     evaluate.add_parser(sub)
     return parser

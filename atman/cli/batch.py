@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import AtmanError
@@ -78,22 +79,7 @@ def normalise_request(request: dict[str, Any]) -> dict[str, Any]:
 
 def parse_line(line: str) -> tuple[Any, dict[str, Any]]:
     """One batch line: its ``id`` (None when absent) and the explainer's keyword arguments."""
-    try:
-        request = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"not valid JSON: {exc}") from None
-    if not isinstance(request, dict):
-        raise UsageError("each line must be a JSON object")
-    if RENAMED_FIELD in request:
-        raise renamed_factor(f"field {RENAMED_FIELD}")
-    unknown = sorted(set(request) - set(LINE_FIELDS))
-    if unknown:
-        raise UsageError(f"unknown field(s): {', '.join(unknown)}; known: {', '.join(LINE_FIELDS)}")
-    for name, value in request.items():
-        if not isinstance(value, LINE_FIELDS[name]) or (isinstance(value, bool) and bool not in LINE_FIELDS[name]):
-            raise UsageError(f"field {name!r} has the wrong type ({type(value).__name__})")
-    if "prompt" not in request:
-        raise UsageError("missing field: prompt")
+    request = read_object(line, LINE_FIELDS, ("prompt",))
     request.setdefault("target", None)
     return request.get("id"), normalise_request(request)
 
@@ -122,19 +108,32 @@ def split_lines(text: str) -> list[str]:
 
 def run_batch(explainer: Any, lines: list[str], args: argparse.Namespace) -> int:
     """Explain every non-blank line; exit code 0, 1 (some lines failed) or 2 (``--fail-fast`` stopped)."""
-    failed = 0
     warned = False
+
+    def explain(line: str) -> tuple[Any, dict[str, Any]]:
+        nonlocal warned
+        request_id, request = parse_line(line)
+        if not warned:
+            warned = warn_small_budget(explainer, request["prompt"] + (request.get("target") or ""))
+        return request_id, explainer.explain(**request).to_dict()
+
+    return run_lines(lines, explain, args)
+
+
+def run_lines(lines: list[str], run_one: Callable[[str], tuple[Any, dict[str, Any]]],
+              args: argparse.Namespace) -> int:
+    """``run_one(line) -> (id, result)`` for every non-blank line, one JSON object per line out (with
+    ``line`` and ``id``; a line that fails gives ``{"line", "id", "error"}`` and the others still run).
+    Exit code 0, 1 (some lines failed) or 2 (``--fail-fast`` stopped at a failed line)."""
+    failed = 0
     with open_output(args.output) as out, progress("batch", args.quiet, total=len(lines)) as tick:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             request_id = None
             try:
-                request_id, request = parse_line(line)
-                if not warned:
-                    warned = warn_small_budget(explainer, request["prompt"] + (request.get("target") or ""))
-                result = {"line": number, **({"id": request_id} if request_id is not None else {}),
-                          **explainer.explain(**request).to_dict()}
+                request_id, answer = run_one(line)
+                result = {"line": number, **({"id": request_id} if request_id is not None else {}), **answer}
             except Exception as exc:  # one bad line never costs the others their results
                 failed += 1
                 message = str(exc) if isinstance(exc, AtmanError) else f"{type(exc).__name__}: {exc}"
@@ -152,3 +151,25 @@ def run_batch(explainer: Any, lines: list[str], args: argparse.Namespace) -> int
         print(f"atman: {failed} of {sum(bool(x.strip()) for x in lines)} lines failed", file=sys.stderr)
         return 1
     return 0
+
+
+def read_object(line: str, fields: dict[str, tuple[type, ...]], required: tuple[str, ...]) -> dict[str, Any]:
+    """One batch line as a JSON object whose fields are among ``fields`` (name -> allowed types)."""
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise UsageError("each line must be a JSON object")
+    if RENAMED_FIELD in request:
+        raise renamed_factor(f"field {RENAMED_FIELD}")
+    unknown = sorted(set(request) - set(fields))
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(unknown)}; known: {', '.join(fields)}")
+    for name, value in request.items():
+        if not isinstance(value, fields[name]) or (isinstance(value, bool) and bool not in fields[name]):
+            raise UsageError(f"field {name!r} has the wrong type ({type(value).__name__})")
+    missing = [name for name in required if name not in request]
+    if missing:
+        raise UsageError(f"missing field: {', '.join(missing)}")
+    return request

@@ -1,0 +1,201 @@
+"""``atman cite``: the sources in a context that each sentence of a response rests on.
+
+Mirrors :meth:`atman.Citer.cite`. The context comes as text (``--context``), files
+(``--context-file``, repeatable: each file's paragraphs are passages titled by the file name) or a
+JSONL of passages (``--passages``: one ``{"text", "id", "title"}`` per line); ``--input`` runs a
+batch of citation requests, one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .batch import read_object, run_lines, split_lines
+from .shared import (
+    UsageError,
+    add_model_options,
+    check_writable,
+    count,
+    finite_float,
+    memory_budget,
+    progress,
+    quiet_libraries,
+    read_text,
+    status,
+    strip_final_newline,
+    write_file,
+)
+
+FORMATS = ("text", "json", "html")
+SOURCE_LEVELS = ("passage", "sentence", "token")
+METHODS = ("readout", "atman")
+# fields of a batch line, with the types each may have
+CITE_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str, int, type(None)),
+    "context": (str, list),
+    "question": (str,),
+    "response": (str, type(None)),
+    "sources": (str,),
+    "spans": (list,),
+    "chat": (bool,),
+    "system": (str, type(None)),
+    "max_new_tokens": (int,),
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``cite`` sub-command."""
+    cite = sub.add_parser("cite", help="the sources in a context that each sentence of a response rests on")
+    cite.add_argument("--question", "-Q", help="the question the response answers")
+    cite.add_argument("--context", help="the context as text (passages separated by blank lines)")
+    cite.add_argument("--context-file", type=Path, action="append", default=[], metavar="FILE",
+                      help="a context file (repeatable): its paragraphs are passages titled by the file name")
+    cite.add_argument("--passages", type=Path, metavar="FILE.jsonl",
+                      help="passages, one JSON object per line: {\"text\": ..., \"id\": ..., \"title\": ...}")
+    cite.add_argument("--response", "-r", help="the response to explain (default: the model answers first)")
+    cite.add_argument("--response-file", type=Path, help="read the response from this file")
+    cite.add_argument("--sources", "-s", default="sentence", choices=SOURCE_LEVELS,
+                      help="the units of the context that are suppressed one at a time")
+    cite.add_argument("--span", action="append", metavar="START:END", dest="spans",
+                      help="a character span of the response to explain (repeatable; default: its sentences)")
+    cite.add_argument("--method", default="readout", choices=METHODS,
+                      help="readout: only the question and response lose the source (default, cheap); atman: every "
+                           "later position loses it (the paper's AtMan)")
+    cite.add_argument("--multiplier", type=finite_float, default=0.0,
+                      help="attention multiplier of a suppressed source (default 0: removed)")
+    cite.add_argument("--top", type=count, default=3, help="sources shown per response span (text and HTML)")
+    cite.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
+    cite.add_argument("--system", help="system message (chat template)")
+    cite.add_argument("--max-new-tokens", type=count, default=128, help="length of a generated response")
+    cite.add_argument("--input", type=Path, metavar="FILE.jsonl",
+                      help="batch: one citation request per line ({\"context\", \"question\", \"response\", ...})")
+    cite.add_argument("--fail-fast", action="store_true", help="batch: stop at the first bad line")
+    add_model_options(cite)
+    cite.add_argument("--format", "-f", default="text", choices=FORMATS)
+    cite.add_argument("--output", "-o", type=Path, help="write the result here instead of stdout")
+    cite.add_argument("--quiet", "-q", action="store_true", help="no progress bar or status messages")
+    cite.set_defaults(handler=cite_command)
+
+
+def context_from_args(args: argparse.Namespace) -> str | list[dict[str, Any]]:
+    """The context of a single request: exactly one of --context, --context-file, --passages."""
+    given = [name for name, value in (("--context", args.context), ("--context-file", args.context_file),
+                                      ("--passages", args.passages)) if value]
+    if len(given) != 1:
+        raise UsageError("give the context with exactly one of --context, --context-file or --passages"
+                         + (f" (got {', '.join(given)})" if given else ""))
+    if args.context:
+        return args.context
+    if args.context_file:
+        from ..cite import passages_from
+
+        passages = []
+        for path in args.context_file:
+            for passage in passages_from(strip_final_newline(read_text(path))):
+                passages.append({"text": passage.text, "title": path.name})
+        return passages
+    passages = []
+    for number, line in enumerate(split_lines(read_text(args.passages)), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{args.passages} line {number}: not valid JSON: {exc}") from None
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise UsageError(f"{args.passages} line {number}: each passage is an object with a \"text\" string")
+        passages.append({k: item[k] for k in ("text", "id", "title") if k in item})
+    return passages
+
+
+def parse_span(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise UsageError(f"--span must look like START:END (character offsets of the response), got {text!r}") from None
+    return start, end
+
+
+def cite_command(args: argparse.Namespace) -> int:
+    """Run ``atman cite``: one request from the options, or a batch (``--input``)."""
+    check_writable(args.output)
+    budget = memory_budget(args.max_memory)
+    if args.input is not None:
+        if args.question or args.context or args.context_file or args.passages or args.response:
+            raise UsageError("--input takes the requests from the file; do not also give a question or context")
+        if args.format == "html":
+            raise UsageError("--input writes JSON lines; --format html is for a single result")
+        text = sys.stdin.read().lstrip("\ufeff") if str(args.input) == "-" else read_text(args.input)
+        lines = split_lines(text)
+        citer = load_citer(args, budget)
+        return run_lines(lines, lambda line: cite_line(citer, line), args)
+    if not args.question:
+        raise UsageError("no question: give it with --question")
+    context = context_from_args(args)
+    if args.response is not None and args.response_file is not None:
+        raise UsageError("give the response either with --response or with --response-file, not both")
+    response = strip_final_newline(read_text(args.response_file)) if args.response_file else args.response
+    spans = [parse_span(text) for text in args.spans] if args.spans else None
+    citer = load_citer(args, budget)
+    with progress("citing", args.quiet) as tick:
+        result = citer.cite(context, args.question, response, sources=args.sources, spans=spans,
+                            chat=False if args.no_chat else None, system=args.system,
+                            max_new_tokens=args.max_new_tokens, progress=tick)
+    write_citations(result, args.format, args.output, args.top)
+    return 0
+
+
+def load_citer(args: argparse.Namespace, budget: int | str | None) -> Any:
+    quiet_libraries()
+    from ..cite import Citer
+    from ..models import load_model
+
+    with status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}", args.quiet):
+        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    return Citer(lm, method=args.method, multiplier=args.multiplier, backend=args.backend,
+                 batch_size=args.batch_size, max_memory=budget)
+
+
+def cite_line(citer: Any, line: str) -> tuple[Any, dict[str, Any]]:
+    """One batch line: its id and the citation result as a dict."""
+    request = read_object(line, CITE_FIELDS, ("context", "question"))
+    spans = request.get("spans")
+    if spans is not None and not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s)
+                                     for s in spans):
+        raise UsageError("spans must be a list of [start, end] pairs of integers")
+    result = citer.cite(request["context"], request["question"], request.get("response"),
+                        sources=request.get("sources", "sentence"),
+                        spans=[tuple(s) for s in spans] if spans is not None else None,
+                        chat=request.get("chat"), system=request.get("system"),
+                        max_new_tokens=request.get("max_new_tokens", 128))
+    return request.get("id"), result.to_dict()
+
+
+def write_citations(result: Any, fmt: str, output: Path | None, top: int) -> None:
+    """Citations as ``text`` (terminal table), ``json`` or ``html`` (hover a sentence to see its sources)."""
+    if fmt == "json":
+        text = result.to_json(indent=1) + "\n"
+    elif fmt == "html":
+        from ..render.citations import render_citations_html
+
+        text = render_citations_html(result, top=top)
+    else:
+        from rich.console import Console
+
+        from ..render.citations import render_citations_terminal
+
+        if output is None:
+            render_citations_terminal(result, top=top)
+            return
+        console = Console(record=True, file=io.StringIO(), width=120)
+        render_citations_terminal(result, console, top=top)
+        text = console.export_text()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        write_file(output, text)
