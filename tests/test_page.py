@@ -153,3 +153,23 @@ def test_an_image_explanation_is_laid_over_the_image(page, tmp_path):
         assert page.find_element(By.ID, "image-canvas").get_attribute("data-tiles") == "36"
         assert page.find_element(By.ID, "highlighted").text == CAPTION_PREFIX
         page.save_screenshot(str(tmp_path / "image.png"))
+
+
+def test_citing_lights_up_the_sources_of_the_hovered_sentence(page, smollm2, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    with serving(create_app({"smollm2": smollm2}, limits=Limits(max_tokens=16))) as base:
+        page.get(base + "/")
+        wait(page).until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 1)
+        page.find_element(By.ID, "cite-run").click()
+        wait(page).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Cited"))
+        spans = page.find_elements(By.CSS_SELECTOR, "#cite-spans .cite-span")
+        assert len(spans) == 2 and spans[0].text.startswith("They were founded in 1887.")
+        sources = page.find_elements(By.CSS_SELECTOR, "#cite-view .cite-source")
+        assert len(sources) == 4
+        # the first sentence rests on the founding sentence: it carries the palette's colour for evidence
+        assert "rgba({}, {}, {}".format(*FOR_RGB) in sources[0].get_attribute("style")
+        ActionChains(page).move_to_element(spans[1]).perform()
+        assert "active" in spans[1].get_attribute("class")
+        assert "rgba({}, {}, {}".format(*FOR_RGB) in sources[1].get_attribute("style")
+        page.save_screenshot(str(tmp_path / "cite.png"))

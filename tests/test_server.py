@@ -360,3 +360,38 @@ def test_serve_command_serves_and_shuts_down_gracefully(tmp_path):
         if process.poll() is None:
             process.kill()
         log.close()
+
+
+CITE_CONTEXT = [{"id": "a", "title": "Trades", "text": "Doran Vesk repairs clocks in Lindhaven. Mira sails to Olvereth."},
+                {"id": "b", "text": "The river Sorrow runs past the mill at Brackwater."}]
+
+
+def test_cite_equals_the_python_api(url, smollm2):
+    from atman import Citer
+
+    body = {"model": MODEL, "context": CITE_CONTEXT, "question": "Where does Doran Vesk repair clocks?",
+            "response": "In Lindhaven. He likes it."}
+    response = httpx.post(url + "/cite", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    local = Citer(smollm2).cite(CITE_CONTEXT, body["question"], body["response"])
+    assert [s["text"] for s in data["sources"]] == [s.text for s in local.sources]
+    for served, ours in zip(data["spans"], local.spans, strict=True):
+        assert served["scores"] == pytest.approx(list(ours.scores), abs=1e-4)
+    assert data["passages"][0]["id"] == "a" and data["model_version"] == smollm2.name
+
+
+@pytest.mark.parametrize(("change", "status", "words"), [
+    ({"context": ""}, 400, "context is empty"),
+    ({"response": "In Lindhaven.", "spans": [[0, 99]]}, 400, "outside the response"),
+    ({"sources": "chapter"}, 422, "sources"),
+    ({"multiplier": 2}, 422, "multiplier"),
+    ({"context": "word " * 300}, 413, "at most 256"),
+    ({"context": " ".join(f"S{i}." for i in range(50)), "sources": "sentence"}, 422, "at most 48"),
+    ({"maximum_tokens": 1000, "response": None}, 422, "maximum_tokens"),
+])
+def test_bad_citation_requests_get_clear_4xx(url, change, status, words):
+    body = {"model": MODEL, "context": CITE_CONTEXT, "question": "Where?", "response": "In Lindhaven.", **change}
+    response = httpx.post(url + "/cite", json=body, timeout=120)
+    assert response.status_code == status, response.text
+    assert words in response.text

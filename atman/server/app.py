@@ -309,6 +309,14 @@ def create_app(
         service = service_for(body.model)
         return await run(request, lambda check: service.complete(body, check))
 
+    @api.post("/cite")
+    async def cite(body: schemas.CitationRequest, request: Request) -> schemas.CitationResponse:
+        """The sources in ``context`` that each sentence of ``response`` rests on (atman's own endpoint)."""
+        service = service_for(body.model)
+        if not hasattr(service, "cite"):
+            raise _ApiError(400, f"{body.model} is a vision-language model; /cite serves text models", "BAD_REQUEST")
+        return await run(request, lambda check: service.cite(body, check))
+
     @api.post("/evaluate")
     async def evaluate(body: schemas.EvaluationRequest, request: Request) -> schemas.EvaluationResponse:
         """Log-probability of ``completion_expected`` after the (controlled) prompt."""

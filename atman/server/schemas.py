@@ -153,6 +153,53 @@ class ExplanationResponse(BaseModel):
     explanations: list[TargetExplanation]
 
 
+class CitationPassage(_Body):
+    text: Text
+    id: Text | None = None
+    title: Text | None = None
+
+
+class CitationRequest(_Body):
+    """``POST /cite`` (this server's own endpoint; not part of Aleph Alpha's API): the sources in
+    ``context`` that each sentence of ``response`` rests on (see docs/citations.md)."""
+
+    model: str
+    context: Text | list[CitationPassage] = Field(description="text (passages at blank lines) or passages")
+    question: Text
+    response: Text | None = Field(default=None, description="the text to explain; none: the model answers")
+    sources: Literal["passage", "sentence", "token"] = "sentence"
+    spans: list[tuple[Annotated[int, Field(ge=0, lt=2**31)], Annotated[int, Field(ge=0, lt=2**31)]]] | None = None
+    method: Literal["readout", "atman"] = "readout"
+    multiplier: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+                              description="attention multiplier of a suppressed source (0: removed)")
+    maximum_tokens: int = Field(default=128, ge=1, lt=2**31, description="length of a generated response")
+
+
+class CitationSource(BaseModel):
+    text: str
+    start: int
+    end: int
+    passage: int
+
+
+class CitationSpan(BaseModel):
+    text: str
+    start: int
+    end: int
+    scores: list[float]
+
+
+class CitationResponse(BaseModel):
+    model_version: str
+    context: str
+    question: str
+    response: str
+    passages: list[dict[str, Any]]
+    sources: list[CitationSource]
+    spans: list[CitationSpan]
+    settings: dict[str, Any]
+
+
 class CompletionRequest(_Body):
     model: str
     prompt: Prompt

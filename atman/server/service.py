@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..cite import Citer
 from ..engine import DEFAULT_MULTIPLIER, Suppression
 from ..errors import AtmanError, ContextLengthError, EmptyInputError, NoUnitsError
 from ..explainer import Explainer, build_explanation
@@ -327,6 +328,31 @@ class ModelService:
             model_version=self.name, completions=results,
             num_tokens_prompt_total=len(prompt.input_ids) * request.n, num_tokens_generated=generated,
         )
+
+    def cite(self, request: schemas.CitationRequest, check: Callable[..., None]) -> schemas.CitationResponse:
+        """The sources in ``request.context`` of each sentence of the response (:class:`atman.Citer`)."""
+        context = request.context if isinstance(request.context, str) else [
+            passage.model_dump(exclude_none=True) for passage in request.context]
+        citer = Citer(self.lm, method=request.method, multiplier=request.multiplier)
+        if request.response is None and request.maximum_tokens > self.limits.max_tokens:
+            raise LimitError(f"maximum_tokens {request.maximum_tokens} is above this server's limit of "
+                             f"{self.limits.max_tokens}", 422)
+        prepared = citer.prepare(context, request.question, request.response if request.response is not None
+                                 else "x", sources=request.sources,
+                                 spans=request.spans if request.response is not None else None)
+        self.check_context(len(prepared.encoded.input_ids) + (request.maximum_tokens if request.response is None
+                                                              else 0), "context, question and response")
+        if len(prepared.encoded.input_ids) > self.limits.max_prompt_tokens:
+            raise LimitError(f"the prompt has {len(prepared.encoded.input_ids)} tokens; this server accepts at most "
+                             f"{self.limits.max_prompt_tokens}", 413)
+        if len(prepared.sources) > self.limits.max_units:
+            raise LimitError(f"this citation has {len(prepared.sources)} sources; this server computes at most "
+                             f"{self.limits.max_units} (choose a coarser level)", 422)
+        check()
+        result = citer.cite(context, request.question, request.response, sources=request.sources,
+                            spans=request.spans, max_new_tokens=request.maximum_tokens, progress=check)
+        return schemas.CitationResponse(model_version=self.name, **{k: v for k, v in result.to_dict().items()
+                                                                     if k != "model"})
 
     def evaluate(self, request: schemas.EvaluationRequest, check: Callable[..., None]) -> schemas.EvaluationResponse:
         """Log-probability of ``completion_expected`` after the (controlled) prompt."""

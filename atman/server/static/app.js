@@ -237,10 +237,84 @@ async function complete() {
   }
 }
 
+// --- citations: /cite -------------------------------------------------------------------
+let cited = null;
+
+async function citeSources() {
+  const button = $("cite-run");
+  button.disabled = true;
+  try {
+    status("Citing ...");
+    const response = $("cite-response").value.trim();
+    const body = { model: $("model").value, context: $("cite-context").value, question: $("cite-question").value,
+                   sources: $("cite-sources").value, maximum_tokens: Number($("max-tokens").value) || 12 };
+    if (response) body.response = response;
+    const started = performance.now();
+    cited = await call("POST", "/cite", body);
+    if (!response) $("cite-response").value = cited.response;
+    showCitations();
+    status(`Cited in ${((performance.now() - started) / 1000).toFixed(1)} s by ${cited.model_version}.`);
+  } catch (err) {
+    status(err.message, true);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function showCitations() {
+  const spans = cited.spans.map((span, k) => {
+    const div = document.createElement("div");
+    div.className = "cite-span";
+    div.tabIndex = 0;
+    div.dataset.span = String(k);
+    div.append(document.createTextNode(span.text));
+    const top = document.createElement("ol");
+    const ranked = span.scores.map((score, i) => [i, score]).filter(([, score]) => score > 0)
+      .sort((a, b) => b[1] - a[1]).slice(0, 3);
+    for (const [i, score] of ranked) {
+      const li = document.createElement("li");
+      li.textContent = `[${i + 1}] ${score.toFixed(3)} ${cited.sources[i].text.slice(0, 60)}`;
+      top.append(li);
+    }
+    div.append(top);
+    div.addEventListener("mouseenter", () => highlightCitation(k));
+    div.addEventListener("focus", () => highlightCitation(k));
+    return div;
+  });
+  $("cite-spans").replaceChildren(...spans);
+  const parts = [];
+  let at = 0;
+  cited.sources.forEach((source, i) => {
+    if (source.start > at) parts.push(document.createTextNode(cited.context.slice(at, source.start)));
+    const el = document.createElement("span");
+    el.className = "cite-source";
+    el.dataset.source = String(i);
+    el.textContent = cited.context.slice(source.start, source.end);
+    parts.push(el);
+    at = source.end;
+  });
+  if (at < cited.context.length) parts.push(document.createTextNode(cited.context.slice(at)));
+  $("cite-view").replaceChildren(...parts);
+  $("cite-result").hidden = false;
+  if (cited.spans.length) highlightCitation(0);
+}
+
+function highlightCitation(k) {
+  const scores = cited.spans[k].scores;
+  const scale = Math.max(0, ...scores.map(Math.abs));
+  for (const el of $("cite-view").querySelectorAll(".cite-source")) {
+    const score = scores[Number(el.dataset.source)];
+    el.style.background = score > 0 ? colour(score, scale) : "";
+    el.title = `score ${score.toFixed(4)}`;
+  }
+  for (const el of $("cite-spans").children) el.classList.toggle("active", Number(el.dataset.span) === k);
+}
+
 $("granularity").addEventListener("change", () => { $("delimiter-label").hidden = $("granularity").value !== "custom"; });
 $("explain").addEventListener("click", explain);
 $("add-control").addEventListener("click", addControl);
 $("complete").addEventListener("click", complete);
+$("cite-run").addEventListener("click", citeSources);
 $("token").addEventListener("change", loadModels);
 $("model").addEventListener("change", imageSupport);
 loadModels();
