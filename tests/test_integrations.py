@@ -130,6 +130,16 @@ def test_pandas_missing_names_the_install_command(monkeypatch):
         text_explanation().to_frame()
 
 
+def test_optional_packages_missing_name_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "captum.attr", None)
+    with pytest.raises(ImportError, match=r'pip install "atman\[captum\]"'):
+        text_explanation().to_captum()
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    monkeypatch.delitem(sys.modules, "atman.integrations.pandas", raising=False)
+    with pytest.raises(ImportError, match=r'pip install "atman\[pandas\]"'):
+        import atman.integrations.pandas  # noqa: F401
+
+
 def test_read_records_flattens_metrics():
     pytest.importorskip("pandas")
     from atman.integrations.pandas import read_records
