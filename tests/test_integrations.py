@@ -275,6 +275,7 @@ def test_inseq_atman_takes_explainer_options_and_batches(inseq, smollm2):
         model.attribute(prompts[0], prompts[0] + " Paris", attribution_args={"kappa": 0.5}, show_progress=False)
 
 
+@pytest.mark.slow
 def test_inseq_atman_on_a_tiny_model_restores_its_attention(inseq, smollm2):
     tiny = tiny_model("llama", attn_implementation="eager", vocab_size=len(smollm2.tokenizer))
     model = inseq.load_model(tiny, "atman", tokenizer=smollm2.tokenizer)
