@@ -24,9 +24,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .integrations import missing
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from captum.attr import LLMAttributionResult
 
 POSTPROCESSING = ("none", "absolute", "square")
 ITEM_KINDS = ("prompt", "target", "image")
@@ -257,7 +261,7 @@ class Explanation:
 
         return render_html(self, title=title, images=images)
 
-    def to_frame(self):
+    def to_frame(self) -> pd.DataFrame:
         """The scores as a pandas DataFrame: one row per unit and target explanation.
 
         Columns: ``method`` (atman, or the comparison method that produced it), ``target_index``,
@@ -299,7 +303,7 @@ class Explanation:
         int_columns = ["start", "end"] + (["image"] if has_images else [])
         return frame.astype({name: "Int64" for name in int_columns})
 
-    def to_captum(self):
+    def to_captum(self) -> LLMAttributionResult:
         """The scores as Captum's ``LLMAttributionResult``, so that its plots work on AtMan results.
 
         ``input_tokens`` are the prompt's units (tokens, words, sentences... as explained; image
