@@ -43,7 +43,8 @@ def read_records(source: str | Path | Iterable[dict[str, Any]]) -> pd.DataFrame:
     """
     if isinstance(source, (str, Path)):
         pattern = str(source)
-        files = sorted(map(Path, glob.glob(pattern))) if glob.has_magic(pattern) else _record_files(Path(source))
+        is_pattern = any(char in pattern for char in "*?[")
+        files = sorted(map(Path, glob.glob(pattern))) if is_pattern else _record_files(Path(source))
         if not files:
             raise FileNotFoundError(f"no evaluation records at {source}")
         frames = []
