@@ -21,12 +21,24 @@ target less likely (its cross-entropy rose).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .integrations import missing
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from captum.attr import LLMAttributionResult
 
 POSTPROCESSING = ("none", "absolute", "square")
 ITEM_KINDS = ("prompt", "target", "image")
+FRAME_COLUMNS = ("method", "target_index", "target", "target_start", "target_end", "kind", "text", "start", "end",
+                 "score", "refined")
+IMAGE_COLUMNS = ("image", "left", "top", "width", "height")
+PANDAS_INSTALL = 'pip install "atman[pandas]"'
+CAPTUM_INSTALL = 'pip install "atman[captum]"'
 
 
 @dataclass(frozen=True)
@@ -190,8 +202,140 @@ class Explanation:
     def from_json(cls, text: str) -> Explanation:
         return cls.from_dict(json.loads(text))
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json(indent=1), encoding="utf-8")
+    def save(self, path: str | Path, *, title: str | None = None, images: Sequence[Any] | None = None) -> list[Path]:
+        """Write the explanation in the format its file name's extension says; returns the files written.
+
+        ``.json``: the JSON of :meth:`to_json` (:meth:`load` reads it back). ``.html`` / ``.htm``: the
+        self-contained report of :meth:`to_html`. ``.png``: for image explanations, the relevance
+        overlay of each input image; an Explanation holds scores, not pixels, so the images must be
+        given (PIL images in input order). One image is written to ``path``, several to
+        ``<stem>-image<N>.png`` beside it.
+
+        Example::
+
+            >>> exp.save("why.html")
+            [PosixPath('why.html')]
+            >>> Explanation.load(exp.save("why.json")[0]) == exp
+            True
+        """
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            if images is not None or title is not None:
+                raise ValueError("a .json explanation holds scores only; title and images belong to .html or .png")
+            path.write_text(self.to_json(indent=1), encoding="utf-8")
+            return [path]
+        if suffix in (".html", ".htm"):
+            path.write_text(self.to_html(title=title, images=images), encoding="utf-8")
+            return [path]
+        if suffix == ".png":
+            return self._save_png(path, images)
+        raise ValueError(f"cannot tell the format of {path.name!r} by its extension; use .json, .html or .png")
+
+    def _save_png(self, path: Path, images: Sequence[Any] | None) -> list[Path]:
+        if not any(item.kind == "image" for exp in self.explanations for item in exp.items):
+            raise ValueError("a .png is an image overlay, and this explanation has no image units; "
+                             "save it as .html or .json")
+        if not images:
+            raise ValueError("saving a .png needs the input images (images=[PIL image, ...]): "
+                             "an explanation holds scores, not pixels")
+        from .render.image import render_overlay, save_overlays
+
+        if len(images) == 1:
+            render_overlay(self, images[0]).save(path)
+            return [path]
+        return save_overlays(self, list(images), path)
+
+    def to_html(self, title: str | None = None, images: Sequence[Any] | None = None) -> str:
+        """The explanation as one self-contained HTML document (the report ``atman explain -f html`` writes).
+
+        ``images`` (PIL images in input order) add relevance overlays for image explanations.
+
+        Example::
+
+            >>> html = exp.to_html(title="Why Oslo?")
+            >>> html.startswith("<!DOCTYPE html>")
+            True
+        """
+        from .render.html import render_html
+
+        return render_html(self, title=title, images=images)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The scores as a pandas DataFrame: one row per unit and target explanation.
+
+        Columns: ``method`` (atman, or the comparison method that produced it), ``target_index``,
+        ``target`` (the explained target span's text), ``target_start`` / ``target_end`` (its
+        characters in the target), ``kind`` (prompt, target or image), ``text``, ``start`` / ``end``
+        (characters in the prompt, or in the target for kind target; empty for image units),
+        ``score`` and ``refined``; image explanations add ``image``, ``left``, ``top``, ``width``,
+        ``height``. Needs pandas (``pip install "atman[pandas]"``).
+
+        Example::
+
+            >>> df = exp.to_frame()
+            >>> df.sort_values("score", ascending=False).head(3)[["text", "score"]]
+        """
+        try:
+            import pandas as pd
+        except ImportError:
+            raise missing("pandas", PANDAS_INSTALL) from None
+        has_images = any(item.kind == "image" for exp in self.explanations for item in exp.items)
+        method = self.settings.get("method", "atman")
+        rows = []
+        for index, exp in enumerate(self.explanations):
+            span = exp.target
+            for item in exp.items:
+                row = {"method": method, "target_index": index, "target": span.text, "target_start": span.start,
+                       "target_end": span.start + span.length, "kind": item.kind, "text": item.text}
+                if isinstance(item, ImageItem):
+                    row.update(start=None, end=None, score=item.score, refined=False)
+                else:
+                    row.update(start=item.start, end=item.start + item.length, score=item.score,
+                               refined=item.refined)
+                if has_images:
+                    image = isinstance(item, ImageItem)
+                    row.update({key: getattr(item, key) if image else None
+                                for key in ("image", "left", "top", "width", "height")})
+                rows.append(row)
+        columns = list(FRAME_COLUMNS) + (list(IMAGE_COLUMNS) if has_images else [])
+        frame = pd.DataFrame(rows, columns=columns)
+        int_columns = ["start", "end"] + (["image"] if has_images else [])
+        return frame.astype({name: "Int64" for name in int_columns})
+
+    def to_captum(self) -> LLMAttributionResult:
+        """The scores as Captum's ``LLMAttributionResult``, so that its plots work on AtMan results.
+
+        ``input_tokens`` are the prompt's units (tokens, words, sentences... as explained; image
+        units by their label), ``output_tokens`` the target's explained spans: one per target token
+        for ``target_granularity="token"`` (then ``token_attr`` holds one row of prompt-unit scores
+        per target token), else the whole target (``token_attr`` is None). ``seq_attr`` is the score
+        of each prompt unit for the whole target: the sum of its per-token scores, which for raw
+        (not postprocessed) scores is AtMan's complete-target score. Scores of earlier target tokens
+        for later ones have no place in Captum's result and are left out. Needs captum
+        (``pip install "atman[captum]"``).
+
+        Example::
+
+            >>> result = exp.to_captum()
+            >>> fig, ax = result.plot_seq_attr()
+        """
+        try:
+            from captum.attr import LLMAttributionResult
+        except ImportError:
+            raise missing("captum", CAPTUM_INSTALL) from None
+        inputs = [item for item in self.explanations[0].items if item.kind != "target"]
+        rows = [[item.score for item in exp.items if item.kind != "target"] for exp in self.explanations]
+        if any(len(row) != len(inputs) for row in rows):
+            raise ValueError("the target explanations do not share one set of prompt units")
+        per_token = self.settings.get("target_granularity") == "token"
+        seq_attr = [sum(column) for column in zip(*rows, strict=True)]
+        return LLMAttributionResult(
+            input_tokens=[item.text for item in inputs],
+            output_tokens=[exp.target.text for exp in self.explanations],
+            seq_attr=seq_attr,
+            token_attr=rows if per_token else None,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Explanation:

@@ -1,0 +1,23 @@
+"""Bridges from atman to the tools researchers already use: inseq, Captum and pandas.
+
+Each bridge lives in its own module and imports its library only when the module is imported, so
+the core of atman never needs them. ``Explanation.to_captum()`` and ``Explanation.to_frame()`` are
+the Captum and pandas bridges for single explanations; this package holds the rest:
+
+- :mod:`atman.integrations.inseq`: ``import atman.integrations.inseq`` registers the ``"atman"``
+  method with inseq (``pip install "atman[inseq]"`` cannot install inseq itself, see docs/usage.md).
+- :mod:`atman.integrations.pandas`: evaluation and baseline-comparison records as DataFrames.
+"""
+
+MISSING = "{package} is not installed; install it with: {command}"
+
+
+def missing(package: str, command: str) -> ImportError:
+    """The ImportError raised when an optional package is absent, naming the command that installs it.
+
+    Example::
+
+        >>> str(missing("pandas", 'pip install "atman[pandas]"'))
+        'pandas is not installed; install it with: pip install "atman[pandas]"'
+    """
+    return ImportError(MISSING.format(package=package, command=command))
