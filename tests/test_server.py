@@ -362,8 +362,10 @@ def test_serve_command_serves_and_shuts_down_gracefully(tmp_path):
         log.close()
 
 
-CITE_CONTEXT = [{"id": "a", "title": "Trades", "text": "Doran Vesk repairs clocks in Lindhaven. Mira sails to Olvereth."},
-                {"id": "b", "text": "The river Sorrow runs past the mill at Brackwater."}]
+CITE_CONTEXT = [
+    {"id": "a", "title": "Trades", "text": "Doran Vesk repairs clocks in Lindhaven. Mira sails to Olvereth."},
+    {"id": "b", "text": "The river Sorrow runs past the mill at Brackwater."},
+]
 
 
 def test_cite_equals_the_python_api(url, smollm2):
