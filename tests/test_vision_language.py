@@ -98,6 +98,11 @@ def test_identities(vlm, explainer):
     single = VisionLanguageExplainer(vlm, batch_size=1).losses(prepared, multipliers)
     torch.testing.assert_close(single, losses, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(losses[2], losses[0])
+    # the vision tower ran once and the prefix was reused; the full model on every row agrees
+    assert explainer.fast_path
+    every_row = explainer.engine.target_losses(prepared.inputs, ids, multipliers, engine="naive")
+    torch.testing.assert_close(every_row, losses, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(explainer.losses(prepared, multipliers, engine="naive"), losses, atol=1e-5, rtol=1e-5)
 
 
 def test_units_map_to_words_and_image_positions(explainer, vlm):
