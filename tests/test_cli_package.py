@@ -92,7 +92,7 @@ def test_overflowing_memory_budget_exits_2(capsys):
 
 
 def test_cli_choices_agree_with_the_core():
-    from atman import cite as core_cite
+    from atman.cite import METHODS, SOURCE_LEVELS
     from atman.cli import cite, media, shared
     from atman.engine import CONCEPTUAL_KAPPA, ENGINES
     from atman.manipulation import BACKENDS, MODES
@@ -101,7 +101,7 @@ def test_cli_choices_agree_with_the_core():
     assert shared.MODES == MODES and shared.BACKENDS == BACKENDS and shared.ENGINES == ENGINES
     assert shared.CONCEPTUAL_KAPPA == CONCEPTUAL_KAPPA
     assert media.IMAGE_GRANULARITY_NAMES == tuple(IMAGE_GRANULARITIES)
-    assert cite.SOURCE_LEVELS == core_cite.SOURCE_LEVELS and cite.METHODS == core_cite.METHODS
+    assert cite.SOURCE_LEVELS == SOURCE_LEVELS and cite.METHODS == METHODS
 
 
 def test_the_console_script_and_module_entry_points():

@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["atman.budget", "atman.engine", "atman.tiles", "atman.units", "atman.evaluate.metrics"]
+MODULES = ["atman.budget", "atman.engine", "atman.tiles", "atman.units", "atman.evaluate.metrics",
+           "atman.render.palette", "atman.render.titles"]
 
 
 @pytest.mark.parametrize("name", MODULES)

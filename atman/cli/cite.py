@@ -22,6 +22,7 @@ from .shared import (
     check_writable,
     count,
     finite_float,
+    load_options,
     memory_budget,
     progress,
     quiet_libraries,
@@ -156,7 +157,7 @@ def load_citer(args: argparse.Namespace, budget: int | str | None) -> Any:
     from ..models import load_model
 
     with status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}", args.quiet):
-        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+        lm = load_model(args.model, **load_options(args))
     return Citer(lm, method=args.method, multiplier=args.multiplier, backend=args.backend,
                  batch_size=args.batch_size, max_memory=budget)
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import AtmanError
-from .shared import DTYPES, check_writable
+from .shared import DTYPES, add_placement_options, check_writable, load_options
 
 DEFAULT_OUTPUT = Path("atman-evaluation")
 
@@ -23,7 +23,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", "-m", default=None,
                         help="hub id, model directory, .gguf file, 'smollm2' (default) or 'gemma3-270m'")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps or auto")
+    add_placement_options(parser)
     parser.add_argument("--methods", default=None,
                         help="comma-separated method specs, options after a colon joined by '+', e.g. "
                              "'atman,atman:multiplier=0.5+mode=multiplicative,occlusion' "
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             raise AtmanError(f"--granularities takes a comma-separated subset of {', '.join(allowed)}")
         config.qa_granularities = config.squad_granularities = grans
     config.seed = args.seed
-    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    lm = load_model(args.model, **load_options(args))
     if args.merge:
         return _merge(args, lm, config, write_report)
     command = "atman " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None

@@ -97,7 +97,7 @@ def _options(args) -> dict:
 def _pair(args) -> int:
     from ..encoders import SimilarityExplainer, load_encoder
 
-    encoder = load_encoder(args.model or DEFAULT_PAIR_MODEL, device=args.device)
+    encoder = load_encoder(args.model or DEFAULT_PAIR_MODEL, device=args.device or "cpu")
     explanation = SimilarityExplainer(encoder, **_options(args)).explain(*args.pair, granularity=args.granularity)
     _report(explanation, args, [])
     return 0
@@ -109,7 +109,7 @@ def _classify(args) -> int:
     if not args.model:
         raise UsageError("--classify needs --model (a sequence-classification model directory or hub id)")
     text = read_prompt(args)
-    encoder = load_encoder(args.model, task="classification", device=args.device)
+    encoder = load_encoder(args.model, task="classification", device=args.device or "cpu")
     explanation = ClassifierExplainer(encoder, **_options(args)).explain(text, args.target,
                                                                           granularity=args.granularity)
     _report(explanation, args, [])
@@ -138,7 +138,8 @@ def _images(args) -> int:
             raise UsageError(f"cannot read image {path}: {exc}") from None
     tiles = image_granularity(args.image_granularity)
     if _is_vision_language(args.model):
-        explainer = VisionLanguageExplainer(load_vision_language(args.model, device=args.device), **_options(args))
+        loaded = load_vision_language(args.model, device=args.device or "cpu")
+        explainer = VisionLanguageExplainer(loaded, **_options(args))
         prompt = _prompt(args)
         if IMAGE_MARKER not in prompt:
             prompt = IMAGE_MARKER * len(images) + prompt
@@ -153,7 +154,8 @@ def _images(args) -> int:
             raise UsageError("an image classifier explains one image at a time")
         if args.prompt or args.prompt_file:
             raise UsageError("an image classifier takes no prompt; give the class with --target")
-        explainer = ImageClassifierExplainer(load_image_classifier(args.model, device=args.device), **_options(args))
+        loaded = load_image_classifier(args.model, device=args.device or "cpu")
+        explainer = ImageClassifierExplainer(loaded, **_options(args))
         explanation = explainer.explain(images[0], args.target, granularity=tiles)
     _report(explanation, args, images)
     return 0

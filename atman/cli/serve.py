@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..server import security
-from .shared import DTYPES, MAX_COUNT, UsageError
+from .shared import DTYPES, MAX_COUNT, UsageError, add_placement_options, load_options
 
 DEFAULTS = dict(max_body_bytes=1_000_000, max_prompt_tokens=2048, max_units=256, max_tokens=256,
                 max_completions=8, timeout_s=300.0, max_queue=64, max_connections=128,
@@ -34,7 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="a model to serve (repeatable): 'smollm2' (default), 'gemma3-270m', a .gguf file, "
                             "a model directory or a hub id; requests name it by this or by its display name")
     serve.add_argument("--dtype", default="float32", choices=DTYPES)
-    serve.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    serve.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps or auto")
+    add_placement_options(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token-env", default="ATMAN_SERVER_TOKEN", metavar="VAR",
@@ -140,9 +141,9 @@ def run(args: argparse.Namespace) -> int:
     for name in args.models or ["smollm2"]:
         print(f"loading {name} ...", file=sys.stderr)
         if is_vision_language(name):
-            models[name] = load_vision_language(name, device=args.device)
+            models[name] = load_vision_language(name, device=args.device or "cpu")
         else:
-            models[name] = load_model(name, dtype=args.dtype, device=args.device)
+            models[name] = load_model(name, **load_options(args))
     prompt_tokens = numbers.get("max_prompt_tokens") or default_prompt_tokens(models.values())
     limits = Limits(max_body_bytes=numbers["max_body_bytes"], max_prompt_tokens=prompt_tokens,
                     max_units=numbers["max_units"], max_tokens=numbers["max_tokens"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import math
 import os
 import sys
@@ -71,7 +72,8 @@ def add_model_options(parser: argparse.ArgumentParser, *, explainer: bool = True
     parser.add_argument("--model", "-m", default=None,
                         help="hub id, model directory, .gguf file, 'smollm2' (default) or 'gemma3-270m'")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    parser.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps or auto")
+    add_placement_options(parser)
     if not explainer:
         return
     parser.add_argument("--backend", default="sdpa", choices=BACKENDS, help="attention kernel for log-additive")
@@ -81,6 +83,53 @@ def add_model_options(parser: argparse.ArgumentParser, *, explainer: bool = True
                              "a few plain forward passes)")
     parser.add_argument("--engine", default="cached", choices=ENGINES,
                         help="cached: reuse the unperturbed prefix (exact, faster); naive: full passes")
+
+
+def add_placement_options(parser: argparse.ArgumentParser) -> None:
+    """Loading options passed to :func:`atman.load_model`: models split across devices, hub revisions."""
+    parser.add_argument("--device-map", metavar="auto|JSON",
+                        help="split the model across devices: 'auto', or a JSON object from module names to a GPU "
+                             "index, \"cpu\" or \"disk\" (instead of --device)")
+    parser.add_argument("--max-memory-per-device", metavar="DEV=SIZE,...",
+                        help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    parser.add_argument("--offload-folder", type=Path, metavar="DIR", help="with --device-map: where disk layers go")
+    parser.add_argument("--revision", help="hub revision (branch, tag or commit) of --model")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of :func:`atman.load_model` from the loading options of ``args``."""
+    options: dict[str, Any] = {"dtype": args.dtype}
+    device_map = getattr(args, "device_map", None)
+    if device_map is not None:
+        if args.device is not None:
+            raise UsageError("give --device (one device) or --device-map (a model split across devices), not both")
+        if device_map.strip().startswith("{"):
+            try:
+                device_map = json.loads(device_map)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"--device-map: not valid JSON: {exc}") from None
+        options["device_map"] = device_map
+    else:
+        options["device"] = args.device or "cpu"
+    per_device = getattr(args, "max_memory_per_device", None)
+    if per_device is not None:
+        if device_map is None:
+            raise UsageError("--max-memory-per-device goes with --device-map")
+        memory: dict[int | str, str] = {}
+        for part in filter(None, (p.strip() for p in per_device.split(","))):
+            name, eq, size = part.partition("=")
+            if not eq or not size.strip():
+                raise UsageError(f"--max-memory-per-device: write DEVICE=SIZE pairs, got {part!r}")
+            memory[int(name) if name.strip().isdigit() else name.strip()] = size.strip()
+        options["max_memory"] = memory
+    if getattr(args, "offload_folder", None) is not None:
+        options["offload_folder"] = args.offload_folder
+    if getattr(args, "revision", None):
+        options["revision"] = args.revision
+    if getattr(args, "trust_remote_code", False):
+        options["trust_remote_code"] = True
+    return options
 
 
 def add_suppression_option(parser: argparse.ArgumentParser) -> None:
@@ -139,7 +188,7 @@ def load_explainer(args: argparse.Namespace) -> Any:
     from ..models import load_model
 
     with status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}", args.quiet):
-        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+        lm = load_model(args.model, **load_options(args))
     return Explainer(lm, backend=args.backend, batch_size=args.batch_size, engine=args.engine, max_memory=budget)
 
 
