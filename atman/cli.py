@@ -18,34 +18,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from .engine import CONCEPTUAL_KAPPA, ENGINES, FACTOR_RENAMED
+from .batch import explain_request, normalise_request, run_batch, split_lines
+from .engine import ENGINES, FACTOR_RENAMED
 from .errors import AtmanError
 from .explanation import POSTPROCESSING, Explanation
 from .manipulation import BACKENDS, MODES
 from .units import GRANULARITIES, TARGET_GRANULARITIES
 
 FORMATS = ("text", "json", "html")
-# fields a batch line may set, with the type each must have
-LINE_FIELDS: dict[str, tuple[type, ...]] = {
-    "prompt": (str,),
-    "target": (str, type(None)),
-    "granularity": (str,),
-    "target_granularity": (str,),
-    "delimiter": (str, type(None)),
-    "spans": (list,),
-    "multiplier": (int, float),
-    "kappa": (int, float, type(None)),
-    "conceptual": (bool,),
-    "mode": (str,),
-    "chat": (bool,),
-    "system": (str, type(None)),
-    "max_new_tokens": (int,),
-    "postprocessing": (str,),
-    "normalize": (bool,),
-    "refine_from": (str,),
-    "refine_top": (int,),
-    "refine_share": (int, float, type(None)),
-}
 DEMO_PROMPT = (
     "Welcome to the Varnholt archive.\n\n"
     "Tamsin Orrelby keeps bees on the island of Quellmark. "
@@ -78,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--input", type=Path, metavar="FILE.jsonl",
                          help="batch: one JSON request per line (- reads stdin), one JSON result per line out")
     explain.add_argument("--fail-fast", action="store_true", help="batch: stop at the first bad line")
+    importlib.import_module("atman.distributed").add_batch_options(explain)
     _model_options(explain)
     explain.add_argument("--granularity", "-g", default="auto", choices=GRANULARITIES)
     explain.add_argument("--delimiter", help="split the prompt at this string (sets --granularity delimiter)")
@@ -195,44 +176,22 @@ def _explain(args) -> int:
             raise UsageError("--input takes the prompts from the file; do not also give a prompt or --target")
         if args.format == "html":
             raise UsageError("--input writes JSON lines; --format html is for a single explanation")
-        if args.method != "atman":
-            raise UsageError("--input runs AtMan; --method takes a single prompt")
-        # JSON lines are separated by \n only: str.splitlines would also split at U+2028 and friends,
-        # which json.dumps(ensure_ascii=False) writes unescaped inside strings
-        text = sys.stdin.read().lstrip("\ufeff") if str(args.input) == "-" else _read_text(args.input)
-        lines = [line.rstrip("\r") for line in text.split("\n")]
-        if lines and not lines[-1]:
-            lines.pop()
+        lines = split_lines(sys.stdin.read() if str(args.input) == "-" else _read_text(args.input))
+        distributed = importlib.import_module("atman.distributed")
+        if distributed.wants_ray(args):
+            return distributed.run_cli_batch(args, lines)
         explainer = _load(args)
         return _batch(explainer, lines, args)
     request = _request_from_args(args)
     explainer = _load(args)
     if args.method != "atman":
-        explanation = _explain_baseline(explainer, args.method, request)
+        explanation = explain_request(explainer, request, args.method)
         _write(explanation, args.format, args.output)
         return 0
     with _progress("explaining", args.quiet) as progress:
         explanation = explainer.explain(progress=progress, **request)
     _write(explanation, args.format, args.output)
     return 0
-
-
-def _explain_baseline(explainer, spec: str, request: dict[str, Any]) -> Explanation:
-    """A comparison method's explanation of the same units (complete target, plain prompt only)."""
-    from .baselines import get_method
-
-    for name, default in (("chat", False), ("target_granularity", "complete")):
-        if request.get(name, default) != default:
-            raise UsageError(f"--method {spec} explains the complete target of a plain prompt; "
-                             f"{name.replace('_', '-')} is for AtMan only")
-    if request.get("granularity") == "refine":
-        raise UsageError("--granularity refine is for AtMan only")
-    method = get_method(spec, explainer.lm)
-    target = request.get("target")
-    if target is None:
-        target = explainer.generate(request["prompt"], max_new_tokens=request.get("max_new_tokens", 32))
-    return method.attribute(request["prompt"], target, granularity=request.get("granularity", "auto"),
-                            delimiter=request.get("delimiter"), spans=request.get("spans"))
 
 
 def _request_from_args(args) -> dict[str, Any]:
@@ -261,7 +220,7 @@ def _request_from_args(args) -> dict[str, Any]:
         request["conceptual"] = args.conceptual
     if args.spans:
         request["spans"] = [_parse_span(text) for text in args.spans]
-    return _normalise_request(request)
+    return normalise_request(request)
 
 
 def _strip_final_newline(text: str) -> str:
@@ -279,73 +238,21 @@ def _parse_span(text: str) -> list[int]:
     return [start, end]
 
 
-def _normalise_request(request: dict[str, Any]) -> dict[str, Any]:
-    """Turn a request in the CLI/JSON vocabulary into keyword arguments of Explainer.explain."""
-    out = {k: v for k, v in request.items() if v is not None and k not in ("conceptual",)}
-    if "target" in request:
-        out["target"] = request["target"]
-    granularity = request.get("granularity") or "auto"
-    if request.get("delimiter") and granularity not in ("auto", "delimiter"):
-        raise UsageError(f"a delimiter only applies to granularity 'delimiter', not {granularity!r}")
-    if request.get("spans") and granularity not in ("auto", "spans"):
-        raise UsageError(f"spans only apply to granularity 'spans', not {granularity!r}")
-    if "spans" in out:
-        spans = out["spans"]
-        if not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) for s in spans):
-            raise UsageError("spans must be a list of [start, end] pairs of integers")
-        out["spans"] = [tuple(s) for s in spans]
-    if request.get("conceptual") is False or ("kappa" in request and request["kappa"] is None):
-        out["kappa"] = None
-    elif "kappa" not in out:
-        out["kappa"] = CONCEPTUAL_KAPPA if request.get("conceptual") else "default"
-    return out
-
-
 def _batch(explainer, lines: list[str], args) -> int:
-    failed = 0
     with _open_output(args.output) as out, _progress("batch", args.quiet, total=len(lines)) as progress:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                request = _parse_line(line)
-                result = explainer.explain(**request).to_dict()
-            except Exception as exc:  # one bad line never costs the others their results
-                failed += 1
-                message = str(exc) if isinstance(exc, AtmanError) else f"{type(exc).__name__}: {exc}"
-                result = {"error": message, "line": number}
-                if args.fail_fast:
-                    out.write(json.dumps(result, ensure_ascii=False) + "\n")
-                    print(f"atman: error on line {number}: {exc}", file=sys.stderr)
-                    return 2
+        def write(result: dict[str, Any]) -> None:
             out.write(json.dumps(result, ensure_ascii=False) + "\n")
             out.flush()
-            progress(number, len(lines))
-    if failed:
-        print(f"atman: {failed} of {sum(bool(x.strip()) for x in lines)} lines failed", file=sys.stderr)
+
+        summary = run_batch(explainer, lines, write, method=args.method, fail_fast=args.fail_fast,
+                            progress=progress)
+    if summary.stopped:
+        print(f"atman: error on line {summary.first_error['line']}: {summary.first_error['error']}", file=sys.stderr)
+        return 2
+    if summary.failed:
+        print(f"atman: {summary.failed} of {summary.requests} lines failed", file=sys.stderr)
         return 1
     return 0
-
-
-def _parse_line(line: str) -> dict[str, Any]:
-    try:
-        request = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"not valid JSON: {exc}") from None
-    if not isinstance(request, dict):
-        raise UsageError("each line must be a JSON object")
-    if "factor" in request:
-        raise UsageError(f"field factor: {FACTOR_RENAMED.replace('`', '')}")
-    unknown = sorted(set(request) - set(LINE_FIELDS))
-    if unknown:
-        raise UsageError(f"unknown field(s): {', '.join(unknown)}; known: {', '.join(LINE_FIELDS)}")
-    if "prompt" not in request:
-        raise UsageError("missing field: prompt")
-    for name, value in request.items():
-        if not isinstance(value, LINE_FIELDS[name]) or (isinstance(value, bool) and bool not in LINE_FIELDS[name]):
-            raise UsageError(f"field {name!r} has the wrong type ({type(value).__name__})")
-    request.setdefault("target", None)
-    return _normalise_request(request)
 
 
 def _write(explanation: Explanation, fmt: str, output: Path | None) -> None:
