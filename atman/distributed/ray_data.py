@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -427,12 +428,25 @@ def connect(address: str) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _check_reachable(address)
     try:
         ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except Exception as exc:  # Ray raises ConnectionError, ValueError or RuntimeError for a bad address
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise RayUnavailableError(f"cannot reach a Ray cluster at {address!r}: {first}") from None
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast on a host:port nobody listens at (Ray itself retries for a minute, logging each try)."""
+    host, sep, port = address.rpartition(":")
+    if address in ("local", "auto") or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise RayUnavailableError(f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc} "
+                                  f"(start one with `ray start --head`, or check the address)") from None
 
 
 def run_cli_batch(args: argparse.Namespace, lines: Sequence[str]) -> int:
