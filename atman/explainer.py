@@ -132,7 +132,7 @@ class Explainer(EngineClient):
             encoded = encode(self.lm.tokenizer, prompt, target_ids, chat=chat, system=system)
         else:
             encoded = encode(self.lm.tokenizer, prompt, target, chat=chat, system=system)
-        self._check_length(len(encoded.input_ids))
+        self.check_length(len(encoded.input_ids))
         settings: dict = {}
         refine = granularity == "refine"
         if refine:
@@ -253,7 +253,7 @@ class Explainer(EngineClient):
         tokenizer = self.lm.tokenizer
         probe = encode(tokenizer, prompt, [0], chat=chat, system=system)
         ids = list(probe.input_ids[:probe.target_start])
-        self._check_length(len(ids) + max_new_tokens)
+        self.check_length(len(ids) + max_new_tokens)
         input_ids = torch.tensor([ids], device=self.lm.device)
         eos = self.lm.eos_ids
         with torch.no_grad():
@@ -276,7 +276,8 @@ class Explainer(EngineClient):
         with torch.no_grad():
             return self.lm.model.get_input_embeddings()(ids)[0].float().cpu()
 
-    def _check_length(self, length: int) -> None:
+    def check_length(self, length: int) -> None:
+        """Raise :class:`ContextLengthError` when ``length`` tokens exceed the model's context."""
         limit = self.lm.context_length
         if limit is not None and length > limit:
             raise ContextLengthError(

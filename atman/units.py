@@ -20,6 +20,20 @@ AUTO_UNITS = 30
 
 _SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)|[。！？]+[」』”’）]*|\n+")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
+# Words: runs of non-space characters, except that Chinese and Japanese, written without spaces, are
+# cut by script: each Han character is a word (as BERT's tokenizers cut Chinese), a run of hiragana
+# or of katakana is one, and CJK punctuation stays with its neighbour (opening brackets with the
+# word after them, the rest with the word before), as "it." keeps its period.
+_HAN = "\u3005\u3007\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_HIRAGANA = "\u3041-\u309f"
+_KATAKANA = "\u30a0-\u30ff\u31f0-\u31ff\uff66-\uff9f"
+_CJK_OPEN = "\u3008\u300a\u300c\u300e\u3010\u3014\u3016\u3018\u301a\u301d\uff08\uff3b\uff5b\uff5f\uff62"
+_CJK_PUNCT = "\u3001-\u3004\u3006\u3008-\u303f\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65"
+_CJK_CLOSE = f"(?:(?![{_CJK_OPEN}])[{_CJK_PUNCT}])*"
+_WORD = re.compile(
+    f"[{_CJK_OPEN}]*(?:[{_HAN}]|[{_HIRAGANA}]+|[{_KATAKANA}]+|[^\\s{_HAN}{_HIRAGANA}{_KATAKANA}{_CJK_PUNCT}]+)"
+    f"{_CJK_CLOSE}|\\S"
+)
 # a period after these does not end a sentence
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "vs", "etc", "e.g", "i.e", "no", "fig",
                   "approx", "inc", "ltd", "co", "mt"}
@@ -186,7 +200,7 @@ def text_spans(
 ) -> list[tuple[int, int]]:
     """Character spans (start, end) of ``text`` at a text granularity (not ``token`` or ``auto``)."""
     if granularity == "word":
-        return [m.span() for m in re.finditer(r"\S+", text)]
+        return [m.span() for m in _WORD.finditer(text)]
     if granularity == "sentence":
         return _split_after(text, _SENTENCE_END, keep=_is_abbreviation)
     if granularity == "paragraph":

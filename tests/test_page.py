@@ -17,6 +17,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
+from atman.render.palette import FOR_RGB  # noqa: E402
 from atman.server import Limits, create_app  # noqa: E402
 
 CHROMIUM = os.environ.get("ATMAN_CHROMIUM", "/usr/bin/chromium")
@@ -68,7 +69,8 @@ def test_explain_shows_the_prompt_coloured_by_relevance(page, tmp_path):
     scores = [float(u.get_attribute("data-score")) for u in units]
     assert max(scores) == scores[0] > 0
     assert units[0].get_attribute("title") == f"relevance {scores[0]:.4f}"
-    assert "rgba(220, 38, 38" in units[0].get_attribute("style")  # evidence for the target is red
+    # evidence for the target has the palette's colour for it
+    assert "rgba({}, {}, {}".format(*FOR_RGB) in units[0].get_attribute("style")
     assert [t.text for t in page.find_elements(By.CSS_SELECTOR, "#targets button")] == [" Oslo"]
     page.save_screenshot(str(tmp_path / "explain.png"))
 

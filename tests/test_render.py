@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
+import atman
 from atman.explanation import Explanation, Item, TargetExplanation, TargetSpan
 from atman.render import render_fragment, render_html, render_terminal
 from atman.render.html import format_score, intensity, max_abs_score, split_units
+from atman.render.palette import AGAINST_RGB, FOR_RGB, LEGEND, MAX_ALPHA, blend
 from atman.render.terminal import terminal_renderables
 
 PROMPT = "Ada lives in Oslo.\n  Bob <script>alert(1)</script> lives in Rome.\n\nWhere does Ada live? In"
@@ -276,3 +279,62 @@ def test_terminal_max_targets_limits_and_reports():
     assert "2 more target explanation(s) not shown" in text
     with pytest.raises(ValueError):
         terminal_renderables(_per_token(), max_targets=-1)
+
+
+# --- one palette, one legend, the method named ------------------------------------------------
+
+
+def _with_method(method: str | None) -> Explanation:
+    settings = {"granularity": "sentence"} | ({"method": method} if method else {})
+    return Explanation(model="test/model", prompt=PROMPT, target=TARGET, settings=settings,
+                       explanations=(TargetExplanation(TargetSpan(TARGET, 0, len(TARGET)), PROMPT_ITEMS),))
+
+
+def test_html_units_use_the_palette_and_its_legend():
+    document = render_html(_whole())
+    units = {unit["text"]: unit["style"] for unit in _parse(document).units}
+    assert f"rgba({', '.join(map(str, FOR_RGB))}, {MAX_ALPHA:.3f})" in units["Ada lives in Oslo."]
+    assert f"rgba({', '.join(map(str, AGAINST_RGB))}, {0.5 * MAX_ALPHA:.3f})" in units[
+        "Bob <script>alert(1)</script> lives in Rome."]
+    assert LEGEND in document and "green" not in document
+
+
+def test_terminal_uses_the_palette_and_its_legend():
+    console = Console(record=True, width=200, color_system="truecolor", force_terminal=True)
+    console.print(*terminal_renderables(_whole()))
+    assert LEGEND in console.export_text(clear=False)
+    styled = console.export_html(inline_styles=True)
+    strongest = "#{:02x}{:02x}{:02x}".format(*blend(1.0, 1.0, (228, 228, 228)))
+    assert re.search(f"background-color: {strongest}[^\"]*\">Ada lives in Oslo.", styled)
+
+
+@pytest.mark.parametrize(("method", "title"), [(None, "AtMan explanation"), ("atman", "AtMan explanation"),
+                                               ("integrated-gradients", "Integrated Gradients explanation"),
+                                               ("brand-new", "brand-new explanation")])
+def test_every_view_is_titled_by_its_method(method, title):
+    explanation = _with_method(method)
+    assert f"<title>{title}</title>" in render_html(explanation)
+    assert f"<h1>{title}</h1>" in render_html(explanation)
+    assert f"<h1>{title}</h1>" in render_fragment(explanation)
+    assert _recorded(explanation).splitlines()[0].startswith(title)
+
+
+def test_a_custom_html_title_still_names_the_method():
+    document = render_html(_with_method("chefer"), title="Why Oslo?")
+    assert "<h1>Why Oslo?</h1>" in document
+    assert '<strong class="method">Chefer et al.</strong>' in document
+
+
+def test_the_web_page_uses_the_palette_and_its_legend():
+    static = Path(atman.__file__).parent / "server" / "static"
+    css = (static / "style.css").read_text(encoding="utf-8")
+    variables = dict(re.findall(r"--atman-([a-z-]+):\s*([^;]+);", css))
+    assert tuple(int(v) for v in variables["for"].split(",")) == FOR_RGB
+    assert tuple(int(v) for v in variables["against"].split(",")) == AGAINST_RGB
+    assert float(variables["max-alpha"]) == MAX_ALPHA
+    script = (static / "app.js").read_text(encoding="utf-8")
+    assert "--atman-for" in script and "--atman-against" in script and "--atman-max-alpha" in script
+    assert not re.search(r"\d+, \d+, \d+", script)  # no colour of its own
+    page = (static / "index.html").read_text(encoding="utf-8")
+    assert LEGEND[0].upper() + LEGEND[1:] in page
+    assert "AtMan" in page.split('id="result"')[1].split("</section>")[0]

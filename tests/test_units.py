@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from atman import GranularityError
-from atman.units import text_spans
+from atman.units import encode, prompt_units, text_spans
 
 TEXT = "Dr. Vesk fixed it. Really?  Yes!\nNew line here\n\n  Second paragraph, one sentence."
 
@@ -56,3 +58,30 @@ def test_explicit_spans_are_checked():
         text_spans(TEXT, "delimiter")
     with pytest.raises(GranularityError, match="unknown"):
         text_spans(TEXT, "chapter")
+
+
+def _words(text):
+    return [text[a:b] for a, b in text_spans(text, "word")]
+
+
+def test_chinese_words_are_han_characters_with_punctuation_kept():
+    assert _words("我爱北京天安门。我用Python写代码，很快！") == [
+        "我", "爱", "北", "京", "天", "安", "门。", "我", "用", "Python", "写", "代", "码，", "很", "快！"]
+
+
+def test_japanese_words_cut_by_script_with_brackets_kept():
+    assert _words("東京は大きい。私は「コンピューター」を使う。") == [
+        "東", "京", "は", "大", "きい。", "私", "は", "「コンピューター」", "を", "使", "う。"]
+
+
+def test_words_without_cjk_stay_whitespace_separated():
+    text = "Dr. Vesk (fixed) it,\tthen\u3000left… 한국어 문장입니다."
+    assert text_spans(text, "word") == [m.span() for m in re.finditer(r"\S+", text)]
+
+
+def test_cjk_word_units_on_a_real_tokenizer(smollm2):
+    encoded = encode(smollm2.tokenizer, "北京是中国的首都。東京は日本の首都です。", " x")
+    units = prompt_units(encoded, "word")
+    assert [unit.text for unit in units] == [
+        "北", "京", "是", "中", "国", "的", "首", "都。", "東", "京", "は", "日", "本", "の", "首", "都", "です。"]
+    assert all(unit.positions for unit in units)

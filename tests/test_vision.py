@@ -113,8 +113,8 @@ def test_overlay_paints_scores_where_the_items_are(tmp_path):
     values = heat(exp, (8, 8))
     assert values[0, 0] == 2.0 and values[7, 7] == -1.0 and values[0, 7] == 0.0
     overlay = np.asarray(render_overlay(exp, image)).astype(int)
-    assert overlay[0, 0, 1] > overlay[0, 0, 0]  # green: evidence for the target
-    assert overlay[7, 7, 0] > overlay[7, 7, 1]  # red: evidence against
+    assert overlay[0, 0, 0] > overlay[0, 0, 2]  # orange: evidence for the target
+    assert overlay[7, 7, 2] > overlay[7, 7, 0]  # blue: evidence against
     assert tuple(overlay[0, 7]) == (255, 255, 255)  # no item: the image itself
     paths = save_overlays(exp, [image], tmp_path / "report.html", scale=4)
     assert paths == [tmp_path / "report-image1.png"] and Image.open(paths[0]).size == (32, 32)

@@ -5,8 +5,8 @@ value is both a ``title`` attribute and a CSS tooltip. Every piece of user text 
 :func:`html.escape`.
 
 The small helpers at the top (:func:`split_units`, :func:`max_abs_score`, :func:`intensity`,
-:func:`format_score`) hold the colour logic that the terminal renderer shares, so both views
-always agree on what a score looks like.
+:func:`format_score`) hold the scale logic that the terminal renderer shares, and the colours come
+from :mod:`atman.render.palette`, so every view agrees on what a score looks like.
 """
 
 from __future__ import annotations
@@ -17,16 +17,10 @@ from collections.abc import Iterable, Sequence
 from html import escape
 
 from ..explanation import Explanation, Item, TargetExplanation
+from .palette import AGAINST_RGB, FOR_RGB, LEGEND, MAX_ALPHA, rgba, shade
+from .titles import method_name, view_title
 
 TOP_K = 5
-DEFAULT_TITLE = "AtMan explanation"
-
-# Diverging scale as RGB: green for evidence for the target, red against it. Mid-dark shades so that
-# black text stays readable on them even at full strength.
-POSITIVE_RGB = (26, 152, 80)
-NEGATIVE_RGB = (215, 48, 39)
-# Full-strength alpha stays below 1 so that the strongest units do not swallow their text.
-MAX_ALPHA = 0.8
 
 
 def split_units(text: str, items: Iterable[Item]) -> list[tuple[str, Item | None]]:
@@ -91,12 +85,9 @@ def format_score(score: float, signed: bool = True) -> str:
     return f"{score:{sign}.4f}"
 
 
-def _rgba(rgb: tuple[int, int, int], alpha: float) -> str:
-    return f"rgba({rgb[0]}, {rgb[1]}, {rgb[2]}, {alpha:.3f})"
-
-
 def _background(score: float, max_abs: float) -> str:
-    return _rgba(POSITIVE_RGB if score >= 0 else NEGATIVE_RGB, intensity(score, max_abs) * MAX_ALPHA)
+    *rgb, alpha = shade(score, intensity(score, max_abs))
+    return rgba(tuple(rgb), alpha)
 
 
 _CSS = """
@@ -173,8 +164,8 @@ def _legend(max_abs: float) -> str:
     if max_abs == 0:
         return '<div class="legend">All scores are 0: no unit changed the target\'s likelihood.</div>'
     bound = escape(format_score(max_abs, signed=False))
-    gradient = (f"linear-gradient(to right, {_rgba(NEGATIVE_RGB, MAX_ALPHA)}, {_rgba(NEGATIVE_RGB, 0)} 50%, "
-                f"{_rgba(POSITIVE_RGB, 0)} 50%, {_rgba(POSITIVE_RGB, MAX_ALPHA)})")
+    gradient = (f"linear-gradient(to right, {rgba(AGAINST_RGB, MAX_ALPHA)}, {rgba(AGAINST_RGB, 0)} 50%, "
+                f"{rgba(FOR_RGB, 0)} 50%, {rgba(FOR_RGB, MAX_ALPHA)})")
     return (f'<div class="legend"><span>&minus;{bound} against</span>'
             f'<span class="bar" style="background: {gradient}"></span>'
             f"<span>+{bound} for the target</span>"
@@ -255,9 +246,9 @@ def _body(explanation: Explanation, title: str, images: Sequence | None = None) 
         sections = '<p class="note">This explanation has no target explanations.</p>'
     return (
         f"<h1>{escape(title)}</h1>"
-        f'<div class="meta">Model <code>{escape(explanation.model)}</code> &middot; target '
-        f"<code>{escape(explanation.target)}</code> &middot; green = evidence for the target, "
-        "red = evidence against it; hover a unit for its score.</div>"
+        f'<div class="meta">Method <strong class="method">{escape(method_name(explanation.settings))}</strong>'
+        f" &middot; model <code>{escape(explanation.model)}</code> &middot; target "
+        f"<code>{escape(explanation.target)}</code> &middot; {escape(LEGEND)}; hover a unit for its score.</div>"
         f"{_settings_table(explanation.settings)}{sections}"
     )
 
@@ -272,19 +263,21 @@ def render_fragment(explanation: Explanation) -> str:
     >>> html.startswith('<div class="atman">')
     True
     """
-    body = _body(explanation, DEFAULT_TITLE)
+    body = _body(explanation, view_title(explanation.settings))
     return f'<div class="atman"><style>{_CSS}</style>{body}</div>'
 
 
 def render_html(explanation: Explanation, title: str | None = None, images: Sequence | None = None) -> str:
     """The explanation as one self-contained HTML5 document (inline CSS, no assets, no script).
 
-    ``images`` (PIL images, in input order) are shown with their relevance overlays.
+    ``images`` (PIL images, in input order) are shown with their relevance overlays. The title
+    defaults to the method's name (``"AtMan explanation"``, ``"Integrated Gradients explanation"``);
+    the method is named under any title.
 
     >>> from pathlib import Path
     >>> _ = Path("explanation.html").write_text(render_html(exp, title="Why Oslo?"), encoding="utf-8")
     """
-    title = title or DEFAULT_TITLE
+    title = title or view_title(explanation.settings)
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'

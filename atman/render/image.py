@@ -1,8 +1,8 @@
 """Image heat overlays: the scores of an explanation's image items painted over the image.
 
-Green is evidence for the target, red evidence against it (the colours of the text renderers);
-the colour scale is symmetric around 0 and ends at the largest ``|score|`` over all items of the
-explanation, so images and text share one scale.
+Orange is evidence for the target, blue evidence against it (:mod:`atman.render.palette`, as in
+the text views); the colour scale is symmetric around 0 and ends at the largest ``|score|`` over
+all items of the explanation, so images and text share one scale.
 
 Example::
 
@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from ..explanation import Explanation, ImageItem
-from .html import NEGATIVE_RGB, POSITIVE_RGB, max_abs_score
+from .html import max_abs_score
+from .palette import AGAINST_RGB, FOR_RGB
 
 HEAT_ALPHA = 0.6
 
@@ -49,7 +50,7 @@ def render_overlay(explanation: Explanation, image: Image.Image, index: int = 0,
     values = heat(explanation, base.size, index, target)
     scale = max_abs_score(explanation.explanations[target].items) or 1.0
     signed = np.clip(values / scale, -1.0, 1.0)[..., None]
-    colours = np.where(signed >= 0, np.array(POSITIVE_RGB) / 255.0, np.array(NEGATIVE_RGB) / 255.0)
+    colours = np.where(signed >= 0, np.array(FOR_RGB) / 255.0, np.array(AGAINST_RGB) / 255.0)
     # a pixel of score 0 keeps the image; the colour's weight grows with |score|
     weight = alpha * np.abs(signed)
     pixels = np.asarray(base, dtype=np.float64) / 255.0

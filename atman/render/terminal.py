@@ -17,17 +17,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ..explanation import Explanation, Item, TargetExplanation
-from .html import (
-    DEFAULT_TITLE,
-    MAX_ALPHA,
-    NEGATIVE_RGB,
-    POSITIVE_RGB,
-    TOP_K,
-    format_score,
-    intensity,
-    max_abs_score,
-    split_units,
-)
+from .html import TOP_K, format_score, intensity, max_abs_score, split_units
+from .palette import LEGEND, blend
+from .titles import view_title
 
 # What a unit with score 0 sits on: light enough for black text, distinct from the plain gaps.
 _BASE_RGB = (228, 228, 228)
@@ -35,11 +27,8 @@ _LEGEND_STEPS = (1.0, 2 / 3, 1 / 3)
 
 
 def _colour(positive: bool, strength: float) -> Color:
-    """Blend the base towards green or red, the terminal twin of the HTML alpha over white."""
-    target = POSITIVE_RGB if positive else NEGATIVE_RGB
-    weight = strength * MAX_ALPHA
-    red, green, blue = (round(b + (t - b) * weight) for b, t in zip(_BASE_RGB, target, strict=True))
-    return Color.from_rgb(red, green, blue)
+    """The palette's shade laid over the base, the terminal twin of the HTML alpha over white."""
+    return Color.from_rgb(*blend(1.0 if positive else -1.0, strength, _BASE_RGB))
 
 
 def _style(score: float, max_abs: float) -> Style:
@@ -64,7 +53,7 @@ def _legend(max_abs: float) -> Text:
     for step in reversed(_LEGEND_STEPS):
         legend.append("  ", style=Style(bgcolor=_colour(True, step)))
     legend.append(f" +{bound}")
-    legend.append("   red = against the target, green = for it", style="dim")
+    legend.append(f"   {LEGEND}", style="dim")
     return legend
 
 
@@ -108,7 +97,7 @@ def terminal_renderables(explanation: Explanation, max_targets: int | None = Non
     """
     if max_targets is not None and max_targets < 0:
         raise ValueError(f"max_targets must be >= 0 or None, got {max_targets}")
-    title = Text(DEFAULT_TITLE, style="bold")
+    title = Text(view_title(explanation.settings), style="bold")
     title.append(f" (model {explanation.model})", style="dim")
     shown = explanation.explanations[:max_targets]
     out: list[RenderableType] = [title]

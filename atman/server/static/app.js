@@ -99,10 +99,15 @@ function showTargets() {
   select(0);
 }
 
+// the palette of every view, from style.css (atman/render/palette.py)
+function palette(name) {
+  return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+}
+
 function colour(score, scale) {
   const strength = scale > 0 ? Math.min(Math.abs(score) / scale, 1) : 0;
-  const rgb = score >= 0 ? "220, 38, 38" : "37, 99, 235";
-  return `rgba(${rgb}, ${(0.08 + 0.72 * strength).toFixed(3)})`;
+  const rgb = palette(score >= 0 ? "--atman-for" : "--atman-against");
+  return `rgba(${rgb}, ${(strength * Number(palette("--atman-max-alpha"))).toFixed(3)})`;
 }
 
 function select(index) {

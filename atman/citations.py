@@ -1,0 +1,166 @@
+"""Citations: the result of :func:`atman.cite` — which sources of a context each part of a response rests on.
+
+Plain data, no torch. A context is a sequence of passages (a retrieved document each, with an
+optional id and title); its sources are passages, sentences or tokens, each a character span of the
+context. The response is cut into spans (its sentences by default); each span has one score per
+source: how much less likely that part of the response became when the source was suppressed
+(summed cross-entropy rise over the span's tokens; positive = the span rests on the source).
+
+JSON::
+
+    {"model": "...", "context": "...", "question": "...", "response": "...",
+     "passages": [{"text": "...", "id": "doc-1", "title": "...", "start": 0, "end": 120}],
+     "sources": [{"text": "...", "start": 0, "end": 42, "passage": 0}],
+     "spans": [{"text": "...", "start": 0, "end": 30, "scores": [0.1, 2.3, ...]}],
+     "settings": {...}}
+
+``start``/``end`` of passages and sources are offsets into ``context``, of spans into ``response``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Passage:
+    """One retrieved passage: its text, an optional id and title, and where it sits in the context."""
+
+    text: str
+    id: str | None = None
+    title: str | None = None
+    start: int = 0
+    end: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"text": self.text, "start": self.start, "end": self.end}
+        if self.id is not None:
+            data["id"] = self.id
+        if self.title is not None:
+            data["title"] = self.title
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Passage:
+        return cls(text=data["text"], id=data.get("id"), title=data.get("title"), start=int(data.get("start", 0)),
+                   end=int(data.get("end", 0)))
+
+    @property
+    def label(self) -> str:
+        """How views name the passage: its title, else its id, else nothing."""
+        return self.title or self.id or ""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One unit of the context that was suppressed: its text, span in the context and passage index."""
+
+    text: str
+    start: int
+    end: int
+    passage: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "start": self.start, "end": self.end, "passage": self.passage}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Source:
+        return cls(text=data["text"], start=int(data["start"]), end=int(data["end"]), passage=int(data["passage"]))
+
+
+@dataclass(frozen=True)
+class CitedSpan:
+    """A part of the response (a sentence by default) and one score per source."""
+
+    text: str
+    start: int
+    end: int
+    scores: tuple[float, ...]
+
+    def top(self, k: int = 3) -> list[tuple[int, float]]:
+        """The ``k`` highest-scoring sources as (source index, score), best first, positive scores only."""
+        ranked = sorted(range(len(self.scores)), key=lambda i: self.scores[i], reverse=True)
+        return [(i, self.scores[i]) for i in ranked[:k] if self.scores[i] > 0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "start": self.start, "end": self.end, "scores": list(self.scores)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CitedSpan:
+        return cls(text=data["text"], start=int(data["start"]), end=int(data["end"]),
+                   scores=tuple(float(s) for s in data["scores"]))
+
+
+@dataclass(frozen=True)
+class Citations:
+    """Sources of each response span. ``citations.cite(0)`` lists the sources the first span rests on.
+
+    Example::
+
+        >>> result = atman.cite(["Ada lives in Oslo.", "Bo lives in Rome."], "Where does Ada live?",
+        ...                     "Ada lives in Oslo.")
+        >>> [(result.sources[i].text, round(s, 2)) for i, s in result.spans[0].top(1)]  # doctest: +SKIP
+        [('Ada lives in Oslo.', 5.12)]
+    """
+
+    model: str
+    context: str
+    question: str
+    response: str
+    passages: tuple[Passage, ...]
+    sources: tuple[Source, ...]
+    spans: tuple[CitedSpan, ...]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def cite(self, span: int = 0, k: int = 3) -> list[tuple[Source, float]]:
+        """The top ``k`` sources of response span ``span`` (positive scores only), best first."""
+        return [(self.sources[i], score) for i, score in self.spans[span].top(k)]
+
+    def source_scores(self) -> list[float]:
+        """Each source's score for the whole response: the sum over the spans."""
+        return [sum(span.scores[i] for span in self.spans) for i in range(len(self.sources))]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "context": self.context, "question": self.question,
+                "response": self.response, "passages": [p.to_dict() for p in self.passages],
+                "sources": [s.to_dict() for s in self.sources], "spans": [s.to_dict() for s in self.spans],
+                "settings": dict(self.settings)}
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Citations:
+        return cls(model=data["model"], context=data["context"], question=data["question"],
+                   response=data["response"], passages=tuple(Passage.from_dict(p) for p in data["passages"]),
+                   sources=tuple(Source.from_dict(s) for s in data["sources"]),
+                   spans=tuple(CitedSpan.from_dict(s) for s in data["spans"]), settings=dict(data.get("settings", {})))
+
+    @classmethod
+    def from_json(cls, text: str) -> Citations:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON (``.json``) or a standalone HTML page (``.html``), by the file's extension."""
+        path = Path(path)
+        if path.suffix.lower() in (".html", ".htm"):
+            from .render.citations import render_citations_html
+
+            path.write_text(render_citations_html(self), encoding="utf-8")
+        elif path.suffix.lower() == ".json":
+            path.write_text(self.to_json(indent=2) + "\n", encoding="utf-8")
+        else:
+            raise ValueError(f"cannot save citations as {path.suffix or 'a file without extension'}; "
+                             "use .json or .html")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Citations:
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+    def _repr_html_(self) -> str:
+        from .render.citations import render_citations_fragment
+
+        return render_citations_fragment(self)
