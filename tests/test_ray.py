@@ -215,3 +215,30 @@ def test_two_serve_replicas_answer_like_one_server(ray_session, smollm2):
         assert all(answer == expected for answer in answers)
     finally:
         serve.shutdown()
+
+
+def test_evaluate_on_ray_reports_what_the_local_run_does(ray_session, smollm2):
+    import torch
+
+    from atman.distributed.evaluate import evaluate_runner
+    from atman.evaluate.suite import SuiteConfig, run_suite
+
+    config = SuiteConfig(qa=3, qa_facts=2, qa_granularities=("sentence",), squad=0, texts=1, max_new_tokens=4)
+    methods = ["atman", "random"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = run_suite(smollm2, methods, config)
+    finally:
+        torch.set_num_threads(threads)
+    seen = []
+    spread = run_suite(smollm2, methods, config, on_record=seen.append,
+                       runner=evaluate_runner(model="smollm2", workers=2, threads_per_worker=1))
+
+    def untimed(records):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    assert len(local["records"]) == 2 * (3 + 1) and seen == spread["records"]
+    assert untimed(spread["records"]) == untimed(local["records"])
+    for kind in ("plausibility", "faithfulness"):
+        assert spread["summary"][kind] == local["summary"][kind]
