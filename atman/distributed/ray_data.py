@@ -277,11 +277,12 @@ def run_batch_on_ray(lines: Sequence[str], config: WorkerConfig, output: Path | 
     config = _on_device(config, plan)
     failed = 0
     first_error = None
-    with _sink(output, kept, [n for n, _ in todo]) as write:
+    with _sink(output, kept, [n for n, _ in todo]) as write, \
+            contextlib.closing(_results(ray, todo, config, plan)) as results:
         done = len(kept)
         if progress is not None:
             progress(done, len(numbered))
-        for result in _results(ray, todo, config, plan):
+        for result in results:
             write(result)
             done += 1
             if progress is not None:
