@@ -186,6 +186,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic fields
 def test_two_serve_replicas_answer_like_one_server(ray_session, smollm2):
     pytest.importorskip("fastapi")
     aa = pytest.importorskip("aleph_alpha_client")
