@@ -143,21 +143,20 @@ def _kill_first_worker_that_runs(killed: list[int], stop: threading.Event) -> No
         time.sleep(0.05)
 
 
-def test_a_killed_worker_costs_nothing_its_requests_are_retried(ray_session, local_results, tmp_path):
+def test_a_killed_worker_costs_nothing_its_requests_are_retried(ray_session, local_results, capsys):
     killed: list[int] = []
     stop = threading.Event()
     killer = threading.Thread(target=_kill_first_worker_that_runs, args=(killed, stop), daemon=True)
     killer.start()
-    out = tmp_path / "out.jsonl"
-    try:
-        summary = run_batch_on_ray(LINES, WorkerConfig(model="smollm2"), out, workers=1, threads_per_worker=1)
+    try:  # no output file: the results go to stdout, in input order
+        summary = run_batch_on_ray(LINES, WorkerConfig(model="smollm2"), None, workers=1, threads_per_worker=1)
     finally:
         stop.set()
         killer.join()
     assert killed, "no worker was seen running"
     assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
     assert summary.failed == 2  # the two bad lines only
-    results = [json.loads(line) for line in out.read_text().splitlines()]
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert results == [local_results[n] for n in (1, 2, 4, 5, 6)]
 
 

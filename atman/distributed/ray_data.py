@@ -343,6 +343,7 @@ def _sink(output: Path | None, kept: dict[int, dict[str, Any]],
     """A writer of results: appended to ``output`` as they come and sorted at the end, or, without a
     file, printed to stdout in input order (each as soon as every line before it is done)."""
     if output is None:
+        stdout = sys.stdout
         waiting: dict[int, dict[str, Any]] = {}
         upcoming = iter(order)
         following = next(upcoming, None)
@@ -351,11 +352,13 @@ def _sink(output: Path | None, kept: dict[int, dict[str, Any]],
             nonlocal following
             waiting[result["line"]] = result
             while following is not None and following in waiting:
-                sys.stdout.write(json.dumps(waiting.pop(following), ensure_ascii=False) + "\n")
+                stdout.write(json.dumps(waiting.pop(following), ensure_ascii=False) + "\n")
                 following = next(upcoming, None)
-            sys.stdout.flush()
+            stdout.flush()
 
-        yield write_in_order
+        # Ray prints its workers' failures to sys.stdout: send them to stderr, away from the results
+        with contextlib.redirect_stdout(sys.stderr):
+            yield write_in_order
         return
     try:
         handle = output.open("w", encoding="utf-8")
