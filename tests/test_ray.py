@@ -3,6 +3,8 @@ worker, order; one local Ray (2 CPUs) for the whole session."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import json
 import os
 import signal
@@ -75,6 +77,12 @@ def test_local_batch_results_carry_line_and_id(local_results):
     assert "not valid JSON" in local_results[5]["error"]
 
 
+@pytest.mark.parametrize("name", ["atman.batch", "atman.distributed.ray_data"])
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
 def test_worker_plan_defaults():
     assert plan_workers({"CPU": 2.0}) == plan_workers({"CPU": 2.0}, threads_per_worker=1)
     assert plan_workers({"CPU": 2.0}).workers == 2
@@ -94,6 +102,8 @@ def test_clear_errors(monkeypatch, tmp_path, capsys):
     assert "cannot reach a Ray cluster at '127.0.0.1:1'" in capsys.readouterr().err
     assert cli.main(["explain", "--input", str(requests), "--resume", "-q"]) == 2
     assert "--resume applies to --ray batches" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--workers", "2", "-o", str(tmp_path)]) == 2
+    assert "--workers and --threads-per-worker apply to --ray" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)
     assert cli.main(["explain", "--input", str(requests), "--ray", "-q"]) == 2
     assert 'Ray is not installed; install it with: pip install "atman[ray]"' in capsys.readouterr().err
