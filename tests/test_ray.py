@@ -252,3 +252,16 @@ def test_evaluate_on_ray_reports_what_the_local_run_does(ray_session, smollm2):
     assert untimed(spread["records"]) == untimed(local["records"])
     for kind in ("plausibility", "faithfulness"):
         assert spread["summary"][kind] == local["summary"][kind]
+
+
+def test_serve_application_builder_arguments():
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[ray]')")
+    from ray.serve import Application
+
+    from atman.distributed.serve import build
+
+    assert isinstance(build({"models": "smollm2", "replicas": "3", "threads": "1"}), Application)
+    with pytest.raises(ValueError, match="unknown argument"):
+        build({"replica": "2"})
+    with pytest.raises(ValueError, match="bad argument"):
+        build({"replicas": "two"})
