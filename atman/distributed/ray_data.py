@@ -222,6 +222,8 @@ def explain_dataset(requests: str | Path | ray.data.Dataset, config: WorkerConfi
         requests = ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS))
     plan = plan_workers(ray.cluster_resources(), workers, threads_per_worker, cpus_per_worker, gpus_per_worker)
     config = _on_device(config, plan)
+    # max_task_retries: Ray Data's default retries a lost block forever; one retry, as run_batch_on_ray does
+    # (passed as an extra actor option, deprecated in Ray 2.60, removed in 2.64: hence the extra's bound)
     return requests.map_batches(
         BatchWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=plan.workers),
         fn_constructor_kwargs={"config": config, "threads": plan.threads}, num_cpus=plan.cpus,
