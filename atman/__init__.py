@@ -24,7 +24,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .citations import Citations, CitedSpan, Passage, Source
-    from .cite import Citer, cite
+    from .citer import Citer, cite
     from .encoders import ClassifierExplainer, SimilarityExplainer, load_encoder
     from .explainer import Explainer, explain
     from .explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # public name -> the module that defines it
 LAZY: dict[str, str] = {
     **dict.fromkeys(("Citations", "CitedSpan", "Passage", "Source"), ".citations"),
-    **dict.fromkeys(("Citer", "cite"), ".cite"),
+    **dict.fromkeys(("Citer", "cite"), ".citer"),
     **dict.fromkeys(("ClassifierExplainer", "SimilarityExplainer", "load_encoder"), ".encoders"),
     **dict.fromkeys(("Explainer", "explain"), ".explainer"),
     **dict.fromkeys(("Explanation", "ImageItem", "Item", "TargetExplanation", "TargetSpan"), ".explanation"),

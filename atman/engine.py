@@ -37,17 +37,10 @@ from transformers import Cache, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .budget import PLAIN, MemoryModel, default_budget, parse_memory, release_freed_memory
+from .defaults import BACKENDS, CONCEPTUAL_KAPPA, DEFAULT_KAPPA, DEFAULT_MULTIPLIER, ENGINES, FACTOR_RENAMED, MODES
 from .errors import AtmanError
-from .manipulation import BACKENDS, MODES, manipulate
+from .manipulation import manipulate
 
-# the attention to a suppressed unit is multiplied by this (the AtMan authors' code and Aleph Alpha's
-# API use the same number: suppression_factor / control_factor = 0.1)
-DEFAULT_MULTIPLIER = 0.1
-# conceptual suppression is off by default: on the context-QA check it lowered sentence top-1 from
-# 100 % to 90 % (docs/defaults.md). CONCEPTUAL_KAPPA is the threshold used when it is switched on.
-DEFAULT_KAPPA: float | None = None
-CONCEPTUAL_KAPPA = 0.7
-ENGINES = ("cached", "naive")
 # token-forwards per batch: enough to keep the CPU's cores busy; a GPU wants far more rows
 CPU_TOKEN_BUDGET = 8192
 GPU_TOKEN_BUDGET = 131072
@@ -58,11 +51,9 @@ CPU_CALL_OVERHEAD = 32
 GPU_CALL_OVERHEAD = 1024
 MAX_GROUP_ROWS = 512
 Progress = Callable[[int, int], None]
-FACTOR_RENAMED = (
-    "`factor` (the suppression strength: 0.9 meant attention x 0.1) has been replaced by `multiplier`, the "
-    "attention multiplier itself (default 0.1; 0 removes the unit, 1 leaves it untouched), as in the AtMan "
-    "authors' code and Aleph Alpha's API: pass multiplier = 1 - factor"
-)
+__all__ = ["BACKENDS", "CONCEPTUAL_KAPPA", "DEFAULT_KAPPA", "DEFAULT_MULTIPLIER", "ENGINES", "FACTOR_RENAMED", "MODES",
+           "BatchRecord", "Engine", "EngineClient", "Suppression", "batch_groups", "forward_options", "refuse_factor",
+           "repeat_inputs", "spread_conceptually", "suppression_rows"]
 
 
 def refuse_factor(factor: object) -> None:

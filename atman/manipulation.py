@@ -38,13 +38,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .defaults import BACKENDS, MODES
 from .errors import AtmanError, UnsupportedModelError
 
 ATTENTION_NAME = "atman"
 Mode = Literal["log-additive", "multiplicative"]
 Backend = Literal["sdpa", "eager", "flex_attention"]
-MODES: tuple[str, ...] = ("log-additive", "multiplicative")
-BACKENDS: tuple[str, ...] = ("sdpa", "eager", "flex_attention")
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from atman import AtmanError, Citations, Citer, EmptyInputError, Explainer, Passage, cite
-from atman.cite import CitationError, passages_from
+from atman.citer import CitationError, passages_from
 from atman.engine import suppression_rows
 from atman.render.citations import render_citations_html, render_citations_terminal
 

@@ -8,7 +8,7 @@ import re
 import shlex
 from pathlib import Path
 
-from atman.cli import LINE_FIELDS
+from atman.batch import LINE_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
 

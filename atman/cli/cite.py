@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .batch import read_object, run_lines, split_lines
+from .batch import read_object, run_requests, split_lines
 from .shared import (
     UsageError,
     add_model_options,
@@ -93,7 +93,7 @@ def context_from_args(args: argparse.Namespace) -> str | list[dict[str, Any]]:
     if args.context:
         return args.context
     if args.context_file:
-        from ..cite import passages_from
+        from ..citer import passages_from
 
         passages = []
         for path in args.context_file:
@@ -134,7 +134,7 @@ def cite_command(args: argparse.Namespace) -> int:
         text = sys.stdin.read().lstrip("\ufeff") if str(args.input) == "-" else read_text(args.input)
         lines = split_lines(text)
         citer = load_citer(args, budget)
-        return run_lines(lines, lambda line: cite_line(citer, line), args)
+        return run_requests(lambda line: cite_line(citer, line), lines, args)
     if not args.question:
         raise UsageError("no question: give it with --question")
     context = context_from_args(args)
@@ -153,7 +153,7 @@ def cite_command(args: argparse.Namespace) -> int:
 
 def load_citer(args: argparse.Namespace, budget: int | str | None) -> Any:
     quiet_libraries()
-    from ..cite import Citer
+    from ..citer import Citer
     from ..models import load_model
 
     with status(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'}", args.quiet):
@@ -162,8 +162,8 @@ def load_citer(args: argparse.Namespace, budget: int | str | None) -> Any:
                  batch_size=args.batch_size, max_memory=budget)
 
 
-def cite_line(citer: Any, line: str) -> tuple[Any, dict[str, Any]]:
-    """One batch line: its id and the citation result as a dict."""
+def cite_line(citer: Any, line: str) -> dict[str, Any]:
+    """One batch line's citation result as a dict."""
     request = read_object(line, CITE_FIELDS, ("context", "question"))
     spans = request.get("spans")
     if spans is not None and not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s)
@@ -174,7 +174,7 @@ def cite_line(citer: Any, line: str) -> tuple[Any, dict[str, Any]]:
                         spans=[tuple(s) for s in spans] if spans is not None else None,
                         chat=request.get("chat"), system=request.get("system"),
                         max_new_tokens=request.get("max_new_tokens", 128))
-    return request.get("id"), result.to_dict()
+    return result.to_dict()
 
 
 def write_citations(result: Any, fmt: str, output: Path | None, top: int) -> None:

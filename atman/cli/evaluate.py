@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..distributed.evaluate import add_evaluate_options, runner_from_args
 from ..errors import AtmanError
 from .shared import DTYPES, add_placement_options, check_writable, load_options
 
@@ -45,6 +46,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--merge", nargs="+", type=Path, metavar="RECORDS.jsonl",
                         help="write the report from the record logs of earlier runs instead of running: a method's "
                              "records come from the last log holding it; only examples every method finished count")
+    add_evaluate_options(parser)
     parser.set_defaults(handler=run)
 
 
@@ -100,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
             raise AtmanError(f"--granularities takes a comma-separated subset of {', '.join(allowed)}")
         config.qa_granularities = config.squad_granularities = grans
     config.seed = args.seed
+    runner = runner_from_args(args)
     lm = load_model(args.model, **load_options(args))
     if args.merge:
         return _merge(args, lm, config, write_report)
@@ -114,13 +117,13 @@ def run(args: argparse.Namespace) -> int:
             handle.write(json.dumps(record) + "\n")
 
     if args.quiet:
-        result = run_suite(lm, chosen, config, on_record=keep)
+        result = run_suite(lm, chosen, config, on_record=keep, runner=runner)
     elif not sys.stderr.isatty():
         # a log file gets one line per explanation instead of a redrawn bar
         def log(done: int, total: int, what: str) -> None:
             print(f"{done}/{total} {what}", file=sys.stderr, flush=True)
 
-        result = run_suite(lm, chosen, config, progress=log, on_record=keep)
+        result = run_suite(lm, chosen, config, progress=log, on_record=keep, runner=runner)
     else:
         columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, transient=True) as bar:
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             def progress(done: int, total: int, what: str) -> None:
                 bar.update(task, completed=done, total=total, description=what)
 
-            result = run_suite(lm, chosen, config, progress=progress, on_record=keep)
+            result = run_suite(lm, chosen, config, progress=progress, on_record=keep, runner=runner)
     md, js = write_report(result, args.output, command=command, stem=args.name)
     if not args.quiet:
         print(f"wrote {md} and {js} ({result['seconds']:.0f} s)", file=sys.stderr)

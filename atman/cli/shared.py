@@ -1,8 +1,8 @@
 """What every ``atman`` command shares: option types, model loading, reading inputs and writing outputs.
 
 Nothing here imports torch or transformers at module level: ``atman --help`` and argument errors
-must answer before those load. The option choices that the core defines next to torch code are
-mirrored here; ``tests/test_cli_package.py`` checks that the copies agree with the core.
+must answer before those load. The option choices come from :mod:`atman.defaults`, which is free of
+torch too.
 """
 
 from __future__ import annotations
@@ -18,13 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..defaults import BACKENDS, ENGINES, FACTOR_RENAMED
 from ..errors import AtmanError
 
-# mirrors of atman.manipulation.MODES / BACKENDS, atman.engine.ENGINES / CONCEPTUAL_KAPPA
-MODES = ("log-additive", "multiplicative")
-BACKENDS = ("sdpa", "eager", "flex_attention")
-ENGINES = ("cached", "naive")
-CONCEPTUAL_KAPPA = 0.7
 DTYPES = ("float32", "bfloat16", "float16")
 # the largest count an option takes: beyond it numbers stop being sizes and start overflowing tensors
 MAX_COUNT = 2**31 - 1
@@ -142,8 +138,6 @@ def add_suppression_option(parser: argparse.ArgumentParser) -> None:
 
 def renamed_factor(where: str) -> UsageError:
     """The error for the old, inverted ``factor`` spelling (``where``: the option or field that used it)."""
-    from ..engine import FACTOR_RENAMED
-
     text = FACTOR_RENAMED.replace("`", "")
     if where.startswith("--"):
         text = text.replace("pass multiplier", "pass --multiplier")

@@ -11,12 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..batch import explain_request, normalise_request
+from ..defaults import MODES
+from ..distributed import add_batch_options, run_cli_batch, wants_ray
 from ..explanation import POSTPROCESSING
 from ..units import GRANULARITIES, TARGET_GRANULARITIES
 from . import media
-from .batch import normalise_request, run_batch, split_lines
+from .batch import run_batch, split_lines
 from .shared import (
-    MODES,
     UsageError,
     add_model_options,
     add_suppression_option,
@@ -88,6 +90,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          help="attribution method: atman (default) or a baseline for comparison, e.g. "
                               "integrated-gradients, occlusion, chefer (see atman.baselines.METHODS)")
     media.add_explain_options(explain)
+    add_batch_options(explain)
     explain.set_defaults(handler=explain_command)
 
     demo = sub.add_parser("demo", help="explain a built-in example and write an HTML report")
@@ -109,40 +112,21 @@ def explain_command(args: argparse.Namespace) -> int:
             raise UsageError("--input takes the prompts from the file; do not also give a prompt or --target")
         if args.format == "html":
             raise UsageError("--input writes JSON lines; --format html is for a single explanation")
-        if args.method != "atman":
-            raise UsageError("--input runs AtMan; --method takes a single prompt")
-        text = sys.stdin.read().lstrip("\ufeff") if str(args.input) == "-" else read_text(args.input)
+        lines = split_lines(sys.stdin.read() if str(args.input) == "-" else read_text(args.input))
+        if wants_ray(args):
+            return run_cli_batch(args, lines)
         explainer = load_explainer(args)
-        return run_batch(explainer, split_lines(text), args)
+        return run_batch(explainer, lines, args)
     request = request_from_args(args)
     explainer = load_explainer(args)
     warn_small_budget(explainer, request["prompt"] + (request.get("target") or ""))
     if args.method != "atman":
-        explanation = explain_baseline(explainer, args.method, request)
-        write_explanation(explanation, args.format, args.output)
+        write_explanation(explain_request(explainer, request, args.method), args.format, args.output)
         return 0
     with progress("explaining", args.quiet) as tick:
         explanation = explainer.explain(progress=tick, **request)
     write_explanation(explanation, args.format, args.output)
     return 0
-
-
-def explain_baseline(explainer: Any, spec: str, request: dict[str, Any]) -> Any:
-    """A comparison method's explanation of the same units (complete target, plain prompt only)."""
-    from ..baselines import get_method
-
-    for name, default in (("chat", False), ("target_granularity", "complete")):
-        if request.get(name, default) != default:
-            raise UsageError(f"--method {spec} explains the complete target of a plain prompt; "
-                             f"{name.replace('_', '-')} is for AtMan only")
-    if request.get("granularity") == "refine":
-        raise UsageError("--granularity refine is for AtMan only")
-    method = get_method(spec, explainer.lm)
-    target = request.get("target")
-    if target is None:
-        target = explainer.generate(request["prompt"], max_new_tokens=request.get("max_new_tokens", 32))
-    return method.attribute(request["prompt"], target, granularity=request.get("granularity", "auto"),
-                            delimiter=request.get("delimiter"), spans=request.get("spans"))
 
 
 def request_from_args(args: argparse.Namespace) -> dict[str, Any]:

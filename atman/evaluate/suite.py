@@ -16,7 +16,7 @@ from __future__ import annotations
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -37,6 +37,21 @@ ABLATION_METHODS = ("atman", "atman:multiplier=0.5", "atman:multiplier=0.01", "a
                     "atman:mode=multiplicative", "atman:kappa=0.6", "atman:kappa=0.7", "atman:kappa=0.8")
 FAITHFULNESS_GRANULARITY = "sentence"
 Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of the suite's work: an example of a dataset at one granularity, scored for
+    plausibility (when ``plausibility``) and/or faithfulness (at the faithfulness granularity)."""
+
+    dataset: str
+    example: Example
+    granularity: str
+    plausibility: bool
+
+
+# scores jobs with methods: (model, jobs, {spec: method}, fractions) -> records in job order
+JobRunner = Callable[["LoadedModel", Sequence["Job"], Mapping[str, Method], Sequence[float]], Iterable[dict]]
 
 
 @dataclass
@@ -84,12 +99,29 @@ class SuiteConfig:
         turns = [qa, squad, texts]
         return [group[i] for i in range(max(map(len, turns))) for group in turns if i < len(group)]
 
+    def jobs(self, lm: LoadedModel, skipped: dict[str, str] | None = None) -> list[Job]:
+        """Every (example, granularity) the suite scores, in the order a run takes them: each example's
+        plausibility granularities, then the faithfulness granularity if it is not among them."""
+        return [Job(name, ex, gran, gran in grans) for name, ex, grans in self.datasets(lm, skipped)
+                for gran in dict.fromkeys((*grans, FAITHFULNESS_GRANULARITY))]
+
+
+def run_jobs(lm: LoadedModel, jobs: Sequence[Job], methods: Mapping[str, Method],
+             fractions: Sequence[float] = FRACTIONS) -> Iterator[dict]:
+    """The records of every method on every job, in this process, in job order (methods in turn)."""
+    for job in jobs:
+        for spec, method in methods.items():
+            yield score_job(lm, job, spec, method, fractions)
+
 
 def run_suite(lm: LoadedModel, methods: Sequence[str], config: SuiteConfig | None = None,
-              progress: Progress | None = None, on_record: Callable[[dict], None] | None = None) -> dict:
+              progress: Progress | None = None, on_record: Callable[[dict], None] | None = None,
+              runner: JobRunner | None = None) -> dict:
     """Run every method on every example; returns {"config", "records", "summary", "unavailable", ...}.
 
     ``on_record`` receives each per-example record as soon as it exists (e.g. to keep a log).
+    ``runner`` scores the jobs (default :func:`run_jobs`, here; :func:`atman.distributed.evaluate_runner`
+    spreads them over Ray workers); it must yield the records in job order.
     """
     config = config or SuiteConfig()
     started = time.perf_counter()
@@ -101,40 +133,19 @@ def run_suite(lm: LoadedModel, methods: Sequence[str], config: SuiteConfig | Non
         except BaselineUnavailableError as exc:
             unavailable[spec] = str(exc)
     skipped: dict[str, str] = {}
-    items = config.datasets(lm, skipped)
-    plausibility_granularities = {ex.id: grans for _, ex, grans in items}
-    jobs = [(name, ex, gran) for name, ex, grans in items
-            for gran in dict.fromkeys((*grans, FAITHFULNESS_GRANULARITY))]
+    jobs = config.jobs(lm, skipped)
     total = len(jobs) * len(built)
-    done = 0
     records = []
-    for name, ex, gran in jobs:
-        target = ex.target
-        encoded = encode(lm.tokenizer, ex.prompt, target)
-        units = prompt_units(encoded, gran)
-        gold = [any(u.start < b and a < u.start + u.length for a, b in ex.gold) for u in units]
-        for spec, method in built.items():
-            if progress is not None:
-                progress(done, total, f"{name} {gran} {spec}")
-            t0 = time.perf_counter()
-            explanation = method.attribute(ex.prompt, target, granularity=gran)
-            seconds = time.perf_counter() - t0
-            items_ = explanation.explanations[0].items
-            if [(i.start, i.length) for i in items_] != [(u.start, u.length) for u in units]:
-                raise RuntimeError(f"{spec} explained other units than the suite's")
-            scores = [i.score for i in items_]
-            metrics: dict[str, float] = {}
-            if ex.gold and gran in plausibility_granularities[ex.id]:
-                metrics.update(plausibility(scores, gold))
-            if gran == FAITHFULNESS_GRANULARITY and len(units) > 1:
-                metrics.update(_faithfulness(lm, encoded, units, scores, config.fractions))
-            records.append({"dataset": name, "granularity": gran, "example": ex.id, "method": spec,
-                            "units": len(units), "seconds": round(seconds, 3), "metrics": metrics})
-            if on_record is not None:
-                on_record(records[-1])
-            done += 1
     if progress is not None:
-        progress(done, total, "done")
+        progress(0, total, "started")
+    for record in (runner or run_jobs)(lm, jobs, built, config.fractions):
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+        if progress is not None:
+            progress(len(records), total, f"{record['dataset']} {record['granularity']} {record['method']}")
+    if progress is not None:
+        progress(len(records), total, "done")
     return {
         "model": lm.name,
         "methods": list(methods),
@@ -147,6 +158,29 @@ def run_suite(lm: LoadedModel, methods: Sequence[str], config: SuiteConfig | Non
         "records": records,
         "summary": summarize_records(records, seed=config.seed),
     }
+
+
+def score_job(lm: LoadedModel, job: Job, spec: str, method: Method, fractions: Sequence[float] = FRACTIONS) -> dict:
+    """The record of one method on one job: its units, seconds and metrics (plausibility where the job
+    has ground truth at this granularity, faithfulness at the faithfulness granularity)."""
+    ex = job.example
+    encoded = encode(lm.tokenizer, ex.prompt, ex.target)
+    units = prompt_units(encoded, job.granularity)
+    t0 = time.perf_counter()
+    explanation = method.attribute(ex.prompt, ex.target, granularity=job.granularity)
+    seconds = time.perf_counter() - t0
+    items = explanation.explanations[0].items
+    if [(i.start, i.length) for i in items] != [(u.start, u.length) for u in units]:
+        raise RuntimeError(f"{spec} explained other units than the suite's")
+    scores = [i.score for i in items]
+    metrics: dict[str, float] = {}
+    if ex.gold and job.plausibility:
+        gold = [any(u.start < b and a < u.start + u.length for a, b in ex.gold) for u in units]
+        metrics.update(plausibility(scores, gold))
+    if job.granularity == FAITHFULNESS_GRANULARITY and len(units) > 1:
+        metrics.update(_faithfulness(lm, encoded, units, scores, fractions))
+    return {"dataset": job.dataset, "granularity": job.granularity, "example": ex.id, "method": spec,
+            "units": len(units), "seconds": round(seconds, 3), "metrics": metrics}
 
 
 def _faithfulness(lm: LoadedModel, encoded, units, scores, fractions) -> dict[str, float]:

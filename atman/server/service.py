@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..cite import Citer
+from ..citer import Citer
 from ..engine import DEFAULT_MULTIPLIER, Suppression
 from ..errors import AtmanError, ContextLengthError, EmptyInputError, NoUnitsError
 from ..explainer import Explainer, build_explanation
