@@ -193,3 +193,14 @@ def test_console_script_unknown_hub_id_and_stdin(tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["prompt"] == PROMPT
+
+
+def test_demo_explains_by_sentence_then_refines_the_top_sentence(tmp_path, capsys, smollm2):
+    from atman.cli import main
+
+    report = tmp_path / "demo.html"
+    assert main(["demo", "-o", str(report), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "Doran Vesk repairs clocks in the town of Lindhaven." in out
+    page = report.read_text()
+    assert "Lindhaven" in page and "which parts made the answer" in page

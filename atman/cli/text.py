@@ -162,7 +162,8 @@ def parse_span(text: str) -> list[int]:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    """``atman demo``: the built-in example at sentence and word granularity, and an HTML report."""
+    """``atman demo``: the built-in example by sentence, then the top sentence refined to tokens (coarse to
+    fine: a few seconds after the model loads), and an HTML report of the refined explanation."""
     check_writable(args.output)
     explainer = load_explainer(args)
     from rich.console import Console
@@ -172,11 +173,12 @@ def demo_command(args: argparse.Namespace) -> int:
 
     console = Console()
     explanations = []
-    for granularity in ("sentence", "word"):
+    for granularity in ("sentence", "refine"):
         with progress(f"explaining ({granularity})", args.quiet) as tick:
-            explanation = explainer.explain(DEMO_PROMPT, DEMO_TARGET, granularity=granularity, progress=tick)
+            explanation = explainer.explain(DEMO_PROMPT, DEMO_TARGET, granularity=granularity, refine_top=1,
+                                            progress=tick)
         render_terminal(explanation, console)
         explanations.append(explanation)
-    write_file(args.output, render_html(explanations[-1], title="atman demo: which words made the answer"))
+    write_file(args.output, render_html(explanations[-1], title="atman demo: which parts made the answer"))
     console.print(f"\nHTML report written to [bold]{args.output}[/bold]")
     return 0
