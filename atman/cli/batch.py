@@ -43,18 +43,33 @@ def run_requests(handle: Callable[[str], dict[str, Any]], lines: list[str], args
     return exit_code(summary)
 
 
-def run_batch(explainer: Any, lines: list[str], args: argparse.Namespace) -> int:
-    """``atman explain --input``: every line explained with AtMan (or ``--method``)."""
+def run_batch(explainer: Any, lines: list[str], args: argparse.Namespace,
+              media: Callable[[str], dict[str, Any]] | None = None) -> int:
+    """``atman explain --input``: text lines explained with AtMan (or ``--method``); with ``media``, lines
+    with a ``pair``, ``classify`` or ``image`` field go to it instead. ``explainer`` may be a function
+    that loads it, called on the first text line."""
     from ..batch import explain_request
+    from .media import media_kind
 
     warned = False
     method = getattr(args, "method", "atman")
+    loaded: list[Any] = []
+
+    def text_explainer() -> Any:
+        if not loaded:
+            loaded.append(explainer() if callable(explainer) and not hasattr(explainer, "explain") else explainer)
+        return loaded[0]
 
     def explain(line: str) -> dict[str, Any]:
         nonlocal warned
+        if media is not None and media_kind(line) is not None:
+            if method != "atman":
+                raise RequestError(f"--method {method} explains text prompts; this line is a media request")
+            return media(line)
         request = parse_line(line)
+        current = text_explainer()
         if not warned:
-            warned = warn_small_budget(explainer, request["prompt"] + (request.get("target") or ""))
-        return explain_request(explainer, request, method).to_dict()
+            warned = warn_small_budget(current, request["prompt"] + (request.get("target") or ""))
+        return explain_request(current, request, method).to_dict()
 
     return run_requests(explain, lines, args)

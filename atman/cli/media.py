@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import ModelLoadError
 from .shared import UsageError, check_writable, quiet_libraries, read_prompt, suppression, write_explanation, write_file
@@ -66,7 +67,8 @@ def image_granularity(text: str):
 def explain(args: argparse.Namespace) -> int:
     """Run the explanation that ``args`` ask for and write the report (and overlays)."""
     if args.input is not None:
-        raise UsageError("--input batches are for causal LMs; --image, --pair and --classify take one request")
+        raise UsageError("--image, --pair and --classify take one request; in an --input batch, give each line "
+                         "its own \"image\", \"pair\" or \"classify\" field instead")
     if args.max_memory is not None:
         raise UsageError("--max-memory is for text explanations; give --batch-size with --image, --pair or --classify")
     chosen = [name for name, on in (("--image", args.image), ("--pair", args.pair), ("--classify", args.classify))
@@ -159,6 +161,132 @@ def _images(args) -> int:
         explanation = explainer.explain(images[0], args.target, granularity=tiles)
     _report(explanation, args, images)
     return 0
+
+
+# fields of a media line in an ``atman explain --input`` batch, by the field that marks its kind
+MEDIA_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "pair": {"id": (str, int), "pair": (list,), "granularity": (str,), "multiplier": (int, float)},
+    "classify": {"id": (str, int), "classify": (str,), "target": (str, int, type(None)), "granularity": (str,),
+                 "multiplier": (int, float)},
+    "image": {"id": (str, int), "image": (str, list), "prompt": (str,), "target": (str, int, type(None)),
+              "granularity": (str,), "image_granularity": (str,), "multiplier": (int, float),
+              "max_new_tokens": (int,)},
+}
+
+
+def media_kind(line: str) -> str | None:
+    """``pair``, ``classify`` or ``image`` when a batch line is a media request (else None: a text prompt)."""
+    try:
+        request = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(request, dict):
+        return None
+    return next((kind for kind in MEDIA_FIELDS if kind in request), None)
+
+
+class MediaBatch:
+    """The media lines of a batch: each kind's model is loaded once, on its first line.
+
+    Pair lines use the embedded all-MiniLM-L6-v2 (``--model`` is the model of the batch's other lines);
+    classify and image lines use ``--model`` (a classifier, an image classifier or a vision-language
+    model). Image paths are read relative to ``base`` (the input file's folder).
+    """
+
+    def __init__(self, args: argparse.Namespace, base: Path) -> None:
+        self.args = args
+        self.base = base
+        self.explainers: dict[str, Any] = {}
+        # the batch's own settings: --batch-size, --backend, --mode (a line may set its multiplier)
+        self.options: dict[str, Any] = {"batch_size": args.batch_size, "backend": args.backend}
+        if args.mode:
+            self.options["mode"] = args.mode
+
+    def explainer(self, kind: str) -> Any:
+        if kind in self.explainers:
+            return self.explainers[kind]
+        args = self.args
+        device = args.device or "cpu"
+        quiet_libraries()
+        if kind == "pair":
+            from ..encoders import SimilarityExplainer, load_encoder
+
+            made: Any = SimilarityExplainer(load_encoder(DEFAULT_PAIR_MODEL, device=device),
+                                            **self.options)
+        elif not args.model:
+            raise UsageError(f"{kind} lines need --model (a classifier, an image classifier or a vision-language "
+                             "model)")
+        elif kind == "classify":
+            from ..encoders import ClassifierExplainer, load_encoder
+
+            made = ClassifierExplainer(load_encoder(args.model, task="classification", device=device),
+                                       **self.options)
+        elif _is_vision_language(args.model):
+            from ..vision import VisionLanguageExplainer, load_vision_language
+
+            made = VisionLanguageExplainer(load_vision_language(args.model, device=device),
+                                           **self.options)
+        else:
+            from ..vision import ImageClassifierExplainer, load_image_classifier
+
+            made = ImageClassifierExplainer(load_image_classifier(args.model, device=device),
+                                            **self.options)
+        self.explainers[kind] = made
+        return made
+
+    def __call__(self, line: str) -> dict[str, Any]:
+        from ..batch import read_object
+
+        kind = media_kind(line)
+        if kind is None:
+            raise UsageError("not a media request")
+        request = read_object(line, MEDIA_FIELDS[kind], (kind,))
+        options = {k: request[k] for k in ("multiplier",) if k in request}
+        granularity = request.get("granularity", "auto")
+        explainer = self.explainer(kind)
+        if kind == "pair":
+            texts = request["pair"]
+            if len(texts) != 2 or not all(isinstance(t, str) for t in texts):
+                raise UsageError("pair must be a list of two texts")
+            return explainer.explain(*texts, granularity=granularity,
+                                     multiplier=options.get("multiplier")).to_dict()
+        if kind == "classify":
+            return explainer.explain(request["classify"], request.get("target"), granularity=granularity,
+                                     multiplier=options.get("multiplier")).to_dict()
+        images = self._images(request["image"])
+        tiles = image_granularity(request.get("image_granularity", "token"))
+        if hasattr(explainer, "prepare"):  # a vision-language model
+            from ..vision import IMAGE_MARKER
+
+            prompt = request.get("prompt", "")
+            if IMAGE_MARKER not in prompt:
+                prompt = IMAGE_MARKER * len(images) + prompt
+            target = request.get("target")
+            if target is None:
+                target = explainer.generate(prompt, images, max_new_tokens=request.get("max_new_tokens", 32))
+            return explainer.explain(prompt, str(target), images=images,
+                                     granularity="word" if granularity == "auto" else granularity,
+                                     image_granularity=tiles, multiplier=options.get("multiplier")).to_dict()
+        if len(images) != 1 or "prompt" in request:
+            raise UsageError("an image classifier explains one image and takes no prompt")
+        return explainer.explain(images[0], request.get("target"), granularity=tiles,
+                                 multiplier=options.get("multiplier")).to_dict()
+
+    def _images(self, value: str | list) -> list:
+        from PIL import Image, UnidentifiedImageError
+
+        paths = [value] if isinstance(value, str) else value
+        if not paths or not all(isinstance(p, str) for p in paths):
+            raise UsageError("image must be a path or a list of paths")
+        images = []
+        for name in paths:
+            path = Path(name) if Path(name).is_absolute() else self.base / name
+            try:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
+            except (OSError, UnidentifiedImageError) as exc:
+                raise UsageError(f"cannot read image {name}: {exc}") from None
+        return images
 
 
 def _prompt(args) -> str:

@@ -115,8 +115,8 @@ def explain_command(args: argparse.Namespace) -> int:
         lines = split_lines(sys.stdin.read() if str(args.input) == "-" else read_text(args.input))
         if wants_ray(args):
             return run_cli_batch(args, lines)
-        explainer = load_explainer(args)
-        return run_batch(explainer, lines, args)
+        base = Path(".") if str(args.input) == "-" else args.input.parent
+        return run_batch(lambda: load_explainer(args), lines, args, media=media.MediaBatch(args, base))
     request = request_from_args(args)
     explainer = load_explainer(args)
     warn_small_budget(explainer, request["prompt"] + (request.get("target") or ""))
