@@ -261,6 +261,7 @@ class ResponseScorer:
         self.token_budget = token_budget
         self.response_ids = response_token_ids(lm.tokenizer, task)
         self._keep_logits = _takes_logits_to_keep(lm.model)
+        self._memo: dict[bytes, np.ndarray] = {}
         self._full: float | None = None
 
     def prompt_ids(self, keep: Sequence[bool] | np.ndarray | None = None) -> list[int]:
@@ -273,6 +274,14 @@ class ResponseScorer:
         keeps = np.asarray(keeps, dtype=bool)
         if keeps.ndim != 2 or keeps.shape[1] != len(self.task.sources):
             raise AtmanError(f"masks must have shape (n, {len(self.task.sources)}), got {keeps.shape}")
+        # a mask seen before (the same top-k set of two methods) is not run again
+        todo = list(dict.fromkeys(k.tobytes() for k in keeps if k.tobytes() not in self._memo))
+        if todo:
+            fresh = self._run([np.frombuffer(key, dtype=bool) for key in todo])
+            self._memo.update(zip(todo, fresh, strict=True))
+        return np.stack([self._memo[k.tobytes()] for k in keeps])
+
+    def _run(self, keeps: list[np.ndarray]) -> np.ndarray:
         sequences = [self.prompt_ids(k) + self.response_ids for k in keeps]
         out = np.zeros((len(sequences), len(self.response_ids)))
         start = 0
@@ -485,6 +494,7 @@ def tail_logprobs(model: torch.nn.Module, input_ids: Sequence[int], tail_start: 
     n_tail, n_resp = tail.shape[1], ids.shape[1] - response_start
     targets = ids[0, response_start:]
     argument = cache_argument(model)
+    keep = {"logits_to_keep": n_resp + 1} if _takes_logits_to_keep(model) else {}
     out = []
     with torch.no_grad():
         cache = DynamicCache()
@@ -497,8 +507,8 @@ def tail_logprobs(model: torch.nn.Module, input_ids: Sequence[int], tail_start: 
                 batch_cache.batch_repeat_interleave(block.shape[0])
             with manipulate(block, mode=mode):
                 logits = model(input_ids=tail.expand(block.shape[0], -1), use_cache=True,
-                               **{argument: batch_cache}).logits
-            logits = logits[:, n_tail - n_resp - 1:-1].float()
+                               **{argument: batch_cache}, **keep).logits
+            logits = logits[:, -(n_resp + 1):-1].float()
             lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.expand(block.shape[0], -1)[..., None])
             out.append(lp[..., 0].cpu().numpy())
     return np.concatenate(out)
