@@ -44,7 +44,6 @@ def methods(lm, task, scorer) -> dict:
     """Name -> a call returning one score per source."""
     return {
         "contextcite-32": lambda: contextcite_scores(lm, task, 32),
-        "contextcite-64": lambda: contextcite_scores(lm, task, 64),
         "leave-one-out": lambda: leave_one_out(scorer),
         "attention": lambda: attention_weights(lm, task),
         "atman-spans": lambda: atman_spans(lm, task),
@@ -54,6 +53,7 @@ def methods(lm, task, scorer) -> dict:
         "readout-surrogate-32": lambda: readout_surrogate(lm, task, 32),
         "readout-surrogate-64": lambda: readout_surrogate(lm, task, 64),
         "readout-surrogate-64+singles": lambda: readout_surrogate(lm, task, 64, with_singles=True),
+        "contextcite-64": lambda: contextcite_scores(lm, task, 64),
     }
 
 
@@ -76,6 +76,8 @@ def summarise(records: list[dict]) -> dict:
         paired = [r for r in rows if r["context"] in reference]
         if paired:
             entry["time_ratio"] = bootstrap([r["seconds"] / reference[r["context"]]["seconds"] for r in paired])
+            entry["cpu_ratio"] = bootstrap([r["cpu_seconds"] / reference[r["context"]]["cpu_seconds"]
+                                            for r in paired])
             entry["token_ratio"] = bootstrap([r["token_forwards"] / reference[r["context"]]["token_forwards"]
                                               for r in paired])
         entry["token_forwards"] = float(np.mean([r["token_forwards"] for r in rows]))
@@ -91,11 +93,18 @@ def format_table(table: dict) -> str:
         return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
 
     lines = ["| method | top-1 drop | top-3 drop | top-5 drop | LDS | evidence first | token-forwards | "
-             "tokens vs CC-32 | time vs CC-32 |", "|---" * 9 + "|"]
+             "tokens vs CC-32 | CPU time vs CC-32 | wall time vs CC-32 |", "|---" * 10 + "|"]
     for name, e in table.items():
         lines.append(f"| {name} | {cell(e['top1_drop'])} | {cell(e['top3_drop'])} | {cell(e['top5_drop'])} | "
                      f"{cell(e['lds'])} | {e['evidence_first'][0]:.2f} | {e['token_forwards']:.0f} | "
-                     f"{e['token_ratio'][0]:.2f}x | {e['time_ratio'][0]:.2f}x |")
+                     f"{e['token_ratio'][0]:.2f}x | {e['cpu_ratio'][0]:.2f}x | {e['time_ratio'][0]:.2f}x |")
+    return "\n".join(lines)
+
+
+def format_sizes(sizes: list[dict]) -> str:
+    lines = ["| context | kind | sources | tokens (prompt + response) | response tokens |", "|---" * 5 + "|"]
+    lines += [f"| {s['context']} | {s['kind']} | {s['sources']} | {s['tokens']} | {s['response_tokens']} |"
+              for s in sizes]
     return "\n".join(lines)
 
 
@@ -107,8 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--squad", type=int, default=0, help="also run this many SQuAD excerpt questions")
     parser.add_argument("--holdout", type=int, default=32, help="held-out ablations for LDS")
     parser.add_argument("--only", help="comma-separated method names to run (default: all)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON file for the records and the table")
+    parser.add_argument("--out", type=Path, help="JSON file for the records and the table")
+    parser.add_argument("--report", type=Path, help="only print the table and sizes of a JSON file this wrote")
     args = parser.parse_args(argv)
+    if args.report:
+        data = json.loads(args.report.read_text())
+        print(format_sizes(data["sizes"]))
+        print(format_table(summarise(data["records"])))
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
 
     lm = load_model()
     examples = invented_examples(args.contexts, seed=args.seed, n_sources=args.sources)
@@ -129,14 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, call in chosen.items():
             run = score_method(run_method(name, lm, call), scorer, holdout, ex.evidence)
             records.append({"context": index, "kind": ex.kind, "method": name, "token_forwards": run.token_forwards,
-                            "seconds": run.seconds, **run.metrics, "scores": run.scores.round(4).tolist()})
-            print(f"  {name}: {run.token_forwards} token-forwards, {run.seconds:.1f} s, "
+                            "seconds": run.seconds, "cpu_seconds": run.cpu_seconds, **run.metrics,
+                            "scores": run.scores.round(4).tolist()})
+            print(f"  {name}: {run.token_forwards} token-forwards, {run.seconds:.1f} s, {run.cpu_seconds:.1f} s CPU, "
                   + ", ".join(f"{k} {v:.2f}" for k, v in run.metrics.items()), file=sys.stderr)
-        table = summarise(records)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": lm.name, "command": " ".join(sys.argv), "sizes": sizes,
-                                        "table": table, "records": records,
-                                        "minutes": (time.time() - started) / 60}, indent=1))
+            # written after every method, so that a run cut short keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"model": lm.name, "command": " ".join(sys.argv), "sizes": sizes,
+                                            "table": summarise(records), "records": records,
+                                            "minutes": (time.time() - started) / 60}, indent=1))
     print(format_table(summarise(records)))
     return 0
 

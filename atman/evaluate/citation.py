@@ -385,16 +385,19 @@ class MethodRun:
     scores: np.ndarray
     token_forwards: int
     seconds: float
+    cpu_seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
 
 
 def run_method(name: str, lm: LoadedModel, method: Callable[[], np.ndarray]) -> MethodRun:
-    """Run ``method`` (no arguments, returns one score per source), counting token-forwards and time."""
+    """Run ``method`` (no arguments, returns one score per source), counting token-forwards, wall time
+    and this process's CPU time (the fairer clock on a machine that other jobs share)."""
     with count_token_forwards(lm.model) as counter:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         scores = np.asarray(method(), dtype=np.float64)
-        seconds = time.perf_counter() - start
-    return MethodRun(name=name, scores=scores, token_forwards=counter.tokens, seconds=seconds)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    return MethodRun(name=name, scores=scores, token_forwards=counter.tokens, seconds=seconds,
+                     cpu_seconds=cpu_seconds)
 
 
 def score_method(run: MethodRun, scorer: ResponseScorer, holdout: HoldOut, evidence: Sequence[int] = ()) -> MethodRun:
@@ -499,7 +502,8 @@ def tail_logprobs(model: torch.nn.Module, input_ids: Sequence[int], tail_start: 
     with torch.no_grad():
         cache = DynamicCache()
         model(input_ids=ids[:, :tail_start], use_cache=True, **{argument: cache})
-        rows_per_batch = max(1, token_budget // n_tail)
+        # every row of a batch holds its own copy of the context's keys and values: count them too
+        rows_per_batch = max(1, token_budget // (tail_start + n_tail))
         for start in range(0, key_multipliers.shape[0], rows_per_batch):
             block = key_multipliers[start:start + rows_per_batch].to(device)
             batch_cache = copy.deepcopy(cache)
