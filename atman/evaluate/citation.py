@@ -1,0 +1,588 @@
+"""Context attribution ("which sources does this response rest on?") scored the way ContextCite scores itself.
+
+The pieces, in the order data flows:
+
+* :class:`Sources` and :class:`CitationTask`: a context split into sources (character spans), a
+  query, a response. The prompt is ContextCite's layout, ``"Context: {context}\\n\\nQuery: {query}"``
+  as the user message of the model's chat template (plain text where there is none). Removing a
+  source deletes its text from the context, as ContextCite does.
+* :class:`ResponseScorer`: log p(response | context with a subset of sources kept), batched.
+* Metrics: :func:`topk_drop` (log p(response | full context) minus log p(response | context without the
+  method's k highest sources) and :func:`lds` (Spearman correlation, over held-out random ablations,
+  between the response's logit-probability and the sum of the kept sources' scores).
+* Methods, each a public function returning one score per source (higher = more evidence):
+  :func:`leave_one_out`, :func:`attention_weights`, :func:`atman_spans` (AtMan through
+  :class:`atman.Explainer`), :func:`readout_suppression` and :func:`readout_surrogate` (the
+  context encoded once, only the tail after it recomputed with multipliers on the sources' keys).
+  ContextCite itself lives in :mod:`atman.baselines.contextcite`.
+
+Example::
+
+    >>> lm = load_model()
+    >>> task = CitationTask(Sources.from_spans("Ada lives in Oslo. Bo lives in Rome.", [(0, 18), (19, 36)]),
+    ...                     "Where does Ada live?", "Ada lives in Oslo.")
+    >>> scorer = ResponseScorer(lm, task)
+    >>> scores = readout_suppression(lm, task)
+    >>> topk_drop(scorer, scores, ks=(1,))
+    {1: ...}
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import AtmanError, EmptyInputError
+from ..explainer import Explainer
+from ..manipulation import manipulate
+from ..models import LoadedModel
+
+# ContextCite's DEFAULT_PROMPT_TEMPLATE (context_cite/context_citer.py)
+PROMPT_TEMPLATE = "Context: {context}\n\nQuery: {query}"
+# ContextCite draws its training masks from seeds 0 .. num_ablations - 1; ours start far away from those
+HOLDOUT_SEED = 1_000_000
+SURROGATE_SEED = 2_000_000
+DEFAULT_TOKEN_BUDGET = 8192
+
+
+@dataclass(frozen=True)
+class Sources:
+    """A context and its sources: sorted, disjoint character spans of ``text``.
+
+    Each source owns the text between the previous source's end and its own end (a passage title or
+    the white space before a sentence), so deleting a source deletes that text too; the text after the
+    last source always stays.
+
+    Example::
+
+        >>> s = Sources.from_spans("A b. C d.", [(0, 4), (5, 9)])
+        >>> s.ablate([False, True])
+        'C d.'
+    """
+
+    text: str
+    spans: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def from_spans(cls, text: str, spans: Sequence[tuple[int, int]]) -> Sources:
+        """Check and store ``spans``: non-empty, sorted, disjoint, inside ``text``."""
+        if not text.strip():
+            raise EmptyInputError("the context is empty")
+        if text != text.lstrip():
+            raise AtmanError("the context starts with white space; strip it first")
+        if not spans:
+            raise EmptyInputError("the context has no sources")
+        previous = 0
+        for start, end in spans:
+            if not previous <= start < end <= len(text):
+                raise AtmanError(f"source span ({start}, {end}) is empty, overlaps the previous one or lies "
+                                 f"outside the context of {len(text)} characters")
+            if not text[start:end].strip():
+                raise AtmanError(f"source span ({start}, {end}) holds only white space")
+            previous = end
+        return cls(text=text, spans=tuple((int(a), int(b)) for a, b in spans))
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    @property
+    def texts(self) -> list[str]:
+        """The sources' own text (without the text before them that they carry)."""
+        return [self.text[a:b] for a, b in self.spans]
+
+    @property
+    def owned(self) -> list[tuple[int, int]]:
+        """Character ranges that deleting each source removes (its span plus the text before it)."""
+        starts = [0] + [end for _, end in self.spans[:-1]]
+        return [(start, end) for start, (_, end) in zip(starts, self.spans, strict=True)]
+
+    def ablate(self, keep: Sequence[bool] | np.ndarray | None = None) -> str:
+        """The context with the sources where ``keep`` is False deleted (all kept when None)."""
+        if keep is None:
+            return self.text
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (len(self),):
+            raise AtmanError(f"a mask needs {len(self)} entries, got shape {keep.shape}")
+        pieces = [self.text[a:b] for (a, b), kept in zip(self.owned, keep, strict=True) if kept]
+        return ("".join(pieces) + self.text[self.spans[-1][1]:]).lstrip()
+
+
+@dataclass(frozen=True)
+class CitationTask:
+    """Sources, the query asked about them and the response whose sources are sought."""
+
+    sources: Sources
+    query: str
+    response: str
+
+    def __post_init__(self) -> None:
+        if not self.query.strip():
+            raise EmptyInputError("the query is empty")
+        if not self.response.strip():
+            raise EmptyInputError("the response is empty")
+
+    def prompt(self, keep: Sequence[bool] | np.ndarray | None = None) -> str:
+        """The user message for the context with only the kept sources."""
+        return PROMPT_TEMPLATE.format(context=self.sources.ablate(keep), query=self.query)
+
+    @property
+    def context_offset(self) -> int:
+        """Where the context starts inside :meth:`prompt`."""
+        return PROMPT_TEMPLATE.index("{context}")
+
+
+def render(tokenizer, user_message: str) -> str:
+    """``user_message`` inside the tokenizer's chat template with the generation prompt, as ContextCite
+    does; the plain message for a tokenizer without one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": user_message}], tokenize=False,
+                                             add_generation_prompt=True)
+    return user_message
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The tokenized full task: ids (prompt then response), where the response and the tail start, and
+    the token positions of every source."""
+
+    input_ids: tuple[int, ...]
+    response_start: int
+    tail_start: int
+    source_positions: tuple[tuple[int, ...], ...]
+
+
+def layout(tokenizer, task: CitationTask) -> Layout:
+    """Tokenize ``task`` with the full context and locate every source's tokens.
+
+    A token belongs to the source that owns its first character; the tail is everything from the first
+    token that starts after the context (the query, the template's words, the response).
+    """
+    user = task.prompt()
+    text = render(tokenizer, user)
+    offset = text.index(user) + task.context_offset
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    response_ids = response_token_ids(tokenizer, task)
+    ids = list(enc["input_ids"])
+    owned = [(a + offset, b + offset) for a, b in task.sources.owned]
+    context_end = offset + task.sources.spans[-1][1]
+    positions: list[list[int]] = [[] for _ in owned]
+    tail_start = len(ids)
+    for i, (a, _) in enumerate(enc["offset_mapping"]):
+        if a >= context_end:
+            tail_start = i
+            break
+        for s, (lo, hi) in enumerate(owned):
+            if lo <= a < hi:
+                positions[s].append(i)
+                break
+    empty = [s for s, p in enumerate(positions) if not p]
+    if empty:
+        raise AtmanError(f"sources {empty[:5]} tokenise to nothing (they share their tokens with a neighbour)")
+    return Layout(tuple(ids + response_ids), len(ids), tail_start, tuple(tuple(p) for p in positions))
+
+
+def response_token_ids(tokenizer, task: CitationTask) -> list[int]:
+    """The response's token ids (the same for every ablated context)."""
+    ids = list(tokenizer(task.response, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise EmptyInputError("the response has no tokens")
+    return ids
+
+
+def logit_prob(logprob: np.ndarray | float) -> np.ndarray:
+    """log p / (1 - p) of a response from its summed token log-probabilities, as ContextCite's
+    ``aggregate_logit_probs`` (``output_type="logit_prob"``) computes it."""
+    lp = np.minimum(np.asarray(logprob, dtype=np.float64), -1e-12)
+    return lp - np.log(-np.expm1(lp))
+
+
+def keep_masks(n_sources: int, n: int, *, keep: float = 0.5, seed: int = HOLDOUT_SEED) -> np.ndarray:
+    """``n`` random ablation masks drawn as ContextCite draws its own (one ``RandomState(seed + i)`` per
+    mask, keep probability ``keep``); the default seeds are disjoint from ContextCite's training masks."""
+    return np.stack([np.random.RandomState(seed + i).choice([False, True], size=n_sources, p=[1 - keep, keep])
+                     for i in range(n)])
+
+
+class TokenCounter:
+    """Counts token-forwards (batch rows x tokens, padding included) through a model while active."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    def hook(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is not None:
+            self.tokens += int(ids.shape[0] * ids.shape[1])
+
+
+@contextmanager
+def count_token_forwards(model: torch.nn.Module) -> Iterator[TokenCounter]:
+    """Count the token-forwards of every call of ``model`` inside the block.
+
+    Example::
+
+        >>> with count_token_forwards(lm.model) as counter:
+        ...     lm.model(ids)
+        >>> counter.tokens
+    """
+    counter = TokenCounter()
+    handle = model.register_forward_pre_hook(counter.hook, with_kwargs=True)
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+class ResponseScorer:
+    """log p(response | context with a subset of sources kept), for a loaded causal LM.
+
+    Example::
+
+        >>> scorer = ResponseScorer(lm, task)
+        >>> scorer.logprobs(np.array([[True, False]])).sum(axis=1)   # source 1 deleted
+    """
+
+    def __init__(self, lm: LoadedModel, task: CitationTask, *, token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
+        self.lm = lm
+        self.task = task
+        self.token_budget = token_budget
+        self.response_ids = response_token_ids(lm.tokenizer, task)
+        self._keep_logits = _takes_logits_to_keep(lm.model)
+        self._memo: dict[bytes, np.ndarray] = {}
+        self._full: float | None = None
+
+    def prompt_ids(self, keep: Sequence[bool] | np.ndarray | None = None) -> list[int]:
+        """Token ids of the rendered prompt for the kept sources."""
+        return list(self.lm.tokenizer(render(self.lm.tokenizer, self.task.prompt(keep)),
+                                      add_special_tokens=False)["input_ids"])
+
+    def logprobs(self, keeps: np.ndarray) -> np.ndarray:
+        """Token log-probabilities of the response (columns) for each mask (rows) of kept sources."""
+        keeps = np.asarray(keeps, dtype=bool)
+        if keeps.ndim != 2 or keeps.shape[1] != len(self.task.sources):
+            raise AtmanError(f"masks must have shape (n, {len(self.task.sources)}), got {keeps.shape}")
+        # a mask seen before (the same top-k set of two methods) is not run again
+        todo = list(dict.fromkeys(k.tobytes() for k in keeps if k.tobytes() not in self._memo))
+        if todo:
+            fresh = self._run([np.frombuffer(key, dtype=bool) for key in todo])
+            self._memo.update(zip(todo, fresh, strict=True))
+        return np.stack([self._memo[k.tobytes()] for k in keeps])
+
+    def _run(self, keeps: list[np.ndarray]) -> np.ndarray:
+        sequences = [self.prompt_ids(k) + self.response_ids for k in keeps]
+        out = np.zeros((len(sequences), len(self.response_ids)))
+        start = 0
+        while start < len(sequences):
+            longest, stop = 0, start
+            while stop < len(sequences):
+                longest_next = max(longest, len(sequences[stop]))
+                if stop > start and longest_next * (stop - start + 1) > self.token_budget:
+                    break
+                longest, stop = longest_next, stop + 1
+            out[start:stop] = self._batch(sequences[start:stop], longest)
+            start = stop
+        return out
+
+    def _batch(self, sequences: list[list[int]], longest: int) -> np.ndarray:
+        device = self.lm.device
+        pad = self.lm.tokenizer.pad_token_id or 0
+        ids = torch.full((len(sequences), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for row, seq in enumerate(sequences):  # left padding: the response ends every row
+            ids[row, longest - len(seq):] = torch.tensor(seq)
+            mask[row, longest - len(seq):] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        n = len(self.response_ids)
+        kwargs = {"logits_to_keep": n + 1} if self._keep_logits else {}
+        with torch.no_grad():
+            logits = self.lm.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   position_ids=positions.to(device), use_cache=False, **kwargs).logits
+        logits = logits[:, -(n + 1):-1].float()
+        targets = ids[:, -n:].to(logits.device)
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0].cpu().numpy()
+
+    @property
+    def full_logprob(self) -> float:
+        """log p(response | the full context)."""
+        if self._full is None:
+            self._full = float(self.logprobs(np.ones((1, len(self.task.sources)), dtype=bool)).sum())
+        return self._full
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def top_sources(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest scores (ties broken by position)."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]
+
+
+def topk_drop(scorer: ResponseScorer, scores: np.ndarray, ks: Sequence[int] = (1, 3, 5)) -> dict[int, float]:
+    """ContextCite's top-k log-probability drop: log p(response | full) minus log p(response | the
+    context without the ``k`` highest-scored sources), for each ``k``.
+
+    Example::
+
+        >>> topk_drop(scorer, np.array([2.0, 0.1, 0.0]), ks=(1,))   # deletes source 0
+        {1: ...}
+    """
+    n = len(scorer.task.sources)
+    keeps = np.ones((len(ks), n), dtype=bool)
+    for row, k in enumerate(ks):
+        keeps[row, top_sources(scores, min(k, n))] = False
+    ablated = scorer.logprobs(keeps).sum(axis=1)
+    return {k: scorer.full_logprob - float(lp) for k, lp in zip(ks, ablated, strict=True)}
+
+
+def lds(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray) -> float:
+    """Linear datamodeling score: Spearman correlation between ``outputs`` (the response's
+    logit-probability under each held-out mask) and the sum of the kept sources' ``scores``.
+
+    Example::
+
+        >>> lds(np.array([1.0, 2.0]), np.array([[1, 0], [0, 1], [1, 1]]), np.array([0.5, 1.0, 3.0]))
+        1.0
+    """
+    from scipy.stats import spearmanr
+
+    predicted = np.asarray(masks, dtype=np.float64) @ np.asarray(scores, dtype=np.float64)
+    if np.ptp(predicted) == 0 or np.ptp(outputs) == 0:
+        return 0.0
+    return float(spearmanr(predicted, outputs).statistic)
+
+
+@dataclass
+class HoldOut:
+    """Held-out ablations of one task: the masks and the response's logit-probability under each."""
+
+    masks: np.ndarray
+    outputs: np.ndarray
+
+    @classmethod
+    def measure(cls, scorer: ResponseScorer, n: int = 32, *, keep: float = 0.5, seed: int = HOLDOUT_SEED) -> HoldOut:
+        """Run ``n`` held-out masks (seeds ``seed`` ..) through ``scorer``."""
+        masks = keep_masks(len(scorer.task.sources), n, keep=keep, seed=seed)
+        return cls(masks=masks, outputs=logit_prob(scorer.logprobs(masks).sum(axis=1)))
+
+
+@dataclass
+class MethodRun:
+    """One method's scores on one task and what they cost."""
+
+    name: str
+    scores: np.ndarray
+    token_forwards: int
+    seconds: float
+    cpu_seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run_method(name: str, lm: LoadedModel, method: Callable[[], np.ndarray]) -> MethodRun:
+    """Run ``method`` (no arguments, returns one score per source), counting token-forwards, wall time
+    and this process's CPU time (the fairer clock on a machine that other jobs share)."""
+    with count_token_forwards(lm.model) as counter:
+        start, cpu = time.perf_counter(), time.process_time()
+        scores = np.asarray(method(), dtype=np.float64)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    return MethodRun(name=name, scores=scores, token_forwards=counter.tokens, seconds=seconds,
+                     cpu_seconds=cpu_seconds)
+
+
+def score_method(run: MethodRun, scorer: ResponseScorer, holdout: HoldOut, evidence: Sequence[int] = ()) -> MethodRun:
+    """Fill ``run.metrics``: top-1/3/5 drop, LDS and whether an evidence source is ranked first."""
+    drops = topk_drop(scorer, run.scores)
+    run.metrics = {f"top{k}_drop": v for k, v in drops.items()}
+    run.metrics["lds"] = lds(run.scores, holdout.masks, holdout.outputs)
+    if evidence:
+        run.metrics["evidence_first"] = float(int(top_sources(run.scores, 1)[0]) in set(evidence))
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- methods
+
+def leave_one_out(scorer: ResponseScorer) -> np.ndarray:
+    """Score of source i = log p(response | full) - log p(response | context without source i)."""
+    n = len(scorer.task.sources)
+    ablated = scorer.logprobs(~np.eye(n, dtype=bool)).sum(axis=1)
+    return scorer.full_logprob - ablated
+
+
+def attention_weights(lm: LoadedModel, task: CitationTask) -> np.ndarray:
+    """Attention baseline: the attention the rows predicting the response give each source's tokens,
+    averaged over layers and heads, summed over those rows and the source's tokens."""
+    lay = layout(lm.tokenizer, task)
+    ids = torch.tensor([lay.input_ids], device=lm.device)
+    total = torch.zeros(ids.shape[1])
+    with torch.no_grad(), manipulate(torch.ones(1, ids.shape[1]), backend="eager"):
+        attentions = lm.model(input_ids=ids, output_attentions=True, use_cache=False).attentions
+    if not attentions or any(a is None for a in attentions):
+        raise AtmanError(f"{type(lm.model).__name__} does not return attention probabilities")
+    rows = slice(lay.response_start - 1, ids.shape[1] - 1)
+    for layer in attentions:
+        total += layer[0, :, rows].float().mean(dim=0).sum(dim=0).cpu()
+    total /= len(attentions)
+    return np.array([float(total[list(p)].sum()) for p in lay.source_positions])
+
+
+def atman_explainer(lm: LoadedModel, multiplier: float | None = None) -> Explainer:
+    """The AtMan explainer at attention ``multiplier`` (None: the explainer's default).
+
+    The one place that speaks the explainer's strength option: today ``factor`` = 1 - multiplier.
+    """
+    if multiplier is None:
+        return Explainer(lm)
+    return Explainer(lm, factor=1.0 - multiplier)
+
+
+def atman_spans(lm: LoadedModel, task: CitationTask, multiplier: float | None = None) -> np.ndarray:
+    """AtMan at source spans through :meth:`atman.Explainer.explain` (chat template applied): the rise
+    of the response's cross-entropy when the attention to a source is damped in every layer and row."""
+    offset = task.context_offset
+    spans = [(a + offset, b + offset) for a, b in task.sources.owned]
+    explanation = atman_explainer(lm, multiplier).explain(task.prompt(), task.response, granularity="spans",
+                                                          spans=spans, chat=True)
+    by_start = {item.start: item.score for item in explanation.explanations[0].items if item.kind == "prompt"}
+    missing = [s for s, (a, _) in enumerate(spans) if a not in by_start]
+    if missing:
+        raise AtmanError(f"the explanation has no item for sources {missing[:5]}")
+    return np.array([by_start[a] for a, _ in spans])
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which ``model``'s forward takes a key/value cache (transformers 5.x renamed
+    ``past_key_values`` to ``cache``)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def tail_logprobs(model: torch.nn.Module, input_ids: Sequence[int], tail_start: int, response_start: int,
+                  key_multipliers: torch.Tensor, *, mode: str = "log-additive",
+                  token_budget: int = DEFAULT_TOKEN_BUDGET) -> np.ndarray:
+    """Token log-probabilities of ``input_ids[response_start:]`` (columns) with each row of
+    ``key_multipliers`` (rows x all key positions) applied only for the queries from ``tail_start`` on.
+
+    ``input_ids[:tail_start]`` is encoded once, unperturbed; its key/value cache is copied for each
+    batch of rows and only the tail is recomputed under :func:`atman.manipulate`, whose multipliers
+    cover the cached keys and the tail's own. The positions before the tail therefore still see
+    every key: equal to one pass over the whole sequence with the multipliers on the tail's query
+    rows only.
+
+    Example::
+
+        >>> m = torch.ones(2, len(ids)); m[1, 3:7] = 0.0        # row 1: keys 3..6 hidden from the tail
+        >>> tail_logprobs(lm.model, ids, tail_start=10, response_start=12, key_multipliers=m)
+    """
+    if not 0 < tail_start <= response_start < len(input_ids):
+        raise AtmanError(f"need 0 < tail_start <= response_start < length, got {tail_start}, {response_start}, "
+                         f"{len(input_ids)}")
+    if key_multipliers.ndim != 2 or key_multipliers.shape[1] != len(input_ids):
+        raise AtmanError(f"key multipliers must have shape (rows, {len(input_ids)}), "
+                         f"got {tuple(key_multipliers.shape)}")
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(input_ids)], device=device)
+    tail = ids[:, tail_start:]
+    n_tail, n_resp = tail.shape[1], ids.shape[1] - response_start
+    targets = ids[0, response_start:]
+    argument = cache_argument(model)
+    keep = {"logits_to_keep": n_resp + 1} if _takes_logits_to_keep(model) else {}
+    out = []
+    with torch.no_grad():
+        cache = DynamicCache()
+        model(input_ids=ids[:, :tail_start], use_cache=True, **{argument: cache})
+        # every row of a batch holds its own copy of the context's keys and values: count them too
+        rows_per_batch = max(1, token_budget // (tail_start + n_tail))
+        for start in range(0, key_multipliers.shape[0], rows_per_batch):
+            block = key_multipliers[start:start + rows_per_batch].to(device)
+            batch_cache = copy.deepcopy(cache)
+            if block.shape[0] > 1:
+                batch_cache.batch_repeat_interleave(block.shape[0])
+            with manipulate(block, mode=mode):
+                logits = model(input_ids=tail.expand(block.shape[0], -1), use_cache=True,
+                               **{argument: batch_cache}, **keep).logits
+            logits = logits[:, -(n_resp + 1):-1].float()
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.expand(block.shape[0], -1)[..., None])
+            out.append(lp[..., 0].cpu().numpy())
+    return np.concatenate(out)
+
+
+def readout_logprobs(lm: LoadedModel, task: CitationTask, source_multipliers: np.ndarray, *,
+                     mode: str = "log-additive", token_budget: int = DEFAULT_TOKEN_BUDGET) -> np.ndarray:
+    """Token log-probabilities of the response (columns) with each row of ``source_multipliers``
+    (rows x sources) on the sources' keys, for the queries after the context (query, template,
+    response) only; see :func:`tail_logprobs`. The context's own tokens still saw every source:
+    this measures how much the answer reads each source directly."""
+    source_multipliers = np.asarray(source_multipliers, dtype=np.float32)
+    lay = layout(lm.tokenizer, task)
+    if source_multipliers.ndim != 2 or source_multipliers.shape[1] != len(lay.source_positions):
+        raise AtmanError(f"source multipliers must have shape (rows, {len(lay.source_positions)}), "
+                         f"got {source_multipliers.shape}")
+    columns = torch.ones(source_multipliers.shape[0], len(lay.input_ids))
+    for s, positions in enumerate(lay.source_positions):
+        columns[:, list(positions)] = torch.from_numpy(source_multipliers[:, s])[:, None]
+    return tail_logprobs(lm.model, lay.input_ids, lay.tail_start, lay.response_start, columns, mode=mode,
+                         token_budget=token_budget)
+
+
+def readout_suppression(lm: LoadedModel, task: CitationTask, multiplier: float = 0.0, *,
+                        mode: str = "log-additive") -> np.ndarray:
+    """Per-source readout suppression: score of source i = log p(response) unperturbed minus log p with
+    the attention from the tail (query and response) to source i multiplied by ``multiplier``."""
+    n = len(task.sources)
+    rows = np.ones((n + 1, n), dtype=np.float32)
+    rows[np.arange(1, n + 1), np.arange(n)] = multiplier
+    logprob = readout_logprobs(lm, task, rows, mode=mode).sum(axis=1)
+    return logprob[0] - logprob[1:]
+
+
+def fit_surrogate(masks: np.ndarray, outputs: np.ndarray, n_tokens: int, solver: str = "lasso",
+                  alpha: float = 0.01) -> np.ndarray:
+    """Linear surrogate weights (one per source) of ``outputs`` on 0/1 ``masks``.
+
+    ``solver="lasso"`` is ContextCite's recipe (standardised masks, LASSO with ``alpha`` on the output
+    per response token, weights scaled back); ``"linear"`` is ordinary least squares.
+    """
+    from sklearn.linear_model import Lasso, LinearRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(masks, dtype=np.float64)
+    y = np.asarray(outputs, dtype=np.float64) / n_tokens
+    if solver == "linear":
+        return LinearRegression().fit(x, y).coef_ * n_tokens
+    if solver != "lasso":
+        raise AtmanError(f"unknown solver {solver!r}; choose lasso or linear")
+    scaler = StandardScaler()
+    lasso = Lasso(alpha=alpha, random_state=0)
+    make_pipeline(scaler, lasso).fit(x, y)
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    return lasso.coef_ / scale * n_tokens
+
+
+def readout_surrogate(lm: LoadedModel, task: CitationTask, n_masks: int = 64, *, multiplier: float = 0.0,
+                      keep: float = 0.5, with_singles: bool = False, solver: str = "lasso",
+                      seed: int = SURROGATE_SEED) -> np.ndarray:
+    """Random groups of sources suppressed for the tail's queries (readout suppression, so a mask costs
+    only the tail) and a linear surrogate fitted to the response's logit-probability.
+
+    ``with_singles`` adds the per-source rows (each source alone suppressed) to the fit.
+    """
+    n = len(task.sources)
+    masks = keep_masks(n, n_masks, keep=keep, seed=seed)
+    if with_singles:
+        masks = np.concatenate([masks, ~np.eye(n, dtype=bool)])
+    rows = np.where(masks, 1.0, multiplier).astype(np.float32)
+    logprobs = readout_logprobs(lm, task, rows)
+    return fit_surrogate(masks, logit_prob(logprobs.sum(axis=1)), logprobs.shape[1], solver=solver)
