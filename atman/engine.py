@@ -186,7 +186,8 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 class Engine:
     """Forward passes of multiplier rows through one model, batched within a memory budget.
 
-    ``batch_size`` fixes the rows per forward pass (default: as many as the budgets allow);
+    ``batch_size`` fixes the rows per forward pass (default: as many as the budgets allow;
+    ``token_budget`` caps rows x recomputed positions per pass);
     ``max_memory``: bytes, a size such as ``"2GB"``, or ``"plain"`` (what one plain forward pass of
     the input needs); default a quarter of free RAM on a CPU, a few plain passes on a GPU.
     """
@@ -199,6 +200,7 @@ class Engine:
         batch_size: int | None = None,
         max_memory: int | str | None = None,
         engine: str = "cached",
+        token_budget: int | None = None,
     ) -> None:
         if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
             raise AtmanError(f"batch_size must be at least 1, got {batch_size}")
@@ -209,6 +211,7 @@ class Engine:
         self.batch_size = batch_size
         self.max_memory = parse_memory(max_memory) if max_memory is not None else None
         self.kind = engine
+        self.tokens_per_batch = token_budget
         self.logits_to_keep, self.cache_argument = forward_options(model)
         self.memory = MemoryModel(model)
         # what the engine has run so far: forward passes and token-forwards (rows x recomputed
@@ -228,6 +231,9 @@ class Engine:
         return self.max_memory or default_budget(self.device, self.memory, length)
 
     def token_budget(self) -> int:
+        """Rows x recomputed positions per forward pass: the one given, else a CPU's or a GPU's default."""
+        if self.tokens_per_batch is not None:
+            return self.tokens_per_batch
         return GPU_TOKEN_BUDGET if self.device.type == "cuda" else CPU_TOKEN_BUDGET
 
     def target_losses(

@@ -29,8 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
-import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..engine import Engine, Suppression, forward_options
 from ..errors import AtmanError, EmptyInputError
 from ..explainer import Explainer
 from ..manipulation import manipulate
@@ -242,10 +241,6 @@ def count_token_forwards(model: torch.nn.Module) -> Iterator[TokenCounter]:
         handle.remove()
 
 
-def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 class ResponseScorer:
     """log p(response | context with a subset of sources kept), for a loaded causal LM.
 
@@ -260,7 +255,7 @@ class ResponseScorer:
         self.task = task
         self.token_budget = token_budget
         self.response_ids = response_token_ids(lm.tokenizer, task)
-        self._keep_logits = _takes_logits_to_keep(lm.model)
+        self._keep_logits = forward_options(lm.model)[0]
         self._memo: dict[bytes, np.ndarray] = {}
         self._full: float | None = None
 
@@ -439,11 +434,10 @@ def attention_weights(lm: LoadedModel, task: CitationTask) -> np.ndarray:
 def atman_explainer(lm: LoadedModel, multiplier: float | None = None) -> Explainer:
     """The AtMan explainer at attention ``multiplier`` (None: the explainer's default).
 
-    The one place that speaks the explainer's strength option: today ``factor`` = 1 - multiplier.
     """
     if multiplier is None:
         return Explainer(lm)
-    return Explainer(lm, factor=1.0 - multiplier)
+    return Explainer(lm, multiplier=multiplier)
 
 
 def atman_spans(lm: LoadedModel, task: CitationTask, multiplier: float | None = None) -> np.ndarray:
@@ -460,28 +454,23 @@ def atman_spans(lm: LoadedModel, task: CitationTask, multiplier: float | None = 
     return np.array([by_start[a] for a, _ in spans])
 
 
-def cache_argument(model: torch.nn.Module) -> str:
-    """The name under which ``model``'s forward takes a key/value cache (transformers 5.x renamed
-    ``past_key_values`` to ``cache``)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def tail_logprobs(model: torch.nn.Module, input_ids: Sequence[int], tail_start: int, response_start: int,
                   key_multipliers: torch.Tensor, *, mode: str = "log-additive",
-                  token_budget: int = DEFAULT_TOKEN_BUDGET) -> np.ndarray:
+                  token_budget: int | None = None) -> np.ndarray:
     """Token log-probabilities of ``input_ids[response_start:]`` (columns) with each row of
     ``key_multipliers`` (rows x all key positions) applied only for the queries from ``tail_start`` on.
 
-    ``input_ids[:tail_start]`` is encoded once, unperturbed; its key/value cache is copied for each
-    batch of rows and only the tail is recomputed under :func:`atman.manipulate`, whose multipliers
-    cover the cached keys and the tail's own. The positions before the tail therefore still see
-    every key: equal to one pass over the whole sequence with the multipliers on the tail's query
-    rows only.
+    The engine's readout suppression (:meth:`atman.engine.Engine.target_losses` with
+    ``readout_from``): ``input_ids[:tail_start]`` is encoded once, unperturbed, its keys and values are
+    shared by every row, and only the tail is recomputed with the multipliers on all keys. The positions
+    before the tail therefore still see every key: equal to one pass over the whole sequence with the
+    multipliers on the tail's query rows only. ``token_budget`` caps the rows x recomputed positions per
+    forward pass (default: the engine's).
 
     Example::
 
         >>> m = torch.ones(2, len(ids)); m[1, 3:7] = 0.0        # row 1: keys 3..6 hidden from the tail
-        >>> tail_logprobs(lm.model, ids, tail_start=10, response_start=12, key_multipliers=m)
+        >>> tail_logprobs(lm.model, ids, tail_start=10, response_start=12, key_multipliers=m)  # doctest: +SKIP
     """
     if not 0 < tail_start <= response_start < len(input_ids):
         raise AtmanError(f"need 0 < tail_start <= response_start < length, got {tail_start}, {response_start}, "
@@ -489,37 +478,16 @@ def tail_logprobs(model: torch.nn.Module, input_ids: Sequence[int], tail_start: 
     if key_multipliers.ndim != 2 or key_multipliers.shape[1] != len(input_ids):
         raise AtmanError(f"key multipliers must have shape (rows, {len(input_ids)}), "
                          f"got {tuple(key_multipliers.shape)}")
-    from transformers import DynamicCache
-
-    device = next(model.parameters()).device
-    ids = torch.tensor([list(input_ids)], device=device)
-    tail = ids[:, tail_start:]
-    n_tail, n_resp = tail.shape[1], ids.shape[1] - response_start
-    targets = ids[0, response_start:]
-    argument = cache_argument(model)
-    keep = {"logits_to_keep": n_resp + 1} if _takes_logits_to_keep(model) else {}
-    out = []
-    with torch.no_grad():
-        cache = DynamicCache()
-        model(input_ids=ids[:, :tail_start], use_cache=True, **{argument: cache})
-        # every row of a batch holds its own copy of the context's keys and values: count them too
-        rows_per_batch = max(1, token_budget // (tail_start + n_tail))
-        for start in range(0, key_multipliers.shape[0], rows_per_batch):
-            block = key_multipliers[start:start + rows_per_batch].to(device)
-            batch_cache = copy.deepcopy(cache)
-            if block.shape[0] > 1:
-                batch_cache.batch_repeat_interleave(block.shape[0])
-            with manipulate(block, mode=mode):
-                logits = model(input_ids=tail.expand(block.shape[0], -1), use_cache=True,
-                               **{argument: batch_cache}, **keep).logits
-            logits = logits[:, -(n_resp + 1):-1].float()
-            lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.expand(block.shape[0], -1)[..., None])
-            out.append(lp[..., 0].cpu().numpy())
-    return np.concatenate(out)
+    ids = torch.tensor([list(input_ids)])
+    engine = Engine(model, suppression=Suppression(mode=mode), token_budget=token_budget)
+    # the cached engine's row 0 is the unperturbed pass; the rows asked for follow it
+    rows = torch.cat([torch.ones(1, len(input_ids)), key_multipliers.float().cpu()])
+    losses = engine.target_losses({"input_ids": ids}, ids[0, response_start:], rows, readout_from=tail_start)
+    return -losses[1:].numpy()
 
 
 def readout_logprobs(lm: LoadedModel, task: CitationTask, source_multipliers: np.ndarray, *,
-                     mode: str = "log-additive", token_budget: int = DEFAULT_TOKEN_BUDGET) -> np.ndarray:
+                     mode: str = "log-additive", token_budget: int | None = None) -> np.ndarray:
     """Token log-probabilities of the response (columns) with each row of ``source_multipliers``
     (rows x sources) on the sources' keys, for the queries after the context (query, template,
     response) only; see :func:`tail_logprobs`. The context's own tokens still saw every source:
