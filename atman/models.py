@@ -39,13 +39,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 HUB_TIMEOUT = 10.0
 
 
-@dataclass
-class LoadedModel:
-    """A causal language model switched to AtMan attention, with its tokenizer and a display name."""
+class ModelFacts:
+    """What every loaded model tells about itself: where its weights are and how long a sequence it takes."""
 
     model: torch.nn.Module
-    tokenizer: object
-    name: str
 
     @property
     def device(self) -> torch.device:
@@ -53,8 +50,17 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int | None:
-        """The longest sequence the model takes, in tokens (None when its config does not say)."""
+        """The longest sequence the (language) model takes, in tokens (None when its config does not say)."""
         return context_length(self.model.config)
+
+
+@dataclass
+class LoadedModel(ModelFacts):
+    """A causal language model switched to AtMan attention, with its tokenizer and a display name."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
 
     @property
     def eos_ids(self) -> set[int]:

@@ -35,6 +35,7 @@ from .encoders import class_index, class_label
 from .engine import (
     EngineClient,
     Progress,
+    Suppression,
     refuse_factor,
     spread_conceptually,
     suppression_rows,
@@ -42,7 +43,7 @@ from .engine import (
 from .errors import AtmanError, EmptyInputError, ModelLoadError, UnsupportedModelError
 from .explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
 from .manipulation import enable
-from .models import context_length
+from .models import ModelFacts
 from .tiles import ImageGrid, TileSpec, grid_tiles, tile_shape
 from .units import GRANULARITIES, EncodedInput, choose_granularity, prompt_units
 
@@ -53,21 +54,12 @@ EMBEDDING_PATH_TOLERANCE = 1e-4
 
 
 @dataclass
-class LoadedVisionModel:
+class LoadedVisionModel(ModelFacts):
     """A vision model switched to AtMan attention, its processor and a display name."""
 
     model: torch.nn.Module
     processor: Any
     name: str
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def context_length(self) -> int | None:
-        """The language model's context in tokens (None when its config does not say)."""
-        return context_length(self.model.config)
 
 
 def is_vision_language(path: str) -> bool:
@@ -421,14 +413,7 @@ class VisionLanguageExplainer(VisionExplainer):
         positions = [unit.positions for unit in units] + [
             tuple(run[c] for c in tile.cells)
             for run, image_tiles in zip(prepared.image_runs, tiles, strict=True) for tile in image_tiles]
-        rows = suppression_rows(len(encoded.input_ids), positions, suppression.multiplier)
-        embedded = self.embed(prepared)
-        if suppression.kappa is not None:
-            candidates = sorted({p for p, span in enumerate(encoded.prompt_spans) if span is not None}
-                                | {p for run in prepared.image_runs for p in run})
-            spread_conceptually(rows, embedded.embeddings[0].float().cpu(), positions, candidates,
-                                suppression.multiplier, suppression.kappa)
-        losses = self.losses(prepared, rows, mode=suppression.mode, embedded=embedded, progress=progress)
+        losses = self.unit_losses(prepared, positions, suppression, progress=progress)
         delta = (losses[1:] - losses[0:1]).sum(dim=1)
         items: list = [Item("prompt", u.text, u.start, u.length, float(d))
                        for u, d in zip(units, delta[:len(units)], strict=True)]
@@ -445,6 +430,21 @@ class VisionLanguageExplainer(VisionExplainer):
                                   "tile": list(tile_shape(g, image_granularity))}
                                  for image, g in zip(images, grids, strict=True)]},
         )
+
+    def unit_losses(self, prepared: VisionLanguageInput, positions: Sequence[Sequence[int]],
+                    suppression: Suppression, *, progress: Progress | None = None) -> torch.Tensor:
+        """Cross-entropy of every target token (columns): row 0 untouched, row u + 1 with the positions
+        of unit u suppressed (and, with ``suppression.kappa``, their conceptual neighbours among the
+        prompt's text and image tokens)."""
+        encoded = prepared.encoded
+        rows = suppression_rows(len(encoded.input_ids), positions, suppression.multiplier)
+        embedded = self.embed(prepared)
+        if suppression.kappa is not None:
+            candidates = sorted({p for p, span in enumerate(encoded.prompt_spans) if span is not None}
+                                | {p for run in prepared.image_runs for p in run})
+            spread_conceptually(rows, embedded.embeddings[0].float().cpu(), positions, candidates,
+                                suppression.multiplier, suppression.kappa)
+        return self.losses(prepared, rows, mode=suppression.mode, embedded=embedded, progress=progress)
 
     def embed(self, prepared: VisionLanguageInput) -> EmbeddedInput:
         """One pass of the whole model: what its language model receives (image features included) and

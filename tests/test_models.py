@@ -240,13 +240,13 @@ def test_the_server_works_on_a_split_model(saved, tmp_path):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from atman.server import create_app
+    from atman.server import Limits, create_app
 
     body = {"model": "tiny", "prompt": PROMPT, "target": " Oslo", "prompt_granularity": {"type": "word"}}
     answers = []
     for lm in (load_model(str(saved)),
                load_model(str(saved), device_map=CPU_AND_DISK, offload_folder=tmp_path / "offload")):
-        with TestClient(create_app({"tiny": lm})) as client:
+        with TestClient(create_app({"tiny": lm}, limits=Limits(max_prompt_tokens=lm.context_length))) as client:
             response = client.post("/explain", json=body)
         assert response.status_code == 200, response.text
         answers.append([score for item in response.json()["explanations"][0]["items"] for score in item["scores"]])

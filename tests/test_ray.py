@@ -210,8 +210,15 @@ def test_two_serve_replicas_answer_like_one_server(ray_session, smollm2):
 
     request = aa.ExplanationRequest(prompt=aa.Prompt.from_text(PROMPTS[0][0]), target=PROMPTS[0][1],
                                     prompt_granularity=aa.PromptGranularity.Sentence)
-    with serving(create_app({"smollm2": smollm2})) as single:
-        expected = aa.Client(token="unused", host=single, total_retries=0).explain(request, model="smollm2")
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each replica: equal threads give bit-equal scores
+    try:
+        with serving(create_app({"smollm2": smollm2})) as single:
+            expected = aa.Client(token="unused", host=single, total_retries=0).explain(request, model="smollm2")
+    finally:
+        torch.set_num_threads(threads)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

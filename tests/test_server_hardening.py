@@ -285,11 +285,15 @@ def test_a_disconnected_clients_work_is_cancelled(smollm2, caplog):
         response = httpx.post(base + "/tokenize", json={"model": "smollm2", "prompt": "hi"}, timeout=120)
         assert response.status_code == 200
     messages = [r.getMessage() for r in caplog.records if r.name == "atman.server"]
-    assert any("dropped before it started" in m for m in messages), messages
+    dropped = [m for m in messages if "dropped before it started" in m]
     stopped = [m for m in messages if "stopped after" in m and "client went away" in m]
+    # both abandoned jobs ended early: the queued one is dropped before it starts, unless the running
+    # one stopped first and it started (a loaded machine), in which case it stops at its next check
+    assert len(dropped) + len(stopped) == 2, messages
     assert stopped, messages
-    done, total = (int(v) for v in stopped[0].split("stopped after ")[1].split(" perturbations")[0].split(" of "))
-    assert done < total, stopped
+    for message in stopped:
+        done, total = (int(v) for v in message.split("stopped after ")[1].split(" perturbations")[0].split(" of "))
+        assert done < total, stopped
 
 
 @pytest.mark.slow

@@ -461,7 +461,7 @@ def run_cli_batch(args: argparse.Namespace, lines: Sequence[str]) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    config = WorkerConfig(model=args.model, dtype=args.dtype, device=args.device, backend=args.backend,
+    config = WorkerConfig(model=args.model, dtype=args.dtype, device=args.device or "cpu", backend=args.backend,
                           batch_size=args.batch_size, engine=args.engine, max_memory=args.max_memory,
                           method=args.method)
     if args.batch_size is not None and args.batch_size < 1:

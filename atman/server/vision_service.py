@@ -35,7 +35,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..engine import DEFAULT_MULTIPLIER, Suppression, spread_conceptually, suppression_rows
+from ..engine import DEFAULT_MULTIPLIER, Suppression
 from ..errors import AtmanError, ContextLengthError, EmptyInputError
 from ..explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
 from ..manipulation import manipulate
@@ -342,14 +342,7 @@ class VisionLanguageService:
             raise LimitError(f"this explanation has {len(positions)} units; this server computes at most "
                              f"{self.limits.max_units} (choose a coarser prompt_granularity)", 422)
         check()
-        rows = suppression_rows(len(encoded.input_ids), positions, suppression.multiplier)
-        embedded = explainer.embed(prepared)
-        if suppression.kappa is not None:
-            candidates = sorted({p for p, span in enumerate(encoded.prompt_spans) if span is not None}
-                                | {p for run in prepared.image_runs for p in run})
-            spread_conceptually(rows, embedded.embeddings[0].float().cpu(), positions, candidates,
-                                suppression.multiplier, suppression.kappa)
-        losses = explainer.losses(prepared, rows, mode=suppression.mode, embedded=embedded, progress=check)
+        losses = explainer.unit_losses(prepared, positions, suppression, progress=check)
         delta = losses[1:] - losses[0:1]
         spans = [(request.target, 0, len(request.target), delta.sum(dim=1))]
         if per_token:
