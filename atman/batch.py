@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,18 @@ class BatchSummary:
     failed: int
     stopped: bool = False
     first_error: dict[str, Any] | None = None
+
+    def exit_code(self) -> int:
+        """The command line's exit code for this batch, with its one-line message on stderr: 0 every line
+        answered, 1 some lines failed (their error objects are in the output), 2 ``fail_fast`` stopped."""
+        if self.stopped:
+            first = self.first_error or {}
+            print(f"atman: error on line {first.get('line')}: {first.get('error')}", file=sys.stderr)
+            return 2
+        if self.failed:
+            print(f"atman: {self.failed} of {self.requests} lines failed", file=sys.stderr)
+            return 1
+        return 0
 
 
 def split_lines(text: str) -> list[str]:

@@ -248,15 +248,7 @@ class VisionLanguageExplainer(VisionExplainer):
             raise EmptyInputError("the prompt is empty")
         if not target:
             raise EmptyInputError("the target is empty")
-        markers = prompt.count(IMAGE_MARKER)
-        if markers != len(images):
-            raise AtmanError(f"the prompt has {markers} {IMAGE_MARKER} marker(s) for {len(images)} image(s)")
-        pieces = prompt.split(IMAGE_MARKER)
-        # the processor's own text: markers become its image token; keep where each piece starts
-        text, origin = "", []
-        for k, piece in enumerate(pieces):
-            origin.append((len(text), sum(len(p) + len(IMAGE_MARKER) for p in pieces[:k])))
-            text += piece + (self.image_token if k < len(pieces) - 1 else "")
+        text, origin = self._processor_text(prompt, len(images))
         full = self._process(text + target, images)
         ids = full["input_ids"][0].tolist()
         prompt_ids = self._process(text, images)["input_ids"][0].tolist()
@@ -300,14 +292,7 @@ class VisionLanguageExplainer(VisionExplainer):
         """
         if not prompt.strip() and not images:
             raise EmptyInputError("the prompt is empty")
-        markers = prompt.count(IMAGE_MARKER)
-        if markers != len(images):
-            raise AtmanError(f"the prompt has {markers} {IMAGE_MARKER} marker(s) for {len(images)} image(s)")
-        pieces = prompt.split(IMAGE_MARKER)
-        text, origin = "", []
-        for k, piece in enumerate(pieces):
-            origin.append((len(text), sum(len(p) + len(IMAGE_MARKER) for p in pieces[:k])))
-            text += piece + (self.image_token if k < len(pieces) - 1 else "")
+        text, origin = self._processor_text(prompt, len(images))
         inputs = self._process(text, images)
         ids = inputs["input_ids"][0].tolist()
         runs = _runs([i for i, tok in enumerate(ids) if tok == self.image_token_id])
@@ -345,6 +330,19 @@ class VisionLanguageExplainer(VisionExplainer):
             if ids == inputs["input_ids"][0].tolist() + new:
                 return candidate
         return decoded
+
+    def _processor_text(self, prompt: str, n_images: int) -> tuple[str, list[tuple[int, int]]]:
+        """The processor's own text (each ``<image>`` marker becomes its image token) and, per piece
+        between markers, where it starts in that text and in ``prompt``."""
+        markers = prompt.count(IMAGE_MARKER)
+        if markers != n_images:
+            raise AtmanError(f"the prompt has {markers} {IMAGE_MARKER} marker(s) for {n_images} image(s)")
+        pieces = prompt.split(IMAGE_MARKER)
+        text, origin = "", []
+        for k, piece in enumerate(pieces):
+            origin.append((len(text), sum(len(p) + len(IMAGE_MARKER) for p in pieces[:k])))
+            text += piece + (self.image_token if k < len(pieces) - 1 else "")
+        return text, origin
 
     def _process(self, text: str, images: Sequence) -> dict[str, Any]:
         kwargs = {"images": list(images)} if images else {}

@@ -9,26 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
-from ..batch import LINE_FIELDS, BatchSummary, RequestError, parse_line, read_object, run_lines, split_lines
+from ..batch import LINE_FIELDS, RequestError, parse_line, read_object, run_lines, split_lines
 from .shared import open_output, progress, warn_small_budget
 
-__all__ = ["LINE_FIELDS", "RequestError", "exit_code", "read_object", "run_batch", "run_requests", "split_lines"]
-
-
-def exit_code(summary: BatchSummary) -> int:
-    """0 all lines answered, 1 some lines failed (their error objects are in the output), 2 ``--fail-fast``."""
-    if summary.stopped:
-        first = summary.first_error or {}
-        print(f"atman: error on line {first.get('line')}: {first.get('error')}", file=sys.stderr)
-        return 2
-    if summary.failed:
-        print(f"atman: {summary.failed} of {summary.requests} lines failed", file=sys.stderr)
-        return 1
-    return 0
+__all__ = ["LINE_FIELDS", "RequestError", "read_object", "run_batch", "run_requests", "split_lines"]
 
 
 def run_requests(handle: Callable[[str], dict[str, Any]], lines: list[str], args: argparse.Namespace) -> int:
@@ -40,7 +27,7 @@ def run_requests(handle: Callable[[str], dict[str, Any]], lines: list[str], args
             out.flush()
 
         summary = run_lines(handle, lines, write, fail_fast=args.fail_fast, progress=tick)
-    return exit_code(summary)
+    return summary.exit_code()
 
 
 def run_batch(explainer: Any, lines: list[str], args: argparse.Namespace,

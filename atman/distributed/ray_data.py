@@ -480,10 +480,4 @@ def run_cli_batch(args: argparse.Namespace, lines: Sequence[str]) -> int:
     finally:
         if started:
             require_ray().shutdown()
-    if summary.stopped:
-        print(f"atman: error on line {summary.first_error['line']}: {summary.first_error['error']}", file=sys.stderr)
-        return 2
-    if summary.failed:
-        print(f"atman: {summary.failed} of {summary.requests} lines failed", file=sys.stderr)
-        return 1
-    return 0
+    return summary.exit_code()

@@ -52,6 +52,22 @@ class LimitError(AtmanError):
         self.status = status
 
 
+def completion_length(request: schemas.CompletionRequest, limits: Limits) -> int:
+    """The number of tokens a completion request may generate, after refusing what this server does not
+    implement (400) and what exceeds its limits (422): the checks every served model shares."""
+    for name, neutral in schemas.UNSUPPORTED_COMPLETION_FIELDS.items():
+        if getattr(request, name) != neutral:
+            raise AtmanError(f"{name} is not supported by this server (leave it at {neutral!r})")
+    maximum = request.maximum_tokens or limits.max_tokens
+    if maximum > limits.max_tokens:
+        raise LimitError(f"maximum_tokens {maximum} exceeds this server's limit of {limits.max_tokens}", 422)
+    if request.n > limits.max_completions:
+        raise LimitError(f"n={request.n} exceeds this server's limit of {limits.max_completions}", 422)
+    if request.minimum_tokens > maximum:
+        raise AtmanError(f"minimum_tokens {request.minimum_tokens} exceeds maximum_tokens {maximum}")
+    return maximum
+
+
 class Timeout(Exception):
     """The request ran past its deadline."""
 
@@ -292,16 +308,7 @@ class ModelService:
 
     def complete(self, request: schemas.CompletionRequest, check: Callable[..., None]) -> schemas.CompletionResponse:
         """Steered completion(s): the prompt items' controls apply to every generated token."""
-        for name, neutral in schemas.UNSUPPORTED_COMPLETION_FIELDS.items():
-            if getattr(request, name) != neutral:
-                raise AtmanError(f"{name} is not supported by this server (leave it at {neutral!r})")
-        maximum = request.maximum_tokens or self.limits.max_tokens
-        if maximum > self.limits.max_tokens:
-            raise LimitError(f"maximum_tokens {maximum} exceeds this server's limit of {self.limits.max_tokens}", 422)
-        if request.n > self.limits.max_completions:
-            raise LimitError(f"n={request.n} exceeds this server's limit of {self.limits.max_completions}", 422)
-        if request.minimum_tokens > maximum:
-            raise AtmanError(f"minimum_tokens {request.minimum_tokens} exceeds maximum_tokens {maximum}")
+        maximum = completion_length(request, self.limits)
         if request.logit_bias:
             self._check_ids(list(request.logit_bias))
         prompt = self.prompt(request.prompt)

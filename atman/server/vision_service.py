@@ -50,7 +50,7 @@ from ..vision import (
     language_model_inputs,
 )
 from . import schemas
-from .service import GRANULARITY_NAMES, LimitError, Limits
+from .service import GRANULARITY_NAMES, LimitError, Limits, completion_length
 from .vision_schemas import ImageExplanationItem, ImageRect, ImageScore
 
 # images larger than this many pixels are refused before they are decoded
@@ -369,16 +369,7 @@ class VisionLanguageService:
 
     def complete(self, request: schemas.CompletionRequest, check: Callable[..., None]) -> schemas.CompletionResponse:
         """Completion(s) with the prompt items' text and image controls in force for every generated token."""
-        for name, neutral in schemas.UNSUPPORTED_COMPLETION_FIELDS.items():
-            if getattr(request, name) != neutral:
-                raise AtmanError(f"{name} is not supported by this server (leave it at {neutral!r})")
-        maximum = request.maximum_tokens or self.limits.max_tokens
-        if maximum > self.limits.max_tokens:
-            raise LimitError(f"maximum_tokens {maximum} exceeds this server's limit of {self.limits.max_tokens}", 422)
-        if request.n > self.limits.max_completions:
-            raise LimitError(f"n={request.n} exceeds this server's limit of {self.limits.max_completions}", 422)
-        if request.minimum_tokens > maximum:
-            raise AtmanError(f"minimum_tokens {request.minimum_tokens} exceeds maximum_tokens {maximum}")
+        maximum = completion_length(request, self.limits)
         bias = request.logit_bias or {}
         bad = [t for t in bias if not 0 <= t < self.vocab]
         if bad:
