@@ -10,6 +10,7 @@ key/value cache. It errs on the high side, so a budget is an upper bound in prac
 from __future__ import annotations
 
 import ctypes
+import math
 import re
 
 import psutil
@@ -71,7 +72,10 @@ def parse_memory(text: str | int) -> int | str:
             raise AtmanError(
                 f"cannot read memory size {text!r}; write e.g. 2GB, 512MiB, a number of bytes or 'plain'"
             )
-        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        number = float(match.group(1)) * _UNITS[match.group(2).lower()]
+        if not math.isfinite(number):
+            raise AtmanError(f"memory size {text!r} is too large to mean anything; write e.g. 2GB or 512MiB")
+        value = int(number)
     if value <= 0:
         raise AtmanError(f"a memory budget must be positive, got {text!r}")
     return value

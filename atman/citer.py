@@ -24,7 +24,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +32,7 @@ import torch
 from .citations import Citations, CitedSpan, Passage, Source
 from .engine import Progress, Suppression, suppression_rows
 from .errors import AtmanError, EmptyInputError, GranularityError
-from .explainer import Explainer
+from .explainer import Explainer, covering
 from .models import LoadedModel
 from .units import EncodedInput, encode, prompt_units, text_spans
 
@@ -44,6 +44,50 @@ DEFAULT_CITE_MULTIPLIER = 0.0
 PROMPT_TEMPLATE = "Context:\n{context}\n\nQuestion: {question}"
 PASSAGE_SEPARATOR = "\n\n"
 PassageLike = str | Passage | Mapping
+# coarse to fine: sources are scored in runs of this many first when there are more than REFINE_ABOVE
+DEFAULT_GROUP_SIZE = 8
+DEFAULT_REFINE_SHARE = 0.9
+REFINE_ABOVE = 48
+
+
+def source_groups(owners: Sequence[int], size: int) -> list[list[int]]:
+    """Sources (indices) in runs of at most ``size`` consecutive sources of the same passage.
+
+    >>> source_groups([0, 0, 0, 1, 1], 2)
+    [[0, 1], [2], [3, 4]]
+    """
+    groups: list[list[int]] = []
+    for s, owner in enumerate(owners):
+        if groups and len(groups[-1]) < size and owners[groups[-1][-1]] == owner:
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def coarse_to_fine(score: Callable[[list[list[int]]], torch.Tensor], groups: Sequence[Sequence[int]], n: int,
+                   share: float) -> tuple[torch.Tensor, list[bool]]:
+    """Scores of ``n`` sources in two stages: every group suppressed as a whole, then each source of the
+    fewest top groups that hold ``share`` of the groups' positive total, alone.
+
+    ``score(units)`` returns one row per unit (a list of sources suppressed together): the rise of
+    the loss, per column (response token). A source of a group that was not refined gets an equal
+    share of its group's row. Returns the (n, columns) scores and which sources were refined.
+    """
+    coarse = score([list(g) for g in groups]).double()
+    totals = coarse.sum(dim=1)
+    ranked = sorted(range(len(groups)), key=lambda g: float(totals[g]), reverse=True)
+    chosen = covering(ranked, [float(totals[g]) for g in ranked], float(totals.clamp(min=0).sum()), share)
+    out = torch.zeros(n, coarse.shape[1], dtype=torch.float64)
+    for g, members in enumerate(groups):
+        out[list(members)] = coarse[g] / len(members)
+    fine_sources = [s for g in chosen for s in groups[g]]
+    refined = [False] * n
+    if fine_sources:
+        out[fine_sources] = score([[s] for s in fine_sources]).double()
+        for s in fine_sources:
+            refined[s] = True
+    return out, refined
 
 
 class CitationError(AtmanError):
@@ -104,12 +148,13 @@ class Citer:
 
     def __init__(self, model: LoadedModel, *, method: str = DEFAULT_METHOD,
                  multiplier: float = DEFAULT_CITE_MULTIPLIER, mode: str = "log-additive", backend: str = "sdpa",
-                 batch_size: int | None = None, max_memory: int | str | None = None) -> None:
+                 batch_size: int | None = None, max_memory: int | str | None = None,
+                 piece_tokens: int | None = None) -> None:
         if method not in METHODS:
             raise AtmanError(f"unknown citation method {method!r}; choose one of {', '.join(METHODS)}")
         self.method = method
         self.explainer = Explainer(model, suppression=Suppression(multiplier=multiplier, mode=mode, backend=backend),
-                                   batch_size=batch_size, max_memory=max_memory)
+                                   batch_size=batch_size, max_memory=max_memory, piece_tokens=piece_tokens)
         self.lm = model
 
     @property
@@ -163,12 +208,27 @@ class Citer:
         chat: bool | None = None,
         system: str | None = None,
         max_new_tokens: int = 128,
+        refine: bool | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        refine_share: float = DEFAULT_REFINE_SHARE,
         progress: Progress | None = None,
     ) -> Citations:
         """Scores of every source for every span of ``response`` (its sentences unless ``spans`` gives
         (start, end) character ranges of the response). ``response=None`` generates the model's own
         greedy answer first (chat template applied where the tokenizer has one, unless ``chat=False``).
+
+        ``refine`` (coarse to fine; default: on above REFINE_ABOVE sources): runs of ``group_size``
+        consecutive sources of one passage are suppressed together first, then each source of the
+        fewest top runs holding ``refine_share`` of the positive total alone; a source of another run
+        gets an equal share of its run's score. ``settings["refined"]`` lists the sources scored alone.
         """
+        if refine is not None and not isinstance(refine, bool):
+            raise CitationError(f"refine must be true, false or null (automatic), got {refine!r}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+            raise CitationError(f"group_size must be a whole number of at least 2, got {group_size!r}")
+        if isinstance(refine_share, bool) or not isinstance(refine_share, (int, float)) or not (
+                0.0 < refine_share <= 1.0):
+            raise CitationError(f"refine_share must lie in (0, 1], got {refine_share!r}")
         generated = response is None
         if generated:
             passages = passages_from(context)
@@ -183,11 +243,33 @@ class Citer:
             target = response
         prepared = self.prepare(context, question, target, sources=sources, spans=spans, chat=chat, system=system)
         encoded = prepared.encoded
-        rows = suppression_rows(len(encoded.input_ids), prepared.source_positions, self.suppression.multiplier)
+        n = len(prepared.sources)
+        refine = n > REFINE_ABOVE if refine is None else bool(refine)
         spent = self.explainer.engine.token_forwards
-        losses = self.explainer.losses(encoded, rows, readout_from=prepared.readout_from if self.method == "readout"
-                                       else None, progress=progress)
-        delta = (losses[1:] - losses[0:1]).double()
+        baseline: list[torch.Tensor] = []
+        stage = [0]
+
+        def report(done: int, total: int) -> None:
+            if progress is not None:
+                progress(stage[0] + done, stage[0] + total)
+
+        def score(units: list[list[int]]) -> torch.Tensor:
+            positions = [sorted(p for s in unit for p in prepared.source_positions[s]) for unit in units]
+            rows = suppression_rows(len(encoded.input_ids), positions, self.suppression.multiplier)
+            losses = self.explainer.losses(encoded, rows, readout_from=prepared.readout_from
+                                           if self.method == "readout" else None, progress=report)
+            stage[0] += rows.shape[0]
+            baseline.append(losses[0])
+            return losses[1:] - losses[0:1]
+
+        # both stages share one unperturbed pass
+        with self.explainer.engine.keeping_unperturbed():
+            if refine:
+                groups = source_groups([source.passage for source in prepared.sources], group_size)
+                delta, refined = coarse_to_fine(score, groups, n, refine_share)
+            else:
+                delta, refined = score([[s] for s in range(n)]).double(), [True] * n
+        losses = baseline[0][None]
         if not bool(torch.isfinite(delta).all()):
             raise AtmanError("the citation produced non-finite scores (a multiplier of 0 with the multiplicative "
                              "variant can do this); use the log-additive variant")
@@ -199,6 +281,8 @@ class Citer:
             response=encoded.target, passages=prepared.passages, sources=prepared.sources, spans=cited,
             settings={"method": self.method, "sources": sources, **self.suppression.settings(),
                       "generated_response": generated, "readout_from": prepared.readout_from,
+                      "refine": {"group_size": group_size, "share": refine_share} if refine else None,
+                      "refined": [s for s in range(n) if refined[s]],
                       "response_logprob": -float(losses[0].sum()),
                       "token_forwards": self.explainer.engine.token_forwards - spent})
 
@@ -256,7 +340,8 @@ def cite(context: str | Sequence[PassageLike], question: str, response: str | No
     """One-call citation with the embedded default model (loaded once per process).
 
     Options of :class:`Citer` (``method``, ``multiplier``, ``batch_size``, ``max_memory``) and of
-    :meth:`Citer.cite` (``sources``, ``spans``, ``chat``, ``system``, ``max_new_tokens``).
+    :meth:`Citer.cite` (``sources``, ``spans``, ``chat``, ``system``, ``max_new_tokens``, ``refine``,
+    ``group_size``, ``refine_share``).
 
     Example::
 

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,7 +41,7 @@ from transformers.cache_utils import DynamicLayer
 from .budget import PLAIN, MemoryModel, default_budget, parse_memory, release_freed_memory
 from .defaults import BACKENDS, CONCEPTUAL_KAPPA, DEFAULT_KAPPA, DEFAULT_MULTIPLIER, ENGINES, FACTOR_RENAMED, MODES
 from .errors import AtmanError
-from .manipulation import manipulate
+from .manipulation import SharedKeys, active, manipulate
 
 # token-forwards per batch: enough to keep the CPU's cores busy; a GPU wants far more rows
 CPU_TOKEN_BUDGET = 8192
@@ -53,7 +55,7 @@ MAX_GROUP_ROWS = 512
 Progress = Callable[[int, int], None]
 __all__ = ["BACKENDS", "CONCEPTUAL_KAPPA", "DEFAULT_KAPPA", "DEFAULT_MULTIPLIER", "ENGINES", "FACTOR_RENAMED", "MODES",
            "BatchRecord", "Engine", "EngineClient", "Suppression", "batch_groups", "forward_options", "refuse_factor",
-           "repeat_inputs", "spread_conceptually", "suppression_rows"]
+           "piece_tokens_for", "repeat_inputs", "spread_conceptually", "suppression_rows"]
 
 
 def refuse_factor(factor: object) -> None:
@@ -163,6 +165,29 @@ def forward_options(model: torch.nn.Module) -> tuple[bool, str]:
     return "logits_to_keep" in forward, "cache" if "cache" in forward else "past_key_values"
 
 
+def piece_tokens_for(model: torch.nn.Module, seconds: float, probe: int = 256) -> int:
+    """Token-forwards that ``model`` runs in about ``seconds`` on its device, timed with one unperturbed
+    forward pass of ``probe`` tokens (capped by its context): the ``piece_tokens`` of an engine whose
+    caller wants to be able to stop it about that often. Positions late in a long prompt attend to
+    more keys than the probe's, so pieces there take somewhat longer.
+    """
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise AtmanError(f"seconds between checks must be a positive number, got {seconds!r}")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    limit = int(getattr(config, "max_position_embeddings", 0) or probe)
+    length = max(8, min(probe, limit))
+    vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 8))
+    ids = (torch.arange(length, device=_device_of(model)) % max(vocab - 1, 1) + 1).unsqueeze(0)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)  # the first call pays one-off costs (allocations, kernels)
+        began = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        if ids.is_cuda:
+            torch.cuda.synchronize(ids.device)
+        elapsed = max(time.perf_counter() - began, 1e-6)
+    return max(16, int(length * seconds / elapsed))
+
+
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     cls for cls in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if cls
 )
@@ -190,6 +215,12 @@ class Engine:
     ``token_budget`` caps rows x recomputed positions per pass);
     ``max_memory``: bytes, a size such as ``"2GB"``, or ``"plain"`` (what one plain forward pass of
     the input needs); default a quarter of free RAM on a CPU, a few plain passes on a GPU.
+    ``piece_tokens``: the most token-forwards :meth:`target_losses` runs between two calls of its
+    progress callback (default: no limit beyond the batches). A longer pass — the unperturbed pass
+    of a long prompt, or rows recomputing a long suffix — is cut into pieces that continue each
+    other's cache (the same attention, up to float rounding), so that a caller who cancels by
+    raising from the callback (a deadline, a client gone) is obeyed within one piece.
+    :func:`piece_tokens_for` picks the number for a time between checks.
     """
 
     def __init__(
@@ -201,9 +232,12 @@ class Engine:
         max_memory: int | str | None = None,
         engine: str = "cached",
         token_budget: int | None = None,
+        piece_tokens: int | None = None,
     ) -> None:
         if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
             raise AtmanError(f"batch_size must be at least 1, got {batch_size}")
+        if piece_tokens is not None and (isinstance(piece_tokens, bool) or piece_tokens < 1):
+            raise AtmanError(f"piece_tokens must be at least 1, got {piece_tokens}")
         if engine not in ENGINES:
             raise AtmanError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         self.model = model
@@ -212,6 +246,7 @@ class Engine:
         self.max_memory = parse_memory(max_memory) if max_memory is not None else None
         self.kind = engine
         self.tokens_per_batch = token_budget
+        self.piece_tokens = piece_tokens
         self.logits_to_keep, self.cache_argument = forward_options(model)
         self.memory = MemoryModel(model)
         # what the engine has run so far: forward passes and token-forwards (rows x recomputed
@@ -219,6 +254,22 @@ class Engine:
         self.forward_calls = 0
         self.token_forwards = 0
         self.trace: list[BatchRecord] | None = None
+        # inside keeping_unperturbed(): the last input's unperturbed losses and keys/values
+        self._kept: list[_Kept] | None = None
+
+    @contextmanager
+    def keeping_unperturbed(self) -> Iterator[None]:
+        """Within this block the cached engine runs the unperturbed pass of an input once: later calls
+        of :meth:`target_losses` on the same inputs and targets (a coarse-to-fine second stage) reuse its
+        losses and keys/values. They are held until the block ends (the memory of one KV cache)."""
+        outer = self._kept
+        if outer is None:
+            self._kept = []
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._kept = None
 
     @property
     def device(self) -> torch.device:
@@ -333,7 +384,8 @@ class EngineClient:
     its rows. Subclasses say what their units and their score are.
 
     ``multiplier``, ``kappa``, ``mode``, ``backend`` build the setting (or pass ``suppression``);
-    ``batch_size``, ``max_memory`` and ``engine`` ("cached" or "naive") configure the engine.
+    ``batch_size``, ``max_memory``, ``engine`` ("cached" or "naive") and ``piece_tokens`` configure the
+    engine.
     """
 
     def __init__(
@@ -348,12 +400,13 @@ class EngineClient:
         max_memory: int | str | None = None,
         engine: str = "cached",
         suppression: Suppression | None = None,
+        piece_tokens: int | None = None,
         factor: None = None,
     ) -> None:
         refuse_factor(factor)
         self.suppression = suppression or Suppression(multiplier=multiplier, kappa=kappa, mode=mode, backend=backend)
         self.engine = Engine(model, suppression=self.suppression, batch_size=batch_size, max_memory=max_memory,
-                             engine=engine)
+                             engine=engine, piece_tokens=piece_tokens)
 
     @property
     def multiplier(self) -> float:
@@ -371,6 +424,16 @@ class EngineClient:
 def repeat_inputs(inputs: Mapping[str, object], count: int) -> dict[str, object]:
     """One example's model inputs repeated ``count`` times along the batch dimension."""
     return {k: torch.cat([v] * count) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """An unperturbed pass kept by :meth:`Engine.keeping_unperturbed`."""
+
+    sequence: dict[str, torch.Tensor]
+    targets: torch.Tensor
+    losses: torch.Tensor
+    prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 class _Run:
@@ -400,6 +463,16 @@ class _Run:
                              if isinstance(v, torch.Tensor) and v.ndim >= 2 and v.shape[1] == self.length}
             if not self.sequence:
                 raise AtmanError(f"no sequence input of length {self.length} (input_ids or inputs_embeds)")
+
+    def recall(self) -> _Kept | None:
+        """The unperturbed pass of these very inputs and targets, if the engine keeps one."""
+        for kept in self.engine._kept or ():
+            if (kept.targets.shape == self.targets.shape and torch.equal(kept.targets, self.targets)
+                    and kept.sequence.keys() == self.sequence.keys()
+                    and all(kept.sequence[k].shape == v.shape and torch.equal(kept.sequence[k], v)
+                            for k, v in self.sequence.items())):
+                return kept
+        return None
 
     def tick(self, rows: int) -> None:
         self.done += rows
@@ -435,9 +508,46 @@ class _Run:
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         return -logprobs.gather(-1, targets[..., None])[..., 0].cpu()
 
-    def sliced(self, start: int, count: int) -> dict[str, torch.Tensor]:
-        """The sequence inputs from position ``start`` on, for ``count`` rows (views, not copies)."""
-        return {k: v[:, start:].expand(count, *([-1] * (v.ndim - 1))) for k, v in self.sequence.items()}
+    def sliced(self, start: int, count: int, stop: int | None = None) -> dict[str, torch.Tensor]:
+        """The sequence inputs of positions ``start``..``stop`` (default: the end), for ``count`` rows
+        (views, not copies)."""
+        return {k: v[:, start:stop].expand(count, *([-1] * (v.ndim - 1))) for k, v in self.sequence.items()}
+
+    def piece(self, count: int) -> int:
+        """Positions per forward call for a batch of ``count`` rows (the whole sequence without a piece limit)."""
+        limit = self.engine.piece_tokens
+        return self.length if limit is None else max(1, limit // max(count, 1))
+
+    def pieced(self, count: int, start: int) -> bool:
+        """Whether ``count`` rows recomputing positions ``start``.. run in more than one piece."""
+        return self.piece(count) < self.length - start
+
+    def check(self) -> None:
+        """Let the progress callback stop the work between two pieces of one pass."""
+        if self.progress is not None:
+            self.progress(self.done, self.rows.shape[0])
+
+    def forward_pieces(self, start: int, multipliers: torch.Tensor, keep: int, cache=None) -> torch.Tensor:
+        """Logits of the last ``keep`` positions of the sequence, recomputed from ``start`` for the rows of
+        ``multipliers``, in pieces of at most ``piece_tokens`` token-forwards that continue ``cache``
+        (which must then grow: a DynamicCache, or a SharedPrefix made with ``grow=True``)."""
+        count = multipliers.shape[0]
+        size = self.piece(count)
+        if size >= self.length - start:
+            return self.forward(self.sliced(start, count), multipliers, keep, cache=cache)
+        if cache is None:
+            cache = DynamicCache()
+        first_kept = self.length - keep
+        parts = []
+        for begin in range(start, self.length, size):
+            stop = min(begin + size, self.length)
+            kept = stop - max(begin, first_kept) if stop > first_kept else 0
+            logits = self.forward(self.sliced(begin, count, stop), multipliers[:, :stop], max(kept, 1), cache=cache)
+            if kept:
+                parts.append(logits[:, -kept:])
+            if stop < self.length:
+                self.check()
+        return torch.cat(parts, dim=1)
 
     def forward(self, inputs: dict, multipliers: torch.Tensor, keep: int, cache=None) -> torch.Tensor:
         """Logits of the last ``keep`` positions of ``inputs`` under ``multipliers``."""
@@ -486,14 +596,21 @@ class _Run:
             raise AtmanError(f"readout_from must lie in [0, {self.length - self.n_target}], got {readout_from}")
         first_prediction = self.length - self.n_target - 1
         out = torch.empty(rows.shape[0], self.n_target)
-        cache = DynamicCache()
-        logits = self.forward(self.sliced(0, 1), rows[:1], self.n_target + 1, cache=cache)
-        out[0] = self.nll(logits[:, :-1], 0)[0]
+        kept = self.recall()
+        if kept is not None:
+            out[0] = kept.losses
+            prefix = list(kept.prefix)
+        else:
+            cache = DynamicCache()
+            logits = self.forward_pieces(0, rows[:1], self.n_target + 1, cache)
+            out[0] = self.nll(logits[:, :-1], 0)[0]
+            prefix = [(layer.keys, layer.values) for layer in cache.layers]
+            del cache
+            if self.engine._kept is not None:
+                self.engine._kept[:] = [_Kept(self.sequence, self.targets, out[0].clone(), tuple(prefix))]
         self.tick(1)
         # batches run latest start first, so the kept prefix only ever shrinks: it is cut to the
         # current batch's start, and the memory of the positions no later batch needs is freed
-        prefix = [(layer.keys, layer.values) for layer in cache.layers]
-        del cache
         damped = rows[1:] != 1
         # a row with nothing damped is the unperturbed pass; it starts "after the end"
         starts = torch.where(damped.any(dim=1), damped.int().argmax(dim=1), self.length)
@@ -517,18 +634,22 @@ class _Run:
             start = min(start, kept)
             # target predictions before ``start`` cannot see any damped key: they are the baseline's
             begin = max(start, first_prediction)
-            batch_cache = SharedPrefix(prefix, start) if start > 0 else None
-            logits = self.forward(self.sliced(start, len(batch)), rows[batch], self.length - begin,
-                                  cache=batch_cache)
+            batch_cache = SharedPrefix(prefix, start, grow=self.pieced(len(batch), start)) if start > 0 else None
+            logits = self.forward_pieces(start, rows[batch], self.length - begin, batch_cache)
             first_target = begin - first_prediction
             out[batch, :first_target] = out[0, :first_target].clone()
             out[batch, first_target:] = self.nll(logits[:, :-1], first_target)
             self.tick(len(batch))
 
         def fits(count: int, start: int) -> bool:
-            # while this batch runs, the unperturbed keys/values before ``start`` are held
-            return self.fits(count, start, self.n_target + 1, self.engine.token_budget(),
-                             self.engine.memory.cache(start))
+            # while this batch runs, the unperturbed keys/values before ``start`` are held, and a batch
+            # run in pieces keeps its rows' own keys and values from one piece to the next
+            if self.engine.piece_tokens is not None and count > self.engine.piece_tokens:
+                return False
+            held = self.engine.memory.cache(start)
+            if self.pieced(count, start):
+                held += count * self.engine.memory.cache(self.length - start)
+            return self.fits(count, start, self.n_target + 1, self.engine.token_budget(), held)
 
         overhead = GPU_CALL_OVERHEAD if self.engine.device.type == "cuda" else CPU_CALL_OVERHEAD
         for group in batch_groups(starts_list, self.length, fits, overhead):
@@ -538,29 +659,47 @@ class _Run:
 
 
 class PrefixLayer(DynamicLayer):
-    """One layer's unperturbed keys and values, shared by every row of a batch and never grown.
+    """One layer's unperturbed keys and values, shared by every row of a batch.
 
     Each call returns the prefix (broadcast, not copied, over the rows) joined to the rows' own new
-    keys and values; nothing is stored, so a batch holds one layer's keys and values at a time.
+    keys and values. Without ``grow`` nothing is stored, so a batch holds one layer's keys and values
+    at a time; with ``grow`` the rows' own keys and values are kept for the next call (a pass run in
+    pieces).
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, grow: bool = False) -> None:
         super().__init__()
         self.keys, self.values = keys, values
+        self.grow = grow
+        self.own: tuple[torch.Tensor, torch.Tensor] | None = None
         self.device = keys.device
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        rows = key_states.shape[0]
-        return (torch.cat([self.keys.expand(rows, -1, -1, -1), key_states], dim=-2),
-                torch.cat([self.values.expand(rows, -1, -1, -1), value_states], dim=-2))
+        if self.own is not None:
+            key_states = torch.cat([self.own[0], key_states], dim=-2)
+            value_states = torch.cat([self.own[1], value_states], dim=-2)
+        if self.grow:
+            self.own = (key_states, value_states)
+        shared = SharedKeys(self.keys, self.values, key_states, value_states)
+        state = active()
+        if state is None:
+            return shared.joined()
+        # the attention call that follows reads the prefix once for every row (see atman.manipulation)
+        state.shared = shared
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2] + (self.own[0].shape[-2] if self.own is not None else 0)
 
 
 class SharedPrefix(Cache):
-    """A read-only cache: the first ``start`` positions of the unperturbed pass, for a whole batch."""
+    """A cache for a whole batch: the first ``start`` positions of the unperturbed pass, read-only, and
+    with ``grow`` the batch's own positions after them."""
 
-    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], start: int) -> None:
-        super().__init__(layers=[PrefixLayer(keys[:, :, :start], values[:, :, :start]) for keys, values in prefix])
+    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], start: int, grow: bool = False) -> None:
+        super().__init__(layers=[PrefixLayer(keys[:, :, :start], values[:, :, :start], grow)
+                                 for keys, values in prefix])
 
 
 def batch_groups(

@@ -76,11 +76,12 @@ class Explainer(EngineClient):
         engine: str = "cached",
         max_memory: int | str | None = None,
         suppression: Suppression | None = None,
+        piece_tokens: int | None = None,
         factor: None = None,
     ) -> None:
         super().__init__(model.model, multiplier=multiplier, kappa=kappa, mode=mode, backend=backend,
                          batch_size=batch_size, max_memory=max_memory, engine=engine, suppression=suppression,
-                         factor=factor)
+                         piece_tokens=piece_tokens, factor=factor)
         self.lm = model
 
     def explain(
@@ -147,12 +148,14 @@ class Explainer(EngineClient):
                 settings["refine_share"] = refine_share
         plan = self.plan(encoded, refine_from if refine else granularity, target_granularity,
                          suppression.multiplier, suppression.kappa, delimiter, spans)
-        losses = self.losses(encoded, plan.multipliers, mode=suppression.mode, progress=progress)
-        delta = losses[1:] - losses[0:1]
-        if refine:
-            units, delta, refined = self._refine(plan, delta, refine_top, refine_share, suppression, progress)
-        else:
-            units, refined = plan.units, set()
+        # the refining stage reuses the first stage's unperturbed pass
+        with self.engine.keeping_unperturbed():
+            losses = self.losses(encoded, plan.multipliers, mode=suppression.mode, progress=progress)
+            delta = losses[1:] - losses[0:1]
+            if refine:
+                units, delta, refined = self._refine(plan, delta, refine_top, refine_share, suppression, progress)
+            else:
+                units, refined = plan.units, set()
         explanation = build_explanation(
             encoded, units, delta, refined, target_granularity,
             model=self.lm.name,
@@ -209,7 +212,7 @@ class Explainer(EngineClient):
         prompt_rows = [i for i, unit in enumerate(plan.units) if unit.kind == "prompt"]
         chosen = sorted(prompt_rows, key=lambda i: float(totals[i]), reverse=True)[:top]
         if share is not None:
-            chosen = _covering(chosen, [float(totals[i]) for i in chosen],
+            chosen = covering(chosen, [float(totals[i]) for i in chosen],
                                float(totals[prompt_rows].clamp(min=0).sum()), share)
         tokens = [unit for unit in prompt_units(plan.encoded, "token")
                   if any(unit.positions[0] in plan.units[i].positions for i in chosen)]
@@ -285,7 +288,7 @@ class Explainer(EngineClient):
             )
 
 
-def _covering(ranked: list[int], scores: list[float], positive_total: float, share: float) -> list[int]:
+def covering(ranked: list[int], scores: list[float], positive_total: float, share: float) -> list[int]:
     """The shortest head of ``ranked`` whose scores sum to ``share`` of ``positive_total`` (at least one)."""
     held = 0.0
     for count, score in enumerate(scores, start=1):
@@ -352,6 +355,6 @@ def explain(prompt: str, target: str | None = None, *, model: LoadedModel | None
     """
     from .models import default_model
 
-    explainer_keys = ("batch_size", "backend", "engine", "max_memory", "suppression")
+    explainer_keys = ("batch_size", "backend", "engine", "max_memory", "suppression", "piece_tokens")
     explainer = Explainer(model or default_model(), **{k: options.pop(k) for k in explainer_keys if k in options})
     return explainer.explain(prompt, target, **options)

@@ -15,6 +15,12 @@ row ``r`` by ``multipliers[r, k]``:
 A query row that would lose every key (``m = 0`` on the only key it sees) gets a zero attention
 output, the convention PyTorch's SDPA uses for fully masked rows, never NaN.
 
+Two shortcuts keep the arithmetic of the unmanipulated model where they can: a manipulation whose
+multipliers are all 1 runs the model's plain SDPA (causal kernels skip the masked half), and a batch
+of rows that share a prefix of keys and values (:class:`SharedKeys`, handed over by the engine's
+prefix cache) attends to that prefix without copying it per row: the queries of a few rows are laid
+side by side against one copy of the prefix and their own keys, under a block mask.
+
 Example::
 
     >>> enable(model)
@@ -47,13 +53,34 @@ Backend = Literal["sdpa", "eager", "flex_attention"]
 
 
 @dataclass
+class SharedKeys:
+    """Keys and values of one attention call in two parts: ``prefix`` (1, kv heads, P, dim), the same for
+    every row, and the rows' ``own`` (rows, kv heads, n, dim) after it. The cache hands this over
+    instead of joining the two (a copy of the prefix per row); the attention call that follows takes it."""
+
+    prefix_keys: torch.Tensor
+    prefix_values: torch.Tensor
+    own_keys: torch.Tensor
+    own_values: torch.Tensor
+
+    def joined(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.own_keys.shape[0]
+        return (torch.cat([self.prefix_keys.expand(rows, -1, -1, -1), self.own_keys], dim=-2),
+                torch.cat([self.prefix_values.expand(rows, -1, -1, -1), self.own_values], dim=-2))
+
+
+@dataclass
 class Manipulation:
-    """One active manipulation: ``multipliers[row, key]``, how to apply them, and a call counter."""
+    """One active manipulation: ``multipliers[row, key]``, how to apply them, and a call counter.
+
+    ``shared``: keys and values handed over by a prefix cache for the next attention call."""
 
     multipliers: torch.Tensor
     mode: str = "log-additive"
     backend: str = "sdpa"
     calls: int = 0
+    identity: bool = False
+    shared: SharedKeys | None = None
 
 
 _ACTIVE: ContextVar[Manipulation | None] = ContextVar("atman_manipulation", default=None)
@@ -132,7 +159,8 @@ def manipulate(
         raise AtmanError(f"multipliers must be 2-D (rows, key positions), got shape {tuple(multipliers.shape)}")
     if not bool(torch.isfinite(multipliers).all()) or bool((multipliers < 0).any()):
         raise AtmanError("multipliers must be finite and >= 0")
-    state = Manipulation(multipliers=multipliers, mode=mode, backend=backend)
+    state = Manipulation(multipliers=multipliers, mode=mode, backend=backend,
+                         identity=bool((multipliers == 1).all()))
     token = _ACTIVE.set(state)
     try:
         yield state
@@ -159,17 +187,34 @@ def atman_attention(
     state = _ACTIVE.get()
     # SDPA and FlexAttention here cannot apply attention softcapping or sinks: those go eager
     needs_eager = bool(kwargs.get("softcap")) or kwargs.get("s_aux") is not None
-    if state is None and not needs_eager:
+    shared = None
+    if state is not None:
+        state.calls += 1
+        shared, state.shared = state.shared, None
+        if shared is not None and (key is not shared.own_keys or value is not shared.own_values):
+            raise UnsupportedModelError(
+                f"{type(module).__name__} changes its keys between the cache and the attention call, so a "
+                "shared prefix cannot be handed over; run it without prefix reuse (engine='naive')")
+    if shared is not None and not needs_eager and state.mode == "log-additive" and state.backend == "sdpa" and (
+        attention_mask is None or attention_mask.shape[1] == 1
+    ):
+        return _shared_prefix(module, query, shared, attention_mask, state.multipliers, dropout, scaling,
+                              kwargs.get("is_causal")), None
+    if shared is not None:
+        key, value = shared.joined()
+    if state is not None:
+        # checked even where the multipliers change nothing
+        _row_multipliers(state.multipliers, query.shape[0], key.shape[-2], query.device)
+    if (state is None or (state.identity and state.backend == "sdpa")) and not needs_eager:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     if state is None:
         state = Manipulation(multipliers=torch.ones(1, key.shape[-2]), backend="eager")
-    state.calls += 1
     if scaling is None:
         scaling = 1.0 / math.sqrt(query.shape[-1])
     multipliers = _row_multipliers(state.multipliers, query.shape[0], key.shape[-2], query.device)
-    base = _additive_mask(module, attention_mask, query, key, kwargs.get("is_causal"))
+    base = _additive_mask(module, attention_mask, query, key.shape[-2], kwargs.get("is_causal"))
     if state.mode == "multiplicative" or state.backend == "eager" or needs_eager:
         return _eager(module, query, key, value, base, multipliers, state.mode, dropout, scaling, kwargs)
     bias = base + torch.log(multipliers)[:, None, None, :]
@@ -205,11 +250,11 @@ def _additive_mask(
     module: torch.nn.Module,
     attention_mask: torch.Tensor | None,
     query: torch.Tensor,
-    key: torch.Tensor,
+    k_len: int,
     is_causal: bool | None,
 ) -> torch.Tensor:
     """The model's own mask as float32 0 / -inf of shape (batch or 1, 1, queries, keys)."""
-    q_len, k_len = query.shape[-2], key.shape[-2]
+    q_len = query.shape[-2]
     if attention_mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         base = torch.zeros(1, 1, q_len, k_len, device=query.device)
@@ -223,6 +268,72 @@ def _additive_mask(
         return torch.zeros(mask.shape, device=query.device).masked_fill(~mask, float("-inf"))
     mask = mask.to(torch.float32)
     return mask.masked_fill(mask <= torch.finfo(attention_mask.dtype).min / 2, float("-inf"))
+
+
+# the queries of this many rows' worth of positions, at most, lie beside one copy of a shared prefix:
+# the block mask wastes the attention between different rows' own positions, kept to 1/8 of the prefix's
+FOLD_SHARE = 8
+_GQA_IN_SDPA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def _shared_prefix(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    shared: SharedKeys,
+    attention_mask: torch.Tensor | None,
+    multipliers: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+    is_causal: bool | None,
+) -> torch.Tensor:
+    """Log-additive AtMan attention of ``query`` (rows, heads, q, dim) to a prefix shared by every row
+    followed by each row's own keys, without a copy of the prefix per row.
+
+    The queries of ``g`` rows are laid end to end as one sequence against one copy of the prefix and
+    the ``g`` rows' own keys; a block mask lets each row's queries see the prefix (with the row's
+    multipliers) and only its own keys (with the model's mask). Exactly the attention of each row to
+    the prefix joined to its own keys. Returns (rows, q, heads, dim), as transformers expects.
+    """
+    rows, heads, q_len, dim = query.shape
+    kv_heads, prefix = shared.prefix_keys.shape[1], shared.prefix_keys.shape[-2]
+    own = shared.own_keys.shape[-2]
+    total = prefix + own
+    multipliers = _row_multipliers(multipliers, rows, total, query.device)
+    bias = _additive_mask(module, attention_mask, query, total, is_causal) + torch.log(multipliers)[:, None, None, :]
+    bias = bias.expand(rows, 1, q_len, total)
+    dead = torch.isneginf(bias).all(dim=-1)
+    group = max(1, prefix // (FOLD_SHARE * max(own, 1)))
+    gqa = heads != kv_heads
+    native_gqa = gqa and _GQA_IN_SDPA and query.device.type == "cpu"
+    dtype = query.dtype
+    outs = []
+    for first in range(0, rows, group):
+        n = min(group, rows - first)
+        if n == 1:
+            keys = torch.cat([shared.prefix_keys, shared.own_keys[first:first + 1]], dim=-2)
+            values = torch.cat([shared.prefix_values, shared.own_values[first:first + 1]], dim=-2)
+            queries, mask = query[first:first + 1], bias[first:first + 1]
+        else:
+            own_k = shared.own_keys[first:first + n].transpose(0, 1).reshape(1, kv_heads, n * own, dim)
+            own_v = shared.own_values[first:first + n].transpose(0, 1).reshape(1, kv_heads, n * own, -1)
+            keys = torch.cat([shared.prefix_keys, own_k], dim=-2)
+            values = torch.cat([shared.prefix_values, own_v], dim=-2)
+            queries = query[first:first + n].transpose(0, 1).reshape(1, heads, n * q_len, dim)
+            mask = torch.full((n * q_len, prefix + n * own), float("-inf"), device=query.device)
+            mask[:, :prefix] = bias[first:first + n, 0, :, :prefix].reshape(n * q_len, prefix)
+            for i in range(n):
+                block = prefix + i * own
+                mask[i * q_len:(i + 1) * q_len, block:block + own] = bias[first + i, 0, :, prefix:]
+            mask = mask[None, None]
+        if gqa and not native_gqa:
+            keys, values = repeat_kv(keys, heads // kv_heads), repeat_kv(values, heads // kv_heads)
+        extra = {"enable_gqa": True} if native_gqa else {}
+        out = torch.nn.functional.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask.to(dtype), dropout_p=dropout if module.training else 0.0,
+            scale=scaling, **extra)
+        outs.append(out.reshape(heads, n, q_len, -1).transpose(0, 1) if n > 1 else out)
+    out = torch.cat(outs).transpose(1, 2).contiguous()
+    return _zero_dead_rows(out, dead)
 
 
 def _zero_dead_rows(out: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:

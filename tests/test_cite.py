@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from rich.console import Console
 
 from atman import AtmanError, Citations, Citer, EmptyInputError, Explainer, Passage, cite
-from atman.citer import CitationError, passages_from
+from atman.citer import CitationError, coarse_to_fine, passages_from, source_groups
 from atman.engine import suppression_rows
 from atman.render.citations import render_citations_html, render_citations_terminal
 
@@ -118,6 +119,12 @@ def test_context_as_text_splits_at_blank_lines():
          "source level"),
         ({"context": [{"title": "no text"}], "question": QUESTION, "response": RESPONSE}, CitationError, "no text"),
         ({"context": ["word " * 9000], "question": QUESTION, "response": RESPONSE}, AtmanError, "context of"),
+        ({"context": PASSAGES, "question": QUESTION, "response": RESPONSE, "group_size": 1}, CitationError,
+         "group_size"),
+        ({"context": PASSAGES, "question": QUESTION, "response": RESPONSE, "refine_share": 0.0}, CitationError,
+         "refine_share"),
+        ({"context": PASSAGES, "question": QUESTION, "response": RESPONSE, "refine": "yes"}, CitationError,
+         "refine must be"),
     ],
 )
 def test_bad_input_is_refused_with_a_message(citer, kwargs, error, message):
@@ -181,3 +188,40 @@ def test_cli_batch_keeps_going_past_a_bad_line(tmp_path, capsys):
 def test_cli_bad_options_exit_2(argv, message, capsys):
     assert _cli(*argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_coarse_to_fine_refines_the_top_groups_and_shares_the_rest():
+    true = [0.0, 5.0, 0.0, 1.0, 0.0, 0.0, 0.2, 0.0]
+    asked = []
+
+    def score(units):
+        asked.append(units)
+        return torch.tensor([[sum(true[s] for s in unit)] for unit in units])
+
+    groups = source_groups([0, 0, 0, 0, 1, 1, 1, 1], 2)
+    assert groups == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    scores, refined = coarse_to_fine(score, groups, 8, share=0.9)
+    # groups score 5, 1, 0, 0.2: the first two hold 6 / 6.2 >= 0.9 of the positive total
+    assert asked == [groups, [[0], [1], [2], [3]]]
+    assert refined == [True] * 4 + [False] * 4
+    assert scores[:, 0].tolist() == pytest.approx([0.0, 5.0, 0.0, 1.0, 0.0, 0.0, 0.1, 0.1])
+
+
+def test_refined_citation_finds_the_evidence_with_fewer_passes(smollm2):
+    passages = [{"text": " ".join(f"Person {i} keeps {animal} in {town}." for i, (animal, town) in
+                                  enumerate(zip(["goats", "bees", "hens", "ducks"], ["Arn", "Bel", "Cor", "Dun"],
+                                                strict=True), start=k * 4))} for k in range(3)]
+    passages[1]["text"] += " Doran Vesk repairs clocks in the town of Lindhaven."
+    citer = Citer(smollm2)
+    whole = citer.cite(passages, QUESTION, RESPONSE, refine=False)
+    fine = citer.cite(passages, QUESTION, RESPONSE, refine=True, group_size=3)
+    assert len(fine.sources) == 13 and fine.settings["refine"] == {"group_size": 3, "share": 0.9}
+    assert whole.settings["refine"] is None and whole.settings["refined"] == list(range(13))
+    evidence = [s for s, source in enumerate(fine.sources) if "Lindhaven" in source.text]
+    assert evidence[0] in fine.settings["refined"] and len(fine.settings["refined"]) < 13
+    assert fine.cite(0, k=1)[0][0].text == whole.cite(0, k=1)[0][0].text
+    # refined sources carry the scores of scoring them alone, from the one unperturbed pass of both stages
+    for s in fine.settings["refined"]:
+        assert fine.spans[0].scores[s] == pytest.approx(whole.spans[0].scores[s], abs=1e-4)
+    assert fine.settings["response_logprob"] == pytest.approx(whole.settings["response_logprob"], abs=1e-5)
+    assert fine.settings["token_forwards"] < whole.settings["token_forwards"]

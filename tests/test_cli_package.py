@@ -54,6 +54,7 @@ def test_parsing_imports_no_heavy_module(argv, code, words):
     (["serve", "--timeout", "nan"], "--timeout must be a number of seconds"),
     (["serve", "--timeout", "inf"], "--timeout must be a number of seconds"),
     (["serve", "--timeout", "1e999"], "--timeout must be a number of seconds"),
+    (["serve", "--check-interval", "0"], "--check-interval must be a number of seconds"),
     (["serve", "--max-units", "0"], "--max-units must be a whole number"),
     (["serve", "--max-queue", "1e999"], "--max-queue must be a whole number"),
     (["serve", "--port", "70000"], "--port must lie in"),

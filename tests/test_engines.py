@@ -52,6 +52,62 @@ def test_cached_equals_naive(family, mode):
     assert (naive[1:8] - naive[0]).abs().max() > 1e-5
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_passes_cut_into_pieces_give_the_whole_passes_losses(family):
+    """piece_tokens cuts the unperturbed pass and long row recomputations into calls that continue
+    each other's cache; the losses stay those of whole passes, and progress is called between pieces."""
+    from atman.engine import Engine
+
+    lm = LoadedModel(model=enable(tiny_model(family)), tokenizer=None, name=family)
+    encoded, rows = _encoded(), _multipliers()
+    ids = torch.tensor([encoded.input_ids])
+    targets = ids[0, -N_TARGET:]
+    for readout_from in (None, 8):
+        whole = Engine(lm.model).target_losses({"input_ids": ids}, targets, rows, readout_from=readout_from)
+        for piece_tokens, batch_size in ((4, None), (5, 2), (1, 1)):
+            engine = Engine(lm.model, piece_tokens=piece_tokens, batch_size=batch_size)
+            engine.trace = []
+            calls = []
+            pieces = engine.target_losses({"input_ids": ids}, targets, rows, readout_from=readout_from,
+                                          progress=lambda done, total, calls=calls: calls.append(done))
+            assert torch.allclose(pieces, whole, atol=2e-6, rtol=0), (family, readout_from, piece_tokens)
+            assert all(record.rows * record.queries <= piece_tokens for record in engine.trace)
+            # the unperturbed pass alone is cut into several pieces, each followed by a check
+            assert calls[:2] == [0, 0] and calls[-1] == rows.shape[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_laid_side_by_side_against_one_shared_prefix_give_each_rows_attention(family, monkeypatch):
+    """Rows that share a long prefix attend to one copy of it, several rows' queries laid end to end
+    under a block mask: the same losses as each row attending to its own joined copy (the eager
+    kernel) and, for whole-row damping, as the naive engine."""
+    from atman import manipulation
+    from atman.engine import Engine, Suppression
+
+    model = enable(tiny_model(family))
+    length, tail = 100, 10
+    ids = torch.randint(3, 100, (1, length), generator=torch.Generator().manual_seed(3))
+    targets = ids[0, -4:]
+    rows = torch.ones(12, length)
+    for r in range(1, 12):
+        rows[r, 7 * r:7 * r + 5] = 0.0 if r % 2 else 0.3     # damped keys inside the prefix,
+        rows[r, length - tail - 1 - r % 3] = 0.2             # one within a sliding window of the tail
+    late = torch.ones(6, length)
+    for r in range(1, 6):
+        late[r, length - tail + r] = 0.1                     # rows starting late: a long shared prefix
+    eager = Engine(model, suppression=Suppression(backend="eager"))
+    for share in (1, 10**9):                                 # many rows per group; one row per group
+        monkeypatch.setattr(manipulation, "FOLD_SHARE", share)
+        engine = Engine(model)
+        readout = engine.target_losses({"input_ids": ids}, targets, rows, readout_from=length - tail)
+        reference = eager.target_losses({"input_ids": ids}, targets, rows, readout_from=length - tail)
+        assert torch.allclose(readout, reference, atol=2e-6, rtol=0), (family, share)
+        assert (readout[1:] - readout[0]).abs().max() > 1e-4
+        cached = engine.target_losses({"input_ids": ids}, targets, late)
+        naive = engine.target_losses({"input_ids": ids}, targets, late, engine="naive")
+        assert torch.allclose(cached, naive, atol=2e-6, rtol=0), (family, share)
+
+
 def test_groups_cover_every_row_once_and_respect_limits():
     starts = [0, 50, 3, 99, 99, 40, 41, 42, 7, 120]
     def fits(count, start):
@@ -163,7 +219,7 @@ def test_parse_memory():
     assert parse_memory("1.5g") == 1_500_000_000
     assert parse_memory(1234) == 1234
     assert parse_memory(" Plain ") == "plain"
-    for bad in ("lots", "-1GB", "0", "3 parsecs"):
+    for bad in ("lots", "-1GB", "0", "3 parsecs", "1e999", "1e400GB"):
         with pytest.raises(AtmanError):
             parse_memory(bad)
 
@@ -213,3 +269,27 @@ def test_freed_memory_is_released_between_batches_on_cpu_only(monkeypatch):
     monkeypatch.setattr(budget, "RELEASE_BETWEEN_BATCHES", True)
     budget.release_freed_memory(torch.device("meta"))  # not a CPU: nothing to trim
     assert len(calls) == before
+
+
+def test_a_kept_unperturbed_pass_is_reused_by_the_next_call_on_the_same_input():
+    from atman.engine import Engine
+
+    model = enable(tiny_model("llama"))
+    encoded, rows = _encoded(), _multipliers()
+    ids = torch.tensor([encoded.input_ids])
+    targets = ids[0, -N_TARGET:]
+    engine = Engine(model)
+    alone = engine.target_losses({"input_ids": ids}, targets, rows)
+    engine.trace = []
+    with engine.keeping_unperturbed():
+        first = engine.target_losses({"input_ids": ids}, targets, rows[:4])
+        passes = len(engine.trace)
+        second = engine.target_losses({"input_ids": ids}, targets, torch.cat([rows[:1], rows[4:]]))
+        # the second call ran no unperturbed pass (no full-length record)
+        assert all(record.queries < LENGTH for record in engine.trace[passes:])
+        other = ids.clone()
+        other[0, 2] = (other[0, 2] + 1) % 100
+        engine.target_losses({"input_ids": other}, targets, rows[:2])
+        assert engine.trace[-2].queries == LENGTH   # another input: its own unperturbed pass
+    assert engine._kept is None                      # released after the block
+    assert torch.allclose(torch.cat([first, second[1:]]), alone, atol=2e-6, rtol=0)

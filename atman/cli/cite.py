@@ -46,7 +46,11 @@ CITE_FIELDS: dict[str, tuple[type, ...]] = {
     "chat": (bool,),
     "system": (str, type(None)),
     "max_new_tokens": (int,),
+    "refine": (bool, type(None)),
+    "group_size": (int,),
+    "refine_share": (int, float),
 }
+REFINE_CHOICES = {"auto": None, "on": True, "off": False}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -69,6 +73,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                            "later position loses it (the paper's AtMan)")
     cite.add_argument("--multiplier", type=finite_float, default=0.0,
                       help="attention multiplier of a suppressed source (default 0: removed)")
+    cite.add_argument("--refine", default="auto", choices=sorted(REFINE_CHOICES),
+                      help="coarse to fine: score runs of --group-size sources first, then the sources of the "
+                           "top runs alone (auto: above 48 sources)")
+    cite.add_argument("--group-size", type=count, default=8, help="sources per run in the coarse stage")
+    cite.add_argument("--refine-share", type=finite_float, default=0.9,
+                      help="refine the fewest top runs that hold this share of the positive total")
     cite.add_argument("--top", type=count, default=3, help="sources shown per response span (text and HTML)")
     cite.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
     cite.add_argument("--system", help="system message (chat template)")
@@ -146,7 +156,8 @@ def cite_command(args: argparse.Namespace) -> int:
     with progress("citing", args.quiet) as tick:
         result = citer.cite(context, args.question, response, sources=args.sources, spans=spans,
                             chat=False if args.no_chat else None, system=args.system,
-                            max_new_tokens=args.max_new_tokens, progress=tick)
+                            max_new_tokens=args.max_new_tokens, refine=REFINE_CHOICES[args.refine],
+                            group_size=args.group_size, refine_share=args.refine_share, progress=tick)
     write_citations(result, args.format, args.output, args.top)
     return 0
 
@@ -173,7 +184,8 @@ def cite_line(citer: Any, line: str) -> dict[str, Any]:
                         sources=request.get("sources", "sentence"),
                         spans=[tuple(s) for s in spans] if spans is not None else None,
                         chat=request.get("chat"), system=request.get("system"),
-                        max_new_tokens=request.get("max_new_tokens", 128))
+                        max_new_tokens=request.get("max_new_tokens", 128), refine=request.get("refine"),
+                        group_size=request.get("group_size", 8), refine_share=request.get("refine_share", 0.9))
     return result.to_dict()
 
 

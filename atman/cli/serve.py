@@ -19,7 +19,7 @@ from .shared import DTYPES, MAX_COUNT, UsageError, add_placement_options, load_o
 
 DEFAULTS = dict(max_body_bytes=1_000_000, max_prompt_tokens=2048, max_units=256, max_tokens=256,
                 max_completions=8, timeout_s=300.0, max_queue=64, max_connections=128,
-                keep_alive_s=5.0, read_timeout_s=15.0)
+                keep_alive_s=5.0, read_timeout_s=15.0, check_interval_s=2.0)
 # a request's time limit, the keep-alive and the read timeout: at most a day (asyncio's timers
 # overflow far beyond it, and no request of this server should take longer)
 MAX_SECONDS = 86_400.0
@@ -55,6 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-completions", type=float, default=DEFAULTS["max_completions"], help="largest n")
     serve.add_argument("--timeout", type=float, default=DEFAULTS["timeout_s"],
                        help="seconds a request may take, queueing included; also the shutdown grace period")
+    serve.add_argument("--check-interval", type=float, default=DEFAULTS["check_interval_s"], metavar="SECONDS",
+                       help="a running explanation checks its deadline and its client about this often (its "
+                            "passes are cut into pieces this long, timed on the model at start-up)")
     serve.add_argument("--max-queue", type=float, default=DEFAULTS["max_queue"],
                        help="requests that may wait; more are answered 503")
     serve.add_argument("--max-connections", type=float, default=DEFAULTS["max_connections"],
@@ -72,7 +75,8 @@ def checked_numbers(args: argparse.Namespace) -> dict[str, int | float]:
     counts = {"max_body_bytes": "--max-body-bytes", "max_prompt_tokens": "--max-prompt-tokens",
               "max_units": "--max-units", "max_tokens": "--max-tokens", "max_completions": "--max-completions",
               "max_queue": "--max-queue", "max_connections": "--max-connections"}
-    seconds = {"timeout": "--timeout", "keep_alive": "--keep-alive", "read_timeout": "--read-timeout"}
+    seconds = {"timeout": "--timeout", "keep_alive": "--keep-alive", "read_timeout": "--read-timeout",
+               "check_interval": "--check-interval"}
     out: dict[str, int | float] = {}
     for name, flag in counts.items():
         value = getattr(args, name)
@@ -148,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(max_body_bytes=numbers["max_body_bytes"], max_prompt_tokens=prompt_tokens,
                     max_units=numbers["max_units"], max_tokens=numbers["max_tokens"],
                     max_completions=numbers["max_completions"], timeout_s=numbers["timeout"],
-                    max_queue=numbers["max_queue"])
+                    max_queue=numbers["max_queue"], check_interval_s=numbers["check_interval"])
     app = create_app(models, limits=limits, token=token, allowed_hosts=hosts)
     if token is None and not security.is_loopback(args.host):
         print(f"atman serve: warning: serving on {args.host or 'every interface'} without authentication: anyone "

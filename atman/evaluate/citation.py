@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..citer import coarse_to_fine, source_groups
 from ..engine import Engine, Suppression, forward_options
 from ..errors import AtmanError, EmptyInputError
 from ..explainer import Explainer
@@ -456,7 +457,7 @@ def atman_spans(lm: LoadedModel, task: CitationTask, multiplier: float | None = 
 
 def tail_logprobs(model: torch.nn.Module, input_ids: Sequence[int], tail_start: int, response_start: int,
                   key_multipliers: torch.Tensor, *, mode: str = "log-additive",
-                  token_budget: int | None = None) -> np.ndarray:
+                  token_budget: int | None = None, engine: Engine | None = None) -> np.ndarray:
     """Token log-probabilities of ``input_ids[response_start:]`` (columns) with each row of
     ``key_multipliers`` (rows x all key positions) applied only for the queries from ``tail_start`` on.
 
@@ -479,7 +480,7 @@ def tail_logprobs(model: torch.nn.Module, input_ids: Sequence[int], tail_start: 
         raise AtmanError(f"key multipliers must have shape (rows, {len(input_ids)}), "
                          f"got {tuple(key_multipliers.shape)}")
     ids = torch.tensor([list(input_ids)])
-    engine = Engine(model, suppression=Suppression(mode=mode), token_budget=token_budget)
+    engine = engine or Engine(model, suppression=Suppression(mode=mode), token_budget=token_budget)
     # the cached engine's row 0 is the unperturbed pass; the rows asked for follow it
     rows = torch.cat([torch.ones(1, len(input_ids)), key_multipliers.float().cpu()])
     losses = engine.target_losses({"input_ids": ids}, ids[0, response_start:], rows, readout_from=tail_start)
@@ -487,7 +488,8 @@ def tail_logprobs(model: torch.nn.Module, input_ids: Sequence[int], tail_start: 
 
 
 def readout_logprobs(lm: LoadedModel, task: CitationTask, source_multipliers: np.ndarray, *,
-                     mode: str = "log-additive", token_budget: int | None = None) -> np.ndarray:
+                     mode: str = "log-additive", token_budget: int | None = None,
+                     engine: Engine | None = None) -> np.ndarray:
     """Token log-probabilities of the response (columns) with each row of ``source_multipliers``
     (rows x sources) on the sources' keys, for the queries after the context (query, template,
     response) only; see :func:`tail_logprobs`. The context's own tokens still saw every source:
@@ -501,7 +503,7 @@ def readout_logprobs(lm: LoadedModel, task: CitationTask, source_multipliers: np
     for s, positions in enumerate(lay.source_positions):
         columns[:, list(positions)] = torch.from_numpy(source_multipliers[:, s])[:, None]
     return tail_logprobs(lm.model, lay.input_ids, lay.tail_start, lay.response_start, columns, mode=mode,
-                         token_budget=token_budget)
+                         token_budget=token_budget, engine=engine)
 
 
 def readout_suppression(lm: LoadedModel, task: CitationTask, multiplier: float = 0.0, *,
@@ -537,6 +539,26 @@ def fit_surrogate(masks: np.ndarray, outputs: np.ndarray, n_tokens: int, solver:
     make_pipeline(scaler, lasso).fit(x, y)
     scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
     return lasso.coef_ / scale * n_tokens
+
+
+def readout_refine(lm: LoadedModel, task: CitationTask, block: int = 8, share: float = 0.9, *,
+                   multiplier: float = 0.0, mode: str = "log-additive") -> np.ndarray:
+    """Coarse-to-fine readout suppression (:func:`atman.citer.coarse_to_fine`): runs of ``block``
+    consecutive sources first, then each source of the fewest top runs holding ``share`` of the
+    positive total; one unperturbed pass serves both stages."""
+    n = len(task.sources)
+    engine = Engine(lm.model, suppression=Suppression(mode=mode))
+
+    def score(units: list[list[int]]) -> torch.Tensor:
+        rows = np.ones((len(units) + 1, n), dtype=np.float32)
+        for u, members in enumerate(units, start=1):
+            rows[u, members] = multiplier
+        logprob = readout_logprobs(lm, task, rows, mode=mode, engine=engine).sum(axis=1)
+        return torch.from_numpy(logprob[0] - logprob[1:])[:, None]
+
+    with engine.keeping_unperturbed():
+        scores, _ = coarse_to_fine(score, source_groups([0] * n, block), n, share)
+    return scores[:, 0].numpy()
 
 
 def readout_surrogate(lm: LoadedModel, task: CitationTask, n_masks: int = 64, *, multiplier: float = 0.0,

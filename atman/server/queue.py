@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from .service import Deadline
+from .service import Deadline, Timeout
 
 T = TypeVar("T")
 log = logging.getLogger("atman.server")
@@ -94,10 +94,12 @@ class JobQueue:
             check()
             try:
                 return job(check)
-            except Cancelled:
+            except (Cancelled, Timeout) as exc:
                 done = f" after {check.progress[0]} of {check.progress[1]} perturbations" if check.progress else ""
+                why = ("time limit" if isinstance(exc, Timeout) else
+                       "client went away" if check.gone.is_set() else "shutdown")
                 log.warning("%s: stopped%s, %.1f s after it arrived (%s)", label, done,
-                            time.monotonic() - started, "client went away" if check.gone.is_set() else "shutdown")
+                            time.monotonic() - started, why)
                 raise
 
         def finished(_: object = None) -> None:

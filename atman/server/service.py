@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..citer import Citer
-from ..engine import DEFAULT_MULTIPLIER, Suppression
+from ..engine import DEFAULT_MULTIPLIER, Suppression, piece_tokens_for
 from ..errors import AtmanError, ContextLengthError, EmptyInputError, NoUnitsError
 from ..explainer import Explainer, build_explanation
 from ..explanation import TargetExplanation
@@ -40,8 +40,18 @@ class Limits:
     max_completions: int = 8
     timeout_s: float = 300.0
     max_queue: int = 64
+    # a running explanation checks its deadline and client about this often (None: between batches only)
+    check_interval_s: float | None = 2.0
     # image prompt items (vision-language models): pixels of one image, checked before decoding
     max_image_pixels: int = 4096 * 4096
+
+
+def piece_tokens(model: torch.nn.Module, limits: Limits) -> int | None:
+    """The engine's ``piece_tokens`` for a served model: what it runs in ``limits.check_interval_s``,
+    timed once when the service starts (so a server's results do not depend on its load later)."""
+    if limits.check_interval_s is None:
+        return None
+    return piece_tokens_for(model, limits.check_interval_s)
 
 
 class LimitError(AtmanError):
@@ -107,7 +117,7 @@ class ModelService:
         self.lm = lm
         self.limits = limits
         self.aliases = aliases
-        self.explainer = Explainer(lm)
+        self.explainer = Explainer(lm, piece_tokens=piece_tokens(lm.model, limits))
         self.steerer = Steerer(lm)
         self.vocab = int(lm.model.get_input_embeddings().num_embeddings)
         self.special = set(lm.tokenizer.all_special_ids)
@@ -340,7 +350,8 @@ class ModelService:
         """The sources in ``request.context`` of each sentence of the response (:class:`atman.Citer`)."""
         context = request.context if isinstance(request.context, str) else [
             passage.model_dump(exclude_none=True) for passage in request.context]
-        citer = Citer(self.lm, method=request.method, multiplier=request.multiplier)
+        citer = Citer(self.lm, method=request.method, multiplier=request.multiplier,
+                      piece_tokens=self.explainer.engine.piece_tokens)
         if request.response is None and request.maximum_tokens > self.limits.max_tokens:
             raise LimitError(f"maximum_tokens {request.maximum_tokens} is above this server's limit of "
                              f"{self.limits.max_tokens}", 422)
@@ -357,7 +368,8 @@ class ModelService:
                              f"{self.limits.max_units} (choose a coarser level)", 422)
         check()
         result = citer.cite(context, request.question, request.response, sources=request.sources,
-                            spans=request.spans, max_new_tokens=request.maximum_tokens, progress=check)
+                            spans=request.spans, max_new_tokens=request.maximum_tokens, refine=request.refine,
+                            group_size=request.group_size, refine_share=request.refine_share, progress=check)
         return schemas.CitationResponse(model_version=self.name, **{k: v for k, v in result.to_dict().items()
                                                                      if k != "model"})
 

@@ -50,7 +50,7 @@ from ..vision import (
     language_model_inputs,
 )
 from . import schemas
-from .service import GRANULARITY_NAMES, LimitError, Limits, completion_length
+from .service import GRANULARITY_NAMES, LimitError, Limits, completion_length, piece_tokens
 from .vision_schemas import ImageExplanationItem, ImageRect, ImageScore
 
 # images larger than this many pixels are refused before they are decoded
@@ -186,7 +186,8 @@ class VisionLanguageService:
         self.aliases = tuple(aliases)
         self.max_image_pixels = limits.max_image_pixels
         # one explainer per attention variant (the explainer's mode is fixed at construction)
-        self.explainers = {mode: VisionLanguageExplainer(loaded, mode=mode)
+        pieces = piece_tokens(loaded.model, limits)
+        self.explainers = {mode: VisionLanguageExplainer(loaded, mode=mode, piece_tokens=pieces)
                            for mode in ("log-additive", "multiplicative")}
         self.explainer = self.explainers["log-additive"]
         self.tokenizer = self.explainer.tokenizer
