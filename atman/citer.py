@@ -46,7 +46,7 @@ PASSAGE_SEPARATOR = "\n\n"
 PassageLike = str | Passage | Mapping
 # coarse to fine: sources are scored in runs of this many first when there are more than REFINE_ABOVE
 DEFAULT_GROUP_SIZE = 8
-DEFAULT_REFINE_SHARE = 0.9
+DEFAULT_REFINE_SHARE = 0.99
 REFINE_ABOVE = 48
 
 

@@ -195,9 +195,9 @@ def atman_attention(
             raise UnsupportedModelError(
                 f"{type(module).__name__} changes its keys between the cache and the attention call, so a "
                 "shared prefix cannot be handed over; run it without prefix reuse (engine='naive')")
-    if shared is not None and not needs_eager and state.mode == "log-additive" and state.backend == "sdpa" and (
-        attention_mask is None or attention_mask.shape[1] == 1
-    ):
+    foldable = (FOLD_SHARE and not needs_eager and state is not None and state.mode == "log-additive"
+                and state.backend == "sdpa" and (attention_mask is None or attention_mask.shape[1] == 1))
+    if shared is not None and foldable:
         return _shared_prefix(module, query, shared, attention_mask, state.multipliers, dropout, scaling,
                               kwargs.get("is_causal")), None
     if shared is not None:
@@ -272,6 +272,7 @@ def _additive_mask(
 
 # the queries of this many rows' worth of positions, at most, lie beside one copy of a shared prefix:
 # the block mask wastes the attention between different rows' own positions, kept to 1/8 of the prefix's
+# (0: join the prefix to every row instead, as before; benchmarks/shared_prefix.py compares the two)
 FOLD_SHARE = 8
 _GQA_IN_SDPA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 

@@ -215,7 +215,7 @@ def test_refined_citation_finds_the_evidence_with_fewer_passes(smollm2):
     citer = Citer(smollm2)
     whole = citer.cite(passages, QUESTION, RESPONSE, refine=False)
     fine = citer.cite(passages, QUESTION, RESPONSE, refine=True, group_size=3)
-    assert len(fine.sources) == 13 and fine.settings["refine"] == {"group_size": 3, "share": 0.9}
+    assert len(fine.sources) == 13 and fine.settings["refine"] == {"group_size": 3, "share": 0.99}
     assert whole.settings["refine"] is None and whole.settings["refined"] == list(range(13))
     evidence = [s for s, source in enumerate(fine.sources) if "Lindhaven" in source.text]
     assert evidence[0] in fine.settings["refined"] and len(fine.settings["refined"]) < 13

@@ -77,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="coarse to fine: score runs of --group-size sources first, then the sources of the "
                            "top runs alone (auto: above 48 sources)")
     cite.add_argument("--group-size", type=count, default=8, help="sources per run in the coarse stage")
-    cite.add_argument("--refine-share", type=finite_float, default=0.9,
+    cite.add_argument("--refine-share", type=finite_float, default=0.99,
                       help="refine the fewest top runs that hold this share of the positive total")
     cite.add_argument("--top", type=count, default=3, help="sources shown per response span (text and HTML)")
     cite.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the model's chat template")
@@ -185,7 +185,7 @@ def cite_line(citer: Any, line: str) -> dict[str, Any]:
                         spans=[tuple(s) for s in spans] if spans is not None else None,
                         chat=request.get("chat"), system=request.get("system"),
                         max_new_tokens=request.get("max_new_tokens", 128), refine=request.get("refine"),
-                        group_size=request.get("group_size", 8), refine_share=request.get("refine_share", 0.9))
+                        group_size=request.get("group_size", 8), refine_share=request.get("refine_share", 0.99))
     return result.to_dict()
 
 

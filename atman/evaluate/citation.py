@@ -541,7 +541,7 @@ def fit_surrogate(masks: np.ndarray, outputs: np.ndarray, n_tokens: int, solver:
     return lasso.coef_ / scale * n_tokens
 
 
-def readout_refine(lm: LoadedModel, task: CitationTask, block: int = 8, share: float = 0.9, *,
+def readout_refine(lm: LoadedModel, task: CitationTask, block: int = 8, share: float = 0.99, *,
                    multiplier: float = 0.0, mode: str = "log-additive") -> np.ndarray:
     """Coarse-to-fine readout suppression (:func:`atman.citer.coarse_to_fine`): runs of ``block``
     consecutive sources first, then each source of the fewest top runs holding ``share`` of the
