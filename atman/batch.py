@@ -83,6 +83,24 @@ class BatchSummary:
         return 0
 
 
+def result_line(result: Any) -> str:
+    """One result as a line of JSON: UTF-8 text as it is, except that a string holding a lone UTF-16
+    surrogate (valid in a JSON input line as ``"\\ud800"``, not encodable as UTF-8) is written
+    escaped, so that it cannot stop the output of a batch.
+
+        >>> result_line({"id": "\\ud800", "text": "é"})
+        '{"id": "\\\\ud800", "text": "\\\\u00e9"}'
+        >>> result_line({"text": "é"})
+        '{"text": "é"}'
+    """
+    text = json.dumps(result, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(result)
+    return text
+
+
 def split_lines(text: str) -> list[str]:
     """The lines of a JSON-lines text (a leading BOM and ``\\r`` line ends removed).
 

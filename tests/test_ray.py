@@ -77,6 +77,22 @@ def test_local_batch_results_carry_line_and_id(local_results):
     assert "not valid JSON" in local_results[5]["error"]
 
 
+def test_a_lone_surrogate_in_an_id_does_not_stop_the_output(tmp_path):
+    """A JSON line may hold "\\ud800" (a lone UTF-16 surrogate, not encodable as UTF-8); its result
+    echoes the id escaped, and the lines after it are still written."""
+    import argparse
+
+    from atman.cli.batch import run_requests
+
+    out = tmp_path / "out.jsonl"
+    lines = ['{"prompt": "a", "id": "\\ud800"}', '{"prompt": "b", "id": "caf\u00e9"}']
+    args = argparse.Namespace(output=out, quiet=True, fail_fast=False)
+    assert run_requests(lambda line: {"ok": parse_line(line)["prompt"]}, lines, args) == 0
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in written] == ["\ud800", "caf\u00e9"] and [r["ok"] for r in written] == ["a", "b"]
+    assert "café" in out.read_text(encoding="utf-8")   # UTF-8 kept where it can be
+
+
 @pytest.mark.parametrize("name", ["atman.batch", "atman.distributed.ray_data"])
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)

@@ -8,11 +8,10 @@ come, drives the progress bar, and turns the outcome into the exit code.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from typing import Any
 
-from ..batch import LINE_FIELDS, RequestError, parse_line, read_object, run_lines, split_lines
+from ..batch import LINE_FIELDS, RequestError, parse_line, read_object, result_line, run_lines, split_lines
 from .shared import open_output, progress, warn_small_budget
 
 __all__ = ["LINE_FIELDS", "RequestError", "read_object", "run_batch", "run_requests", "split_lines"]
@@ -23,7 +22,7 @@ def run_requests(handle: Callable[[str], dict[str, Any]], lines: list[str], args
     is done; returns the exit code."""
     with open_output(args.output) as out, progress("batch", args.quiet, total=len(lines)) as tick:
         def write(result: dict[str, Any]) -> None:
-            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+            out.write(result_line(result) + "\n")
             out.flush()
 
         summary = run_lines(handle, lines, write, fail_fast=args.fail_fast, progress=tick)

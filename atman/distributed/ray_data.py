@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..batch import LINE_FIELDS, BatchSummary, error_result, request_id, run_line, split_lines
+from ..batch import LINE_FIELDS, BatchSummary, error_result, request_id, result_line, run_line, split_lines
 from ..errors import AtmanError
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ class BatchWorker:
             if number is None:
                 result.pop("line", None)
             numbers.append(number)
-            results.append(json.dumps(result, ensure_ascii=False))
+            results.append(result_line(result))
             errors.append(result.get("error"))
         out = dict(batch)
         out["result"] = np.array(results, dtype=object)
@@ -354,7 +354,7 @@ def _sink(output: Path | None, kept: dict[int, dict[str, Any]],
             nonlocal following
             waiting[result["line"]] = result
             while following is not None and following in waiting:
-                stdout.write(json.dumps(waiting.pop(following), ensure_ascii=False) + "\n")
+                stdout.write(result_line(waiting.pop(following)) + "\n")
                 following = next(upcoming, None)
             stdout.flush()
 
@@ -368,11 +368,11 @@ def _sink(output: Path | None, kept: dict[int, dict[str, Any]],
         raise AtmanError(f"cannot write {output}: {exc.strerror}") from None
     with handle:
         for number in sorted(kept):
-            handle.write(json.dumps(kept[number], ensure_ascii=False) + "\n")
+            handle.write(result_line(kept[number]) + "\n")
         handle.flush()
 
         def append(result: dict[str, Any]) -> None:
-            handle.write(json.dumps(result, ensure_ascii=False) + "\n")
+            handle.write(result_line(result) + "\n")
             handle.flush()
 
         yield append
@@ -393,7 +393,7 @@ def sort_results(path: Path) -> None:
                 results.append(result)
     results.sort(key=lambda r: r.get("line") if isinstance(r.get("line"), int) else math.inf)
     scratch = path.with_name(path.name + ".sorting")
-    scratch.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results), encoding="utf-8")
+    scratch.write_text("".join(result_line(r) + "\n" for r in results), encoding="utf-8")
     os.replace(scratch, path)
 
 
