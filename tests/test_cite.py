@@ -183,6 +183,8 @@ def test_cli_batch_keeps_going_past_a_bad_line(tmp_path, capsys):
     (["cite", "-Q", QUESTION], "exactly one of --context"),
     (["cite", "--context", "x", "--passages", "p.jsonl", "-Q", QUESTION], "exactly one of --context"),
     (["cite", "--context", "x"], "no question"),
+    (["cite", "--context", "x", "-Q", QUESTION, "--refine-share", "2"], "--refine-share must lie in"),
+    (["cite", "--context", "x", "-Q", QUESTION, "--group-size", "1"], "--group-size must be at least 2"),
     (["cite", "--context", "Ada lives in Oslo.", "-Q", QUESTION, "-r", "In Oslo.", "--span", "1-2"], "START:END"),
 ])
 def test_cli_bad_options_exit_2(argv, message, capsys):

@@ -135,6 +135,10 @@ def parse_span(text: str) -> tuple[int, int]:
 def cite_command(args: argparse.Namespace) -> int:
     """Run ``atman cite``: one request from the options, or a batch (``--input``)."""
     check_writable(args.output)
+    if not 0.0 < args.refine_share <= 1.0:
+        raise UsageError(f"--refine-share must lie in (0, 1], got {args.refine_share:g}")
+    if args.group_size < 2:
+        raise UsageError(f"--group-size must be at least 2, got {args.group_size}")
     budget = memory_budget(args.max_memory)
     if args.input is not None:
         if args.question or args.context or args.context_file or args.passages or args.response:
