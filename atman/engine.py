@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -165,27 +164,29 @@ def forward_options(model: torch.nn.Module) -> tuple[bool, str]:
     return "logits_to_keep" in forward, "cache" if "cache" in forward else "past_key_values"
 
 
-def piece_tokens_for(model: torch.nn.Module, seconds: float, probe: int = 256) -> int:
-    """Token-forwards that ``model`` runs in about ``seconds`` on its device, timed with one unperturbed
-    forward pass of ``probe`` tokens (capped by its context): the ``piece_tokens`` of an engine whose
-    caller wants to be able to stop it about that often. Positions late in a long prompt attend to
-    more keys than the probe's, so pieces there take somewhat longer.
+# nominal speeds for sizing pieces of work: what one float32 forward pass sustains on a CPU core or
+# two, and on a data-centre GPU (a faster device merely checks more often than asked)
+NOMINAL_FLOPS = {"cpu": 5e10, "cuda": 5e13}
+
+
+def piece_tokens_for(model: torch.nn.Module, seconds: float) -> int:
+    """Token-forwards that ``model`` runs in about ``seconds`` at its device's nominal speed
+    (:data:`NOMINAL_FLOPS`, two operations per weight and token), rounded down to a power of two,
+    at least 128: the ``piece_tokens`` of an engine whose caller wants to be able to stop it about
+    that often. It depends on the model and the device type only, never on timing, so every server
+    of a model cuts its work alike and gives the same results whatever its load.
+
+    >>> piece_tokens_for(torch.nn.Linear(1000, 1000), 2.0)
+    32768
     """
     if not (math.isfinite(seconds) and seconds > 0):
         raise AtmanError(f"seconds between checks must be a positive number, got {seconds!r}")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    limit = int(getattr(config, "max_position_embeddings", 0) or probe)
-    length = max(8, min(probe, limit))
-    vocab = int(getattr(model.get_input_embeddings(), "num_embeddings", 8))
-    ids = (torch.arange(length, device=_device_of(model)) % max(vocab - 1, 1) + 1).unsqueeze(0)
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)  # the first call pays one-off costs (allocations, kernels)
-        began = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        if ids.is_cuda:
-            torch.cuda.synchronize(ids.device)
-        elapsed = max(time.perf_counter() - began, 1e-6)
-    return max(16, int(length * seconds / elapsed))
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    skipped = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+    weights = sum(p.numel() for p in model.parameters() if id(p) not in skipped)
+    flops = NOMINAL_FLOPS.get(_device_of(model).type, NOMINAL_FLOPS["cuda"])
+    tokens = seconds * flops / max(2 * weights, 1)
+    return max(128, 2 ** int(math.log2(max(tokens, 1.0))))
 
 
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(

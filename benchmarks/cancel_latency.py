@@ -5,8 +5,8 @@
 A running explanation is stopped at its next check. This times the gaps between consecutive checks
 of an explanation of 256 tokens spread evenly over prompts (the server's --max-units) of the given lengths,
 and stops after --checks checks, twice: with whole passes (checks between batches only) and with the
-engine's passes cut into pieces of what the model runs in --check-interval seconds, timed at start
-as ``atman serve`` does. The largest gap is how far past a limit a request can run. Prints one JSON
+engine's passes cut into pieces of what the model runs in --check-interval seconds at the device's
+nominal speed, as ``atman serve`` does. The largest gap is how far past a limit a request can run. Prints one JSON
 line per length and setting.
 """
 

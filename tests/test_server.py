@@ -48,8 +48,13 @@ QA = ("Tamsin Orrelby keeps bees on the island of Quellmark. Doran Vesk repairs 
 
 
 @pytest.fixture(scope="module")
-def url(smollm2):
-    with serving(create_app({MODEL: smollm2}, limits=LIMITS)) as base:
+def app(smollm2):
+    return create_app({MODEL: smollm2}, limits=LIMITS)
+
+
+@pytest.fixture(scope="module")
+def url(app):
+    with serving(app) as base:
         yield base
 
 
@@ -80,10 +85,13 @@ def test_version_models_tokenizer_and_openapi(client, url, smollm2):
     (PromptGranularity.Paragraph, dict(granularity="paragraph")),
     (CustomGranularity(" in"), dict(granularity="delimiter", delimiter=" in")),
 ])
-def test_explain_at_each_granularity_equals_the_python_api(client, smollm2, granularity, core):
+def test_explain_at_each_granularity_equals_the_python_api(app, client, smollm2, granularity, core):
     request = ExplanationRequest(Prompt.from_text(FACTS), " Oslo", prompt_granularity=granularity)
     response = client.explain(request, MODEL)
-    expected = Explainer(smollm2).explain(FACTS, " Oslo", **core)
+    # the server cuts passes into pieces sized by timing its model at start-up (a loaded machine gives
+    # smaller pieces, and pieces change the floats in the last digits): the same engine setting here
+    pieces = app.state.services[MODEL].explainer.engine.piece_tokens
+    expected = Explainer(smollm2, piece_tokens=pieces).explain(FACTS, " Oslo", **core)
     assert len(response.explanations) == 1 and response.explanations[0].target == " Oslo"
     got = scores(response)
     want = [(i.start, i.length, i.score) for i in expected.explanations[0].items]

@@ -57,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="seconds a request may take, queueing included; also the shutdown grace period")
     serve.add_argument("--check-interval", type=float, default=DEFAULTS["check_interval_s"], metavar="SECONDS",
                        help="a running explanation checks its deadline and its client about this often (its "
-                            "passes are cut into pieces this long, timed on the model at start-up)")
+                            "passes are cut into pieces of this long at the device's nominal speed)")
     serve.add_argument("--max-queue", type=float, default=DEFAULTS["max_queue"],
                        help="requests that may wait; more are answered 503")
     serve.add_argument("--max-connections", type=float, default=DEFAULTS["max_connections"],

@@ -47,8 +47,9 @@ class Limits:
 
 
 def piece_tokens(model: torch.nn.Module, limits: Limits) -> int | None:
-    """The engine's ``piece_tokens`` for a served model: what it runs in ``limits.check_interval_s``,
-    timed once when the service starts (so a server's results do not depend on its load later)."""
+    """The engine's ``piece_tokens`` for a served model: what it runs in ``limits.check_interval_s`` at
+    its device's nominal speed (:func:`atman.engine.piece_tokens_for`; never timed, so every server and
+    replica of a model cuts its work alike and gives the same results)."""
     if limits.check_interval_s is None:
         return None
     return piece_tokens_for(model, limits.check_interval_s)
