@@ -165,8 +165,8 @@ def forward_options(model: torch.nn.Module) -> tuple[bool, str]:
 
 
 # nominal speeds for sizing pieces of work: what one float32 forward pass sustains on a CPU core or
-# two, and on a data-centre GPU (a faster device merely checks more often than asked)
-NOMINAL_FLOPS = {"cpu": 5e10, "cuda": 5e13}
+# two, on an Apple GPU and on a data-centre GPU (a faster device merely checks more often than asked)
+NOMINAL_FLOPS = {"cpu": 5e10, "mps": 5e12, "cuda": 5e13}
 
 
 def piece_tokens_for(model: torch.nn.Module, seconds: float) -> int:
