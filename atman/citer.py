@@ -269,7 +269,6 @@ class Citer:
                 delta, refined = coarse_to_fine(score, groups, n, refine_share)
             else:
                 delta, refined = score([[s] for s in range(n)]).double(), [True] * n
-        losses = baseline[0][None]
         if not bool(torch.isfinite(delta).all()):
             raise AtmanError("the citation produced non-finite scores (a multiplier of 0 with the multiplicative "
                              "variant can do this); use the log-additive variant")
@@ -283,7 +282,7 @@ class Citer:
                       "generated_response": generated, "readout_from": prepared.readout_from,
                       "refine": {"group_size": group_size, "share": refine_share} if refine else None,
                       "refined": [s for s in range(n) if refined[s]],
-                      "response_logprob": -float(losses[0].sum()),
+                      "response_logprob": -float(baseline[0].sum()),
                       "token_forwards": self.explainer.engine.token_forwards - spent})
 
     def _sources(self, encoded: EncodedInput, passages: list[Passage], level: str,

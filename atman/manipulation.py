@@ -202,18 +202,19 @@ def atman_attention(
                               kwargs.get("is_causal")), None
     if shared is not None:
         key, value = shared.joined()
+    # nothing manipulated (or only multipliers of 1): the model's own attention
+    plain = not needs_eager and (state is None or (state.identity and state.backend == "sdpa"))
+    if state is None and not plain:
+        state = Manipulation(multipliers=torch.ones(1, key.shape[-2]), backend="eager")
     if state is not None:
         # checked even where the multipliers change nothing
-        _row_multipliers(state.multipliers, query.shape[0], key.shape[-2], query.device)
-    if (state is None or (state.identity and state.backend == "sdpa")) and not needs_eager:
+        multipliers = _row_multipliers(state.multipliers, query.shape[0], key.shape[-2], query.device)
+    if plain:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if state is None:
-        state = Manipulation(multipliers=torch.ones(1, key.shape[-2]), backend="eager")
     if scaling is None:
         scaling = 1.0 / math.sqrt(query.shape[-1])
-    multipliers = _row_multipliers(state.multipliers, query.shape[0], key.shape[-2], query.device)
     base = _additive_mask(module, attention_mask, query, key.shape[-2], kwargs.get("is_causal"))
     if state.mode == "multiplicative" or state.backend == "eager" or needs_eager:
         return _eager(module, query, key, value, base, multipliers, state.mode, dropout, scaling, kwargs)
