@@ -116,8 +116,10 @@ def test_clear_errors(monkeypatch, tmp_path, capsys):
     requests.write_text(LINES[0] + "\n")
     assert cli.main(["explain", "--input", str(requests), "--ray", "127.0.0.1:1", "-q"]) == 2
     assert "cannot reach a Ray cluster at '127.0.0.1:1'" in capsys.readouterr().err
-    assert cli.main(["explain", "--input", str(requests), "--resume", "-q"]) == 2
-    assert "--resume applies to --ray batches" in capsys.readouterr().err
+    assert cli.main(["explain", "--input", str(requests), "--ray", "--resume", "-q"]) == 2
+    assert "--resume needs an output file (-o)" in capsys.readouterr().err
+    assert cli.main(["explain", "--input", str(requests), "--workers", "2", "-q"]) == 2
+    assert "--workers applies to --ray batches" in capsys.readouterr().err
     assert cli.main(["evaluate", "--workers", "2", "-o", str(tmp_path)]) == 2
     assert "--workers and --threads-per-worker apply to --ray" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "ray", None)
@@ -144,18 +146,23 @@ def test_cli_on_ray_equals_the_local_batch_in_input_order(ray_session, local_res
     assert results == [local_results[r["line"]] for r in results]
 
 
-def test_resume_runs_only_what_is_missing(ray_session, local_results, tmp_path):
+def test_resume_runs_only_what_is_missing_and_bad_bytes_are_error_lines(ray_session, local_results, tmp_path):
     out = tmp_path / "out.jsonl"
     kept = dict(local_results[4], model="kept from the first run")
-    # a finished result, an error object (tried again) and a line cut off by a killed run
-    out.write_text(json.dumps(kept) + "\n" + json.dumps(error_result("lost", 6)) + "\n" + '{"model": "Smo')
-    summary = run_batch_on_ray(LINES, WorkerConfig(model="smollm2"), out, workers=1, threads_per_worker=1,
+    # the input as the CLI reads it (bytes), with a line that is not UTF-8 and one nested too deeply to parse
+    lines = [line.encode() for line in LINES] + [b'{"prompt": "Z\xfcrich"}', b'{"prompt":' + b"[" * 10_000 + b"]}"]
+    # a finished result, an error object (tried again) and a line cut off by a killed run inside a character
+    out.write_bytes(json.dumps(kept).encode() + b"\n" + json.dumps(error_result("lost", 6)).encode() + b"\n"
+                    + '{"model": "Smo", "prompt": "Z\u00fc'.encode()[:-1])
+    summary = run_batch_on_ray(lines, WorkerConfig(model="smollm2"), out, workers=1, threads_per_worker=1,
                                resume=True)
-    assert (summary.requests, summary.failed) == (5, 2)
+    assert (summary.requests, summary.failed, summary.kept, summary.answered) == (7, 4, 1, 6)
     results = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["line"] for r in results] == [1, 2, 4, 5, 6]
+    assert [r["line"] for r in results] == [1, 2, 4, 5, 6, 7, 8]
     assert results[2] == kept
     assert results[0] == local_results[1] and results[4] == local_results[6]
+    assert results[5] == {"error": "not valid UTF-8: byte 0xfc at byte 14 of the line", "line": 7}
+    assert results[6] == {"error": "not valid JSON: nested too deeply", "line": 8}
 
 
 def _kill_first_worker_that_runs(killed: list[int], stop: threading.Event) -> None:

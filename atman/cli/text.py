@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from ..distributed import add_batch_options, run_cli_batch, wants_ray
 from ..explanation import POSTPROCESSING
 from ..units import GRANULARITIES, TARGET_GRANULARITIES
 from . import media
-from .batch import run_batch, split_lines
+from .batch import check_resume, read_requests, run_batch
 from .shared import (
     UsageError,
     add_model_options,
@@ -28,7 +27,6 @@ from .shared import (
     load_explainer,
     progress,
     read_prompt,
-    read_text,
     suppression,
     warn_small_budget,
     write_explanation,
@@ -112,11 +110,14 @@ def explain_command(args: argparse.Namespace) -> int:
             raise UsageError("--input takes the prompts from the file; do not also give a prompt or --target")
         if args.format == "html":
             raise UsageError("--input writes JSON lines; --format html is for a single explanation")
-        lines = split_lines(sys.stdin.read() if str(args.input) == "-" else read_text(args.input))
+        check_resume(args)
+        lines = read_requests(args.input)
         if wants_ray(args):
             return run_cli_batch(args, lines)
         base = Path(".") if str(args.input) == "-" else args.input.parent
         return run_batch(lambda: load_explainer(args), lines, args, media=media.MediaBatch(args, base))
+    if args.resume:
+        raise UsageError("--resume applies to --input batches")
     request = request_from_args(args)
     explainer = load_explainer(args)
     warn_small_budget(explainer, request["prompt"] + (request.get("target") or ""))

@@ -6,32 +6,46 @@ Two front doors over the same worker (:class:`BatchWorker`, which runs :func:`at
   pool), to chain with one's own Ray pipelines;
 - :func:`run_batch_on_ray` runs the JSON-lines contract and writes results as they complete, each with
   its line number, then sorts the file into input order; it is what ``atman explain --input FILE --ray``
-  runs. A worker that dies is restarted by Ray and its in-flight requests are retried once
-  (``max_task_retries=1``); a request lost twice becomes an error line.
+  runs. A worker that dies (its process killed, its node gone) is restarted by Ray where there is room,
+  and the requests it held go to the next free worker, once more each: a request lost twice becomes
+  an error line.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
 import socket
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..batch import LINE_FIELDS, BatchSummary, error_result, request_id, result_line, run_line, split_lines
+from ..batch import (
+    LINE_FIELDS,
+    BatchSummary,
+    Line,
+    error_result,
+    open_results,
+    read_requests,
+    read_results,
+    request_id,
+    result_line,
+    run_line,
+)
 from ..errors import AtmanError
 
 if TYPE_CHECKING:
     import ray.data
 
 INSTALL = 'pip install "atman[ray]"'
-# a request's retries after its worker died (Ray restarts the worker; the request runs once more)
+# a request's retries after its worker died (on the next free worker; Ray restarts the dead one)
 RETRIES = 1
 # at most this many blocks per dataset: a worker lost mid-block costs the requests of its block
 MAX_BLOCKS = 4096
@@ -149,7 +163,7 @@ class BatchWorker:
         """The loaded model's name (the driver waits for this before sending work)."""
         return self.explainer.lm.name
 
-    def run(self, number: int, line: str) -> dict[str, Any]:
+    def run(self, number: int, line: Line) -> dict[str, Any]:
         """The result (or error object) of batch line ``number``."""
         return run_line(self.explainer, line, number, self.method)
 
@@ -187,23 +201,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def read_requests(path: str | Path) -> list[str]:
-    """The lines of a JSON-lines request file (``-`` reads stdin)."""
-    if str(path) == "-":
-        return split_lines(sys.stdin.read())
-    try:
-        return split_lines(Path(path).read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AtmanError(f"cannot read {path}: {exc}") from None
-
-
 def explain_dataset(requests: str | Path | ray.data.Dataset, config: WorkerConfig | None = None, *,
                     workers: int | None = None, threads_per_worker: int | None = None,
                     cpus_per_worker: float | None = None, gpus_per_worker: float | None = None) -> ray.data.Dataset:
     """A lazy Dataset of results, one row per request, computed by an actor pool of ``workers`` workers.
 
-    ``requests`` is a JSON-lines file (its non-empty lines become rows ``{"line": N, "request": "..."}``)
-    or a Dataset whose rows are either ``{"request": "<JSON line>"}`` or the request's fields as columns
+    ``requests`` is a JSON-lines file (its non-empty lines become rows ``{"line": N, "request": b"..."}``,
+    the line's bytes, decoded by the worker: a line that is not UTF-8 is that row's error) or a Dataset
+    whose rows are either ``{"request": "<JSON line>"}`` or the request's fields as columns
     (``prompt``, ``target``, ...; other columns, e.g. ``line`` or your own keys, are passed through).
     Each output row adds ``result`` (the result's JSON, as :mod:`atman.batch` writes it) and ``error``
     (None when explained). A worker that dies is restarted and its block retried once.
@@ -236,102 +241,136 @@ def _on_device(config: WorkerConfig, plan: WorkerPlan) -> WorkerConfig:
     return config
 
 
-def read_results(path: Path) -> dict[int, dict[str, Any]]:
-    """The explained results (not the error objects) of an output file, by line number: what a resumed
-    run keeps. Lines that are not complete JSON objects (a run killed mid-write) are ignored."""
-    kept: dict[int, dict[str, Any]] = {}
-    if not path.exists():
-        return kept
-    for text in split_lines(path.read_text(encoding="utf-8")):
-        try:
-            result = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(result, dict) and "error" not in result and isinstance(result.get("line"), int):
-            kept[result["line"]] = result
-    return kept
-
-
-def run_batch_on_ray(lines: Sequence[str], config: WorkerConfig, output: Path | None, *,
+def run_batch_on_ray(lines: Sequence[Line], config: WorkerConfig, output: Path | None, *,
                      workers: int | None = None, threads_per_worker: int | None = None,
                      cpus_per_worker: float | None = None, gpus_per_worker: float | None = None,
                      resume: bool = False, fail_fast: bool = False,
                      progress: Callable[[int, int], None] | None = None) -> BatchSummary:
-    """Run batch lines on the connected Ray cluster (``ray.init()`` first) with a pool of worker actors.
+    """Run batch lines (text, or a file's bytes: :func:`atman.batch.read_requests`) on the connected Ray
+    cluster (``ray.init()`` first) with a pool of worker actors.
 
     With an ``output`` file, each result is appended as soon as it is done (it carries its ``line``),
     and when the run ends the file is rewritten sorted by line number: a killed run keeps everything
     that finished, and ``resume=True`` runs only the lines that have no explained result there yet
-    (error objects are tried again). Without ``output`` results go to stdout in input order.
-    ``progress(done, total)`` is called as results come in.
+    (error objects and a line cut off mid-write are redone). Without ``output`` results go to stdout
+    in input order. ``progress(done, total)`` is called as results come in.
 
         >>> ray.init()  # doctest: +SKIP
         >>> run_batch_on_ray(lines, WorkerConfig(model="smollm2"), Path("out.jsonl"), workers=2)  # doctest: +SKIP
-        BatchSummary(requests=50, failed=0, stopped=False, first_error=None)
+        BatchSummary(requests=50, failed=0, stopped=False, first_error=None, answered=50, kept=0, retried=0)
     """
     ray = require_ray()
     if resume and output is None:
         raise AtmanError("--resume needs an output file (-o): it skips the lines already explained there")
     numbered = [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
-    kept = read_results(output) if resume and output is not None else {}
+    kept = read_results(output, lines) if resume and output is not None else {}
     todo = [(n, line) for n, line in numbered if n not in kept]
     plan = plan_workers(ray.cluster_resources(), workers, threads_per_worker, cpus_per_worker, gpus_per_worker)
     config = _on_device(config, plan)
-    failed = 0
+    failed = answered = 0
     first_error = None
+    lost: list[int] = []
     with _sink(output, kept, [n for n, _ in todo]) as write, \
-            contextlib.closing(_results(ray, todo, config, plan)) as results:
-        done = len(kept)
+            contextlib.closing(_results(ray, todo, config, plan, lost)) as results:
         if progress is not None:
-            progress(done, len(numbered))
+            progress(len(kept), len(numbered))
         for result in results:
             write(result)
-            done += 1
+            answered += 1
             if progress is not None:
-                progress(done, len(numbered))
+                progress(len(kept) + answered, len(numbered))
             if "error" in result:
                 failed += 1
                 first_error = first_error or result
                 if fail_fast:
-                    return BatchSummary(len(numbered), failed, True, first_error)
-    return BatchSummary(len(numbered), failed, False, first_error)
+                    return BatchSummary(len(numbered), failed, True, first_error, answered, len(kept), len(lost))
+    return BatchSummary(len(numbered), failed, False, first_error, answered, len(kept), len(lost))
 
 
-def _results(ray, todo: list[tuple[int, str]], config: WorkerConfig, plan: WorkerPlan) -> Iterator[dict[str, Any]]:
-    """Results in the order they complete; the workers are killed when the caller stops iterating."""
+def _results(ray, todo: list[tuple[int, Line]], config: WorkerConfig, plan: WorkerPlan,
+             lost: list[int]) -> Iterator[dict[str, Any]]:
+    """Results in the order they complete; the workers are killed when the caller stops iterating.
+
+    Each worker holds at most ``1 + QUEUED_PER_WORKER`` requests. When one dies, the requests it held go
+    back to the front of the queue (their numbers appended to ``lost``) for the next free worker, and the
+    dead one gets no work until Ray has restarted it (a ``ready`` call answers): a worker whose node is
+    gone for good, with no room for it elsewhere, holds no request hostage."""
     if not todo:
         return
     remote = ray.remote(BatchWorker).options(num_cpus=plan.cpus, num_gpus=plan.gpus, max_restarts=-1,
-                                             max_task_retries=RETRIES)
+                                             max_task_retries=0)
     actors = [remote.remote(config, plan.threads) for _ in range(min(plan.workers, len(todo)))]
     try:
         try:
             ray.get([actor.ready.remote() for actor in actors])
         except ray.exceptions.RayError as exc:
             raise AtmanError(f"the workers could not load the model: {_cause(exc)}") from None
-        pending = iter(todo)
-        in_flight: dict[Any, tuple[int, str, Any]] = {}
+        pending = deque(todo)
+        losses: dict[int, int] = {}
+        # a call in flight -> (its worker, its request or None for a restarted worker's ready call, its order)
+        in_flight: dict[Any, tuple[Any, tuple[int, Line] | None, int]] = {}
+        order = itertools.count()
+        down: set[int] = set()  # the workers that died and have not answered their ready call yet
 
         def submit(actor) -> None:
-            item = next(pending, None)
-            if item is not None:
-                in_flight[actor.run.remote(*item)] = (*item, actor)
+            if pending:
+                item = pending.popleft()
+                in_flight[actor.run.remote(*item)] = (actor, item, next(order))
 
-        for actor in actors:
-            for _ in range(1 + QUEUED_PER_WORKER):
-                submit(actor)
-        while in_flight:
+        def refill() -> None:
+            held = [id(actor) for actor, item, _ in in_flight.values() if item is not None]
+            for actor in actors:
+                if id(actor) not in down:
+                    for _ in range(1 + QUEUED_PER_WORKER - held.count(id(actor))):
+                        submit(actor)
+
+        refill()
+        while pending or any(item is not None for _, item, _ in in_flight.values()):
+            if not in_flight:  # every worker is gone for good
+                number, line = pending.popleft()
+                yield error_result(LOST.format("no worker is left"), number, request_id(line))
+                continue
             ready, _ = ray.wait(list(in_flight), num_returns=1)
-            number, line, actor = in_flight.pop(ready[0])
+            actor, item, position = in_flight.pop(ready[0])
             try:
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as exc:
-                result = error_result(LOST.format(_cause(exc)), number, request_id(line))
-            submit(actor)
-            yield result
+                if item is not None and id(actor) not in down:
+                    yield from _requeue(exc, actor, (position, item), in_flight, pending, losses, lost)
+                    down.add(id(actor))
+                    # answered once Ray has restarted the worker, wherever there is room for it
+                    in_flight[actor.ready.options(max_task_retries=-1).remote()] = (actor, None, next(order))
+                    refill()
+                # else the ready call of a worker that cannot be restarted: it gets no more work
+                continue
+            if item is None:  # restarted: it takes work again
+                down.discard(id(actor))
+            refill()
+            if item is not None:
+                yield result
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def _requeue(exc: BaseException, actor, failed: tuple[int, tuple[int, Line]], in_flight: dict,
+             pending: deque, losses: dict[int, int], lost: list[int]) -> Iterator[dict[str, Any]]:
+    """A worker died: the requests it held go back to the front of the queue, in their order. Only the
+    first (the one it was running) is charged the loss: lost twice it becomes an error line (yielded);
+    the ones queued behind it lose nothing."""
+    refs = [ref for ref, (other, item, _) in in_flight.items() if other is actor and item is not None]
+    held = sorted([failed] + [(position, item) for _, item, position in map(in_flight.pop, refs)],
+                  key=lambda entry: entry[0])
+    again = []
+    for index, (_, (number, line)) in enumerate(held):
+        if index == 0:
+            losses[number] = losses.get(number, 0) + 1
+            if losses[number] > RETRIES:
+                yield error_result(LOST.format(_cause(exc)), number, request_id(line))
+                continue
+        lost.append(number)
+        again.append((number, line))
+    pending.extendleft(reversed(again))
 
 
 def _cause(exc: BaseException) -> str:
@@ -362,39 +401,8 @@ def _sink(output: Path | None, kept: dict[int, dict[str, Any]],
         with contextlib.redirect_stdout(sys.stderr):
             yield write_in_order
         return
-    try:
-        handle = output.open("w", encoding="utf-8")
-    except OSError as exc:
-        raise AtmanError(f"cannot write {output}: {exc.strerror}") from None
-    with handle:
-        for number in sorted(kept):
-            handle.write(result_line(kept[number]) + "\n")
-        handle.flush()
-
-        def append(result: dict[str, Any]) -> None:
-            handle.write(result_line(result) + "\n")
-            handle.flush()
-
+    with open_results(output, kept) as append:
         yield append
-    sort_results(output)
-
-
-def sort_results(path: Path) -> None:
-    """Rewrite a results file in input order (by each object's ``line``), atomically; a line that is not a
-    complete JSON object (a run killed mid-write) is dropped.
-
-        >>> sort_results(Path("results.jsonl"))  # doctest: +SKIP
-    """
-    results = []
-    for text in split_lines(path.read_text(encoding="utf-8")):
-        with contextlib.suppress(json.JSONDecodeError):
-            result = json.loads(text)
-            if isinstance(result, dict):
-                results.append(result)
-    results.sort(key=lambda r: r.get("line") if isinstance(r.get("line"), int) else math.inf)
-    scratch = path.with_name(path.name + ".sorting")
-    scratch.write_text("".join(result_line(r) + "\n" for r in results), encoding="utf-8")
-    os.replace(scratch, path)
 
 
 def add_batch_options(parser: argparse.ArgumentParser) -> None:
@@ -411,10 +419,10 @@ def add_batch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-worker", type=float,
                         help="--ray: GPUs per worker (default 1 if the cluster has GPUs)")
     parser.add_argument("--resume", action="store_true",
-                        help="--ray: skip the lines already explained in the output file (-o)")
+                        help="batch: keep the results already in the output file (-o), run only the other lines")
 
 
-RAY_ONLY = ("workers", "threads_per_worker", "cpus_per_worker", "gpus_per_worker", "resume")
+RAY_ONLY = ("workers", "threads_per_worker", "cpus_per_worker", "gpus_per_worker")
 
 
 def wants_ray(args: argparse.Namespace) -> bool:
@@ -455,7 +463,7 @@ def _check_reachable(address: str) -> None:
                                   f"(start one with `ray start --head`, or check the address)") from None
 
 
-def run_cli_batch(args: argparse.Namespace, lines: Sequence[str]) -> int:
+def run_cli_batch(args: argparse.Namespace, lines: Sequence[Line]) -> int:
     """``atman explain --input FILE --ray [ADDRESS]``: the exit code (0 all explained, 1 some lines failed,
     2 stopped by ``--fail-fast``); writes the results to ``args.output`` or stdout."""
     from rich.console import Console
@@ -480,4 +488,4 @@ def run_cli_batch(args: argparse.Namespace, lines: Sequence[str]) -> int:
     finally:
         if started:
             require_ray().shutdown()
-    return summary.exit_code()
+    return summary.exit_code(args.output, args.quiet)
