@@ -1,5 +1,6 @@
 """Batches on Ray and the batch contract: the same results as one process, bad lines, resume, a killed
-worker, order; one local Ray (2 CPUs) for the whole session."""
+worker, order; one local Ray (2 CPUs) for the whole session (the two-node cluster test,
+tests/test_ray_cluster.py, runs its cluster in a child process beside it)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ LINES = [
 def ray_session():
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # address="local": a new Ray of our own, never a cluster some other process left on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
 
