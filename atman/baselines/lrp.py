@@ -124,11 +124,13 @@ class _Child:
         self._stop = weakref.finalize(self, _stop, self.process, self.log)
 
     def ask(self, request: dict) -> dict:
+        if not self._stop.alive:
+            raise AtmanError("the lxt worker ended: this method was closed")
         try:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
             line = self.process.stdout.readline()
-        except (BrokenPipeError, OSError):
+        except OSError:  # the worker ended and closed its end
             line = ""
         if not line:
             raise AtmanError(f"the lxt worker ended (exit code {self.process.poll()}): {self.stderr_tail()}")
