@@ -163,7 +163,8 @@ def load_model(
     A name that is neither embedded, a file nor a directory is looked up on the hub once, without
     retries: an unknown name, or an uncached one while the hub cannot be reached (or
     ``HF_HUB_OFFLINE=1``), fails at once with the close embedded names. A cached model loads
-    offline.
+    offline. A bare name a typing slip from an embedded one (``smolm2``, ``gemma-3-270m``) fails before
+    any hub lookup, naming it.
 
     Raises :class:`~atman.errors.ModelLoadError` with a one-line reason.
 
@@ -224,6 +225,7 @@ def load_model(
         model, tokenizer = _load_pretrained(name, torch_dtype, from_pretrained)
     else:
         display = name
+        _refuse_near_alias(name, from_pretrained)
         if not from_pretrained.get("local_files_only") and not _hub_has(name, from_pretrained):
             from_pretrained["local_files_only"] = True  # the hub is out of reach, the cache has it
         model, tokenizer = _load_pretrained(name, torch_dtype, from_pretrained)
@@ -293,6 +295,42 @@ def _suggest(name: str) -> str:
     if close:
         return f"; did you mean {' or '.join(repr(c) for c in close)}?"
     return f"; the embedded models are {', '.join(EMBEDDED_MODELS)}"
+
+
+def _edits(a: str, b: str) -> int:
+    """Insertions, deletions, substitutions and swaps of neighbours that turn ``a`` into ``b``."""
+    rows = [list(range(len(b) + 1))]
+    for i, x in enumerate(a, 1):
+        row = [i]
+        for j, y in enumerate(b, 1):
+            row.append(min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (x != y)))
+            if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
+
+
+def _refuse_near_alias(name: str, options: dict[str, Any]) -> None:
+    """Fail at once, without the hub, on a slip of an embedded model's name (``smolm2``, ``Gemma3-270M``).
+
+    A hub id has an owner (``owner/name``); a bare name within a typing slip of an alias is taken for
+    the alias, unless the hub cache holds a model of that name. One slip per four letters is allowed.
+    """
+    if "/" in name:
+        return
+    typed = name.lower()
+    close = [alias for alias in EMBEDDED_MODELS if _edits(typed, alias) <= max(1, len(alias) // 4)]
+    if not close:
+        return
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(name, "config.json", cache_dir=options.get("cache_dir"),
+                                                        revision=options.get("revision"))
+    except HFValidationError:
+        cached = None
+    if isinstance(cached, str):
+        return
+    raise ModelLoadError(f"no model {name!r}: it is not an embedded model, a file or a directory, and a hub id "
+                         f"has an owner (owner/name); did you mean {' or '.join(repr(c) for c in close)}?")
 
 
 def _hub_has(name: str, options: dict[str, Any]) -> bool:

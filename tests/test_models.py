@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from conftest import tiny_model
@@ -187,7 +188,8 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_a_mistyped_name_fails_with_a_suggestion_when_offline():
-    result = _run("import sys; from atman.cli import main; sys.exit(main(['explain', '--model', 'smollm', "
+    # more than one slip from 'smollm2', so it is looked up (a slip is refused before any lookup, below)
+    result = _run("import sys; from atman.cli import main; sys.exit(main(['explain', '--model', 'smol', "
                   "'Ada lives in', '-t', ' Oslo']))", HF_HUB_OFFLINE="1")
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -226,6 +228,57 @@ def test_a_cached_hub_model_loads_without_the_hub(saved, tmp_path, offline):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "atman-test/tiny-llama"
     assert hub.connections <= (0 if offline == "HF_HUB_OFFLINE" else 2)
+
+
+def test_a_slip_of_an_embedded_name_fails_at_once_without_the_hub():
+    hub = _CountingRefuser()
+    result = _run("import sys; from atman.cli import main; sys.exit(main(['explain', '--model', 'smolm2', "
+                  "'Ada lives in', '-t', ' Oslo']))", HF_ENDPOINT=f"http://127.0.0.1:{hub.port}")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "did you mean 'smollm2'?" in lines[0], lines
+    assert hub.connections == 0
+
+
+@pytest.mark.parametrize("name, alias", [
+    ("smolm2", "smollm2"), ("smollm", "smollm2"), ("SmolLM2", "smollm2"), ("smlolm2", "smollm2"),
+    ("smollm3", "smollm2"), ("gemma-3-270m", "gemma3-270m"), ("Gemma3-270M", "gemma3-270m"),
+    ("gemma3-207m", "gemma3-270m"), ("gema-3-270m", "gemma3-270m"),
+])
+def test_slips_of_embedded_names_are_refused_before_any_lookup(name, alias, monkeypatch, tmp_path):
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda repo, **_: asked.append(repo))
+    with pytest.raises(ModelLoadError, match=f"no model '{name}'.*has an owner.*did you mean '{alias}'\\?$"):
+        load_model(name, cache_dir=str(tmp_path))
+    assert asked == []
+
+
+def _unreachable_hub(monkeypatch) -> list[str]:
+    """The names looked up on a hub that cannot be reached (connection refused)."""
+    asked = []
+
+    def refuse(repo, **_):
+        asked.append(repo)
+        raise ConnectionRefusedError("refused")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", refuse)
+    monkeypatch.setattr(huggingface_hub.constants, "is_offline_mode", lambda: False)
+    return asked
+
+
+@pytest.mark.parametrize("name", ["HuggingFaceTB/smolm2", "smollm2-360m", "gemma3", "gpt2"])
+def test_hub_ids_and_names_further_off_are_looked_up(name, monkeypatch, tmp_path):
+    asked = _unreachable_hub(monkeypatch)
+    with pytest.raises(ModelLoadError, match="cannot be reached") as caught:
+        load_model(name, cache_dir=str(tmp_path))
+    assert asked == [name] and "has an owner" not in str(caught.value)
+
+
+def test_a_cached_model_named_like_a_slip_loads(saved, tmp_path, monkeypatch):
+    cache = _hub_cache(saved, tmp_path / "hub", repo="smolm2")
+    asked = _unreachable_hub(monkeypatch)
+    assert load_model("smolm2", cache_dir=str(cache)).name == "smolm2"
+    assert asked == ["smolm2"]
 
 
 def test_suggestions_name_the_close_embedded_models():

@@ -15,6 +15,7 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from importlib.resources import files
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from ..errors import AtmanError
 from ..models import LoadedModel
@@ -157,6 +159,36 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _unparsable(exc: RequestValidationError) -> dict[str, str] | None:
+    """The 400 body for a request body that is not JSON at all (FastAPI reports it as a validation error)."""
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "")
+            where = error.get("loc", ())[-1:]
+            at = f" at character {where[0]}" if where and isinstance(where[0], int) else ""
+            return _error(f"the request body is not valid JSON ({reason}{at})", "MALFORMED_BODY")
+    return None
+
+
+def _http_error(request: Request, exc: HTTPException) -> dict[str, str]:
+    """The body for an error the routing or the body parser raised: no such path, a wrong method, a body
+    that cannot be read (undecodable bytes)."""
+    path = request.url.path
+    if exc.status_code == 404:
+        return _error(f"no endpoint at {path}; the API is described at /openapi.json", "NOT_FOUND")
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return _error(f"{request.method} is not allowed on {path} (allowed: {allowed})", "METHOD_NOT_ALLOWED")
+    if exc.status_code == 400:
+        cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ is not None else ""
+        return _error(f"the request body cannot be parsed{cause}", "MALFORMED_BODY")
+    try:
+        phrase = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        phrase = "error"
+    return _error(str(exc.detail), phrase.upper().replace(" ", "_").replace("-", "_"))
+
+
 def _validation_errors(exc: RequestValidationError) -> dict[str, Any]:
     """A 422 body naming every failing field, without echoing the input (which may not be encodable)."""
     details = [{"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", "")),
@@ -262,7 +294,15 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        unparsable = _unparsable(exc)
+        if unparsable is not None:
+            return SafeJSONResponse(unparsable, status_code=400)
         return SafeJSONResponse(_validation_errors(exc), status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # FastAPI's and Starlette's own errors (unknown path, wrong method, unreadable body) in our shape
+        return SafeJSONResponse(_http_error(request, exc), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(LimitError)
     async def limit_error(_: Request, exc: LimitError) -> JSONResponse:
