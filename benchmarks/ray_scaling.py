@@ -20,6 +20,7 @@ is marked ``loaded``; the summary's ratios use the quiet runs only (and say if t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -49,6 +50,7 @@ class Watch:
     def __init__(self, cores: list[int]) -> None:
         self.cores = cores
         self.pinned: dict[int, int] = {}
+        self.earlier: set[int] = set()  # worker processes of an earlier run, still exiting
         self.own: dict[int, float] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -66,18 +68,27 @@ class Watch:
                     cpu = proc.cpu_times()
                     self.own[proc.pid] = cpu.user + cpu.system
                     name = (proc.cmdline() or [""])[0]
-                if name.startswith("ray::BatchWorker") and proc.pid not in self.pinned:
-                    core = self.cores[len(self.pinned) % len(self.cores)]
-                    proc.cpu_affinity([core])
-                    self.pinned[proc.pid] = core
+                if name.startswith("ray::BatchWorker") and proc.pid not in self.pinned | self.earlier:
+                    proc.cpu_affinity([self._free_core()])
+                    self.pinned[proc.pid] = proc.cpu_affinity()[0]
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
+
+    def _free_core(self) -> int:
+        """The core with the fewest live workers pinned to it."""
+        live = [core for pid, core in self.pinned.items() if psutil.pid_exists(pid)]
+        return min(self.cores, key=live.count)
 
     def _loop(self) -> None:
         while not self.stop.wait(0.5):
             self._sample()
 
     def __enter__(self) -> Watch:
+        me = psutil.Process()
+        for proc in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if (proc.cmdline() or [""])[0].startswith("ray::BatchWorker"):
+                    self.earlier.add(proc.pid)
         self._sample()
         self.own_start = sum(self.own.values())
         self.busy_start = self._busy()
