@@ -256,7 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         setup_environment(args.setup or None)
     except subprocess.CalledProcessError as exc:
-        sys.exit(f"set-up failed: {' '.join(map(str, exc.cmd))} exited with {exc.returncode}")
+        detail = (exc.stderr or "").strip().splitlines()[-3:]  # the import check's own words
+        sys.exit(f"set-up failed: {' '.join(map(str, exc.cmd))} exited with {exc.returncode}"
+                 + "".join(f"\n  {line}" for line in detail))
 
 
 if __name__ == "__main__":
