@@ -30,8 +30,10 @@ if TYPE_CHECKING:
     from .explanation import Explanation, ImageItem, Item, TargetExplanation, TargetSpan
     from .manipulation import enable, manipulate
     from .models import LoadedModel, load_model
-    from .steering import Steerer, TextControl, TokenControl
-    from .vision import ImageClassifierExplainer, VisionLanguageExplainer, load_image_classifier, load_vision_language
+    from .rows import ImageControl, TextControl, TokenControl
+    from .steering import Steerer
+    from .vision import ImageClassifierExplainer, load_image_classifier
+    from .vision_language import VisionLanguageExplainer, VisionLanguageSteerer, load_vision_language
 
 # public name -> the module that defines it
 LAZY: dict[str, str] = {
@@ -42,9 +44,10 @@ LAZY: dict[str, str] = {
     **dict.fromkeys(("Explanation", "ImageItem", "Item", "TargetExplanation", "TargetSpan"), ".explanation"),
     **dict.fromkeys(("enable", "manipulate"), ".manipulation"),
     **dict.fromkeys(("LoadedModel", "load_model"), ".models"),
-    **dict.fromkeys(("Steerer", "TextControl", "TokenControl"), ".steering"),
-    **dict.fromkeys(("ImageClassifierExplainer", "VisionLanguageExplainer", "load_image_classifier",
-                     "load_vision_language"), ".vision"),
+    **dict.fromkeys(("ImageControl", "TextControl", "TokenControl"), ".rows"),
+    "Steerer": ".steering",
+    **dict.fromkeys(("ImageClassifierExplainer", "load_image_classifier"), ".vision"),
+    **dict.fromkeys(("VisionLanguageExplainer", "VisionLanguageSteerer", "load_vision_language"), ".vision_language"),
 }
 
 __all__ = [
@@ -70,10 +73,12 @@ __all__ = [
     "Steerer",
     "TargetExplanation",
     "TargetSpan",
+    "ImageControl",
     "TextControl",
     "TokenControl",
     "UnsupportedModelError",
     "VisionLanguageExplainer",
+    "VisionLanguageSteerer",
     "cite",
     "enable",
     "explain",

@@ -18,6 +18,10 @@ import torch
 
 from .errors import AtmanError
 
+# nominal speeds for sizing pieces of work: what one float32 forward pass sustains on a CPU core or
+# two, on an Apple GPU and on a data-centre GPU (a faster device merely checks more often than asked)
+NOMINAL_FLOPS = {"cpu": 5e10, "mps": 5e12, "cuda": 5e13}
+
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 CPU_SHARE = 0.25
@@ -122,3 +126,23 @@ def default_budget(device: torch.device, model: MemoryModel, length: int) -> int
         free, _ = torch.cuda.mem_get_info(device)
         return int(min(0.8 * free, GPU_PLAIN_MULTIPLE * model.plain_forward(length)))
     return int(CPU_SHARE * psutil.virtual_memory().available)
+
+
+def piece_tokens_for(model: torch.nn.Module, seconds: float) -> int:
+    """Token-forwards that ``model`` runs in about ``seconds`` at its device's nominal speed
+    (:data:`NOMINAL_FLOPS`, two operations per weight and token), rounded down to a power of two,
+    at least 128: the ``piece_tokens`` of an engine whose caller wants to be able to stop it about
+    that often. It depends on the model and the device type only, never on timing, so every server
+    of a model cuts its work alike and gives the same results whatever its load.
+
+    >>> piece_tokens_for(torch.nn.Linear(1000, 1000), 2.0)
+    32768
+    """
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise AtmanError(f"seconds between checks must be a positive number, got {seconds!r}")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    skipped = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+    weights = sum(p.numel() for p in model.parameters() if id(p) not in skipped)
+    flops = NOMINAL_FLOPS.get(next(model.parameters()).device.type, NOMINAL_FLOPS["cuda"])
+    tokens = seconds * flops / max(2 * weights, 1)
+    return max(128, 2 ** int(math.log2(max(tokens, 1.0))))

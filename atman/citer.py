@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import torch
 
 from .citations import Citations, CitedSpan, Passage, Source
-from .engine import Progress, Suppression, suppression_rows
+from .engine import Progress
 from .errors import AtmanError, EmptyInputError, GranularityError
 from .explainer import Explainer, covering
 from .models import LoadedModel
+from .rows import Suppression, suppression_rows
 from .units import EncodedInput, encode, prompt_units, text_spans
 
 SOURCE_LEVELS = ("passage", "sentence", "token")

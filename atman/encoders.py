@@ -18,15 +18,16 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .engine import EngineClient, refuse_factor, suppression_rows
+from .engine import EngineClient
 from .errors import AtmanError, EmptyInputError, ModelLoadError
-from .explanation import Explanation, Item, TargetExplanation, TargetSpan
+from .explanation import Explanation, explanation_from
 from .manipulation import enable
+from .rows import refuse_factor, suppression_rows
 from .units import EncodedInput, Unit, choose_granularity, prompt_units, tokenize
 
 POOLINGS = ("mean", "cls")
@@ -151,10 +152,8 @@ class ClassifierExplainer(EncoderExplainer):
         index = class_index(self.encoder.model.config, target, logprobs.shape[1], int(logprobs[0].argmax()))
         delta = logprobs[0, index] - logprobs[1:, index]
         label = class_label(self.encoder.model.config, index)
-        items = tuple(Item("prompt", u.text, u.start, u.length, float(d)) for u, d in zip(units, delta, strict=True))
-        return Explanation(
-            model=self.encoder.name, prompt=text, target=label,
-            explanations=(TargetExplanation(TargetSpan(label, 0, len(label)), items),),
+        return explanation_from(
+            units, delta, model=self.encoder.name, prompt=text, target=label,
             settings={"task": "classification", "class_index": index, "granularity": resolved,
                       **suppression.settings(), "target_logprob": float(logprobs[0, index]),
                       "predicted": class_label(self.encoder.model.config, int(logprobs[0].argmax()))},
@@ -207,13 +206,10 @@ class SimilarityExplainer(EncoderExplainer):
         base = cos(emb_a[0], emb_b[0], dim=0)
         delta_a = base - cos(emb_a[1:], emb_b[0:1], dim=-1)
         delta_b = base - cos(emb_b[1:], emb_a[0:1], dim=-1)
-        items = tuple(Item("prompt", u.text, u.start, u.length, float(d))
-                      for u, d in zip(units_a, delta_a, strict=True))
-        items += tuple(Item("target", u.text, u.start, u.length, float(d))
-                       for u, d in zip(units_b, delta_b, strict=True))
-        return Explanation(
+        # text b's units are of kind target: items of the one explanation, of the whole of text b
+        return explanation_from(
+            list(units_a) + [replace(u, kind="target") for u in units_b], torch.cat([delta_a, delta_b]),
             model=self.encoder.name, prompt=text_a, target=text_b,
-            explanations=(TargetExplanation(TargetSpan(text_b, 0, len(text_b)), items),),
             settings={"task": "similarity", "similarity": float(base), "pooling": self.encoder.pooling,
                       "granularity": resolved, **suppression.settings()},
         )

@@ -1,21 +1,28 @@
 """The engine under every explainer: rows of attention multipliers in, one output per row out.
 
 Every AtMan client (causal-LM text, sequence classifiers, embedding similarity, image classifiers,
-vision-language models, citation, the server) says only what its units are and what its output is;
-it builds one multiplier row per perturbation (row 0 untouched) and hands the rows to an
-:class:`Engine`, which owns the forward passes:
+vision-language models, citation, steering, the server) says only what its units are and what its
+output is; it builds multiplier rows (:mod:`atman.rows`) and hands them to an :class:`Engine`, which
+owns the forward passes and nothing else:
 
 * :meth:`Engine.target_losses` — teacher-forced cross-entropy of the target tokens at the end of a
   sequence, per row. The ``cached`` path runs the unperturbed pass once, keeps its keys and values,
-  and recomputes each row only from its first damped position (exact: earlier positions cannot see
-  a damped key in a causal model); only the target positions' logits are computed.
+  and recomputes each row only from its first damped position on a shared-prefix cache
+  (:mod:`atman.prefix_cache`; exact: earlier positions cannot see a damped key in a causal model);
+  only the target positions' logits are computed.
+* :meth:`Engine.logprobs` — the log-probability of each target token (and whether it is the greedy
+  choice) under one row: what scoring a continuation, evaluating a completion and steering read.
 * :meth:`Engine.outputs` — any output of a full forward pass, per row (encoders, image classifiers).
 
-Both batch the rows within a memory budget (:mod:`atman.budget`) and a token budget, halve a
-batch that runs out of device memory, report progress after every batch and stop when the
-progress callback raises (that is how callers cancel). :class:`Suppression` is the one validated
-setting every client shares: the attention multiplier of a suppressed unit, conceptual
-suppression, the variant and the attention kernel.
+All batch the rows within a memory budget (:mod:`atman.budget`) and a token budget, halve a batch
+that runs out of device memory, report progress after every batch and stop when the progress
+callback raises (that is how callers cancel). :func:`target_logprobs` is the one place that turns
+logits into the log-probabilities of chosen tokens. Rows come from :mod:`atman.rows`, the shared
+prefix from :mod:`atman.prefix_cache`, the batches of the cached path from :mod:`atman.schedule`.
+
+The engine is kept together because its three paths (cached, naive, full outputs) share one run's
+state: the budgets, the pieces a long pass is cut into, the unperturbed pass kept between calls, the
+halving of a batch that runs out of memory and the progress calls that cancel it.
 
 Example::
 
@@ -28,133 +35,57 @@ Example::
 from __future__ import annotations
 
 import inspect
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
-from transformers import Cache, DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache
 
 from .budget import PLAIN, MemoryModel, default_budget, parse_memory, release_freed_memory
-from .defaults import BACKENDS, CONCEPTUAL_KAPPA, DEFAULT_KAPPA, DEFAULT_MULTIPLIER, ENGINES, FACTOR_RENAMED, MODES
+from .defaults import DEFAULT_KAPPA, DEFAULT_MULTIPLIER, ENGINES
 from .errors import AtmanError
-from .manipulation import SharedKeys, active, manipulate
+from .manipulation import manipulate
+from .prefix_cache import SharedPrefix
+from .rows import Suppression, refuse_factor
+from .schedule import CPU_CALL_OVERHEAD, GPU_CALL_OVERHEAD, batch_groups
 
 # token-forwards per batch: enough to keep the CPU's cores busy; a GPU wants far more rows
 CPU_TOKEN_BUDGET = 8192
 GPU_TOKEN_BUDGET = 131072
 # the naive engine computes logits at every position (as the paper's code did): keep its batches small
 NAIVE_TOKEN_BUDGET = 2048
-# fixed cost of one forward call, in token-forwards (measured: ~60 ms of a 1.7 ms/token CPU pass)
-CPU_CALL_OVERHEAD = 32
-GPU_CALL_OVERHEAD = 1024
-MAX_GROUP_ROWS = 512
 Progress = Callable[[int, int], None]
-__all__ = ["BACKENDS", "CONCEPTUAL_KAPPA", "DEFAULT_KAPPA", "DEFAULT_MULTIPLIER", "ENGINES", "FACTOR_RENAMED", "MODES",
-           "BatchRecord", "Engine", "EngineClient", "Suppression", "batch_groups", "forward_options", "refuse_factor",
-           "piece_tokens_for", "repeat_inputs", "spread_conceptually", "suppression_rows"]
+__all__ = ["BatchRecord", "Engine", "EngineClient", "TokenLogprobs", "forward_options", "repeat_inputs",
+           "target_logprobs"]
 
 
-def refuse_factor(factor: object) -> None:
-    """Raise for the old ``factor`` spelling, whose meaning flipped; never reinterpret it."""
-    if factor is not None:
-        raise AtmanError(FACTOR_RENAMED)
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(``targets[..., i]``) from the logits ``logits[..., i, :]`` that predict it, in float32 on the
+    logits' device: the one reader of chosen tokens' log-probabilities.
+
+    >>> target_logprobs(torch.zeros(2, 4), torch.tensor([1, 3])).tolist() == [-1.3862943649291992] * 2
+    True
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise AtmanError(f"{tuple(logits.shape[:-1])} logits for {tuple(targets.shape)} target tokens")
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return logprobs.gather(-1, targets.to(logprobs.device).long()[..., None])[..., 0]
 
 
 @dataclass(frozen=True)
-class Suppression:
-    """How a unit is suppressed, checked once and shared by every explainer, steering and the server.
+class TokenLogprobs:
+    """Per target token: its log-probability (``chosen``) and whether it is the model's greedy choice."""
 
-    ``multiplier``: the attention to a suppressed unit is multiplied by it (default 0.1; 0 removes
-    the unit; in the paper's notation the suppression factor f = 1 - multiplier). ``kappa``:
-    conceptual suppression threshold (None = off): tokens whose input embeddings have cosine
-    similarity s >= kappa to the unit's are damped too, to ``1 - (1 - multiplier) * s``. ``mode``:
-    log-additive or multiplicative. ``backend``: the attention kernel (sdpa, eager, flex_attention).
+    chosen: torch.Tensor
+    greedy: torch.Tensor
 
-    >>> Suppression(multiplier=0.0).settings()
-    {'multiplier': 0.0, 'kappa': None, 'mode': 'log-additive'}
-    """
-
-    multiplier: float = DEFAULT_MULTIPLIER
-    kappa: float | None = DEFAULT_KAPPA
-    mode: str = "log-additive"
-    backend: str = "sdpa"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.multiplier, bool) or not isinstance(self.multiplier, (int, float)) or not (
-            math.isfinite(self.multiplier) and 0.0 <= self.multiplier <= 1.0
-        ):
-            raise AtmanError(
-                f"multiplier must lie in [0, 1] (0 removes the unit, 1 leaves it), got {self.multiplier!r}"
-            )
-        if self.kappa is not None and (
-            isinstance(self.kappa, bool) or not isinstance(self.kappa, (int, float))
-            or not (math.isfinite(self.kappa) and 0.0 < self.kappa <= 1.0)
-        ):
-            raise AtmanError(f"kappa must lie in (0, 1], got {self.kappa!r}")
-        if self.mode not in MODES:
-            raise AtmanError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.backend not in BACKENDS:
-            raise AtmanError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-
-    def with_options(self, *, multiplier: float | None = None, kappa: float | None | str = "default",
-                     mode: str | None = None) -> Suppression:
-        """A copy with per-call overrides (None / ``"default"`` keep this setting's value)."""
-        return replace(self, multiplier=self.multiplier if multiplier is None else multiplier,
-                       kappa=self.kappa if kappa == "default" else kappa, mode=mode or self.mode)
-
-    def settings(self) -> dict:
-        """What an Explanation records of this setting."""
-        return {"multiplier": self.multiplier, "kappa": self.kappa, "mode": self.mode}
-
-
-def suppression_rows(length: int, units: Sequence[Sequence[int]], multiplier: float) -> torch.Tensor:
-    """Row 0 untouched, row ``u + 1`` with ``multiplier`` on the positions of ``units[u]``.
-
-    >>> suppression_rows(3, [[1], [0, 2]], 0.1).tolist()
-    [[1.0, 1.0, 1.0], [1.0, 0.10000000149011612, 1.0], [0.10000000149011612, 1.0, 0.10000000149011612]]
-    """
-    rows = torch.ones(len(units) + 1, length)
-    for row, positions in enumerate(units, start=1):
-        rows[row, list(positions)] = multiplier
-    return rows
-
-
-def spread_conceptually(
-    rows: torch.Tensor,
-    embeddings: torch.Tensor,
-    units: Sequence[Sequence[int]],
-    candidates: Sequence[int],
-    multiplier: float,
-    kappa: float,
-) -> None:
-    """Conceptual suppression, in place: with unit u (row u + 1) also damp every candidate position k
-    whose input embedding has cosine similarity s >= ``kappa`` to one of u's, to ``1 - (1 - multiplier) * s``.
-
-    ``candidates`` are the positions that may be damped (the explained prompt tokens, target tokens
-    later target tokens see, image tokens); template and special tokens are never touched. A
-    unit's similarity to k is the maximum over its positions.
-    """
-    candidates = list(candidates)
-    if not candidates:
-        return
-    normed = torch.nn.functional.normalize(embeddings[candidates].float(), dim=-1)
-    similarity = normed @ normed.T
-    index = {pos: i for i, pos in enumerate(candidates)}
-    cand = torch.tensor(candidates)
-    for row, positions in enumerate(units, start=1):
-        own = [index[p] for p in positions if p in index]
-        if not own:
-            continue
-        sim = similarity[own].amax(dim=0)
-        sim[own] = 0.0
-        hit = sim >= kappa
-        if bool(hit.any()):
-            damped = (1.0 - (1.0 - multiplier) * sim[hit]).clamp(min=0.0)
-            hit_positions = cand[hit]
-            rows[row, hit_positions] = torch.minimum(rows[row, hit_positions], damped)
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor) -> TokenLogprobs:
+        """From the logits (..., n, vocabulary) that predict ``targets`` (..., n); on the CPU."""
+        chosen = target_logprobs(logits, targets)
+        greedy = logits.argmax(dim=-1) == targets.to(logits.device)
+        return cls(chosen=chosen.cpu(), greedy=greedy.cpu())
 
 
 def forward_options(model: torch.nn.Module) -> tuple[bool, str]:
@@ -162,31 +93,6 @@ def forward_options(model: torch.nn.Module) -> tuple[bool, str]:
     (transformers renamed ``past_key_values`` to ``cache`` in its 5.x series)."""
     forward = inspect.signature(model.forward).parameters
     return "logits_to_keep" in forward, "cache" if "cache" in forward else "past_key_values"
-
-
-# nominal speeds for sizing pieces of work: what one float32 forward pass sustains on a CPU core or
-# two, on an Apple GPU and on a data-centre GPU (a faster device merely checks more often than asked)
-NOMINAL_FLOPS = {"cpu": 5e10, "mps": 5e12, "cuda": 5e13}
-
-
-def piece_tokens_for(model: torch.nn.Module, seconds: float) -> int:
-    """Token-forwards that ``model`` runs in about ``seconds`` at its device's nominal speed
-    (:data:`NOMINAL_FLOPS`, two operations per weight and token), rounded down to a power of two,
-    at least 128: the ``piece_tokens`` of an engine whose caller wants to be able to stop it about
-    that often. It depends on the model and the device type only, never on timing, so every server
-    of a model cuts its work alike and gives the same results whatever its load.
-
-    >>> piece_tokens_for(torch.nn.Linear(1000, 1000), 2.0)
-    32768
-    """
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise AtmanError(f"seconds between checks must be a positive number, got {seconds!r}")
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    skipped = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
-    weights = sum(p.numel() for p in model.parameters() if id(p) not in skipped)
-    flops = NOMINAL_FLOPS.get(_device_of(model).type, NOMINAL_FLOPS["cuda"])
-    tokens = seconds * flops / max(2 * weights, 1)
-    return max(128, 2 ** int(math.log2(max(tokens, 1.0))))
 
 
 OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
@@ -205,10 +111,6 @@ class BatchRecord:
     budget: int
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 class Engine:
     """Forward passes of multiplier rows through one model, batched within a memory budget.
 
@@ -221,7 +123,7 @@ class Engine:
     of a long prompt, or rows recomputing a long suffix — is cut into pieces that continue each
     other's cache (the same attention, up to float rounding), so that a caller who cancels by
     raising from the callback (a deadline, a client gone) is obeyed within one piece.
-    :func:`piece_tokens_for` picks the number for a time between checks.
+    :func:`atman.budget.piece_tokens_for` picks the number for a time between checks.
     """
 
     def __init__(
@@ -274,7 +176,7 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return _device_of(self.model)
+        return next(self.model.parameters()).device
 
     def budget(self, length: int) -> int:
         """Bytes a batch may use for a sequence of ``length`` tokens."""
@@ -320,6 +222,28 @@ class Engine:
                 return run.naive()
             return run.cached(readout_from)
 
+    def logprobs(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        targets: torch.Tensor,
+        row: torch.Tensor | None = None,
+        *,
+        mode: str | None = None,
+    ) -> TokenLogprobs:
+        """Log-probability of each of the last ``len(targets)`` tokens of ``inputs`` (teacher forced), and
+        whether each is the greedy choice, in one forward pass under ``row`` (one multiplier per key
+        position; None = the model itself). ``inputs`` are the model's inputs for one sequence, as for
+        :meth:`target_losses` (any other model input, such as pixel values, goes along)."""
+        sequence = inputs.get("input_ids", inputs.get("inputs_embeds"))
+        if sequence is None:
+            raise AtmanError("logprobs needs input_ids or inputs_embeds")
+        length = int(sequence.shape[1])
+        rows = torch.ones(1, length) if row is None else row.reshape(1, -1).float()
+        run = _Run(self, inputs, targets, rows, mode or self.suppression.mode, None)
+        with torch.no_grad():
+            logits = run.forward(run.inputs, rows, run.n_target + 1)
+        return TokenLogprobs.from_logits(logits[0, :-1], run.targets)
+
     def reuses_prefix_exactly(self, inputs: Mapping[str, torch.Tensor], targets: torch.Tensor,
                               reference: torch.Tensor, split: int, tolerance: float = 1e-4) -> bool:
         """Whether running ``inputs`` in two pieces, the second on the first's cache, reproduces
@@ -327,7 +251,9 @@ class Engine:
 
         The cached engine is exact only for models in which a position never depends on later ones
         and positions follow from the cache length; a model with bidirectional spans (image blocks,
-        prefix-LM prompts) or positions computed from more than the sequence fails this check.
+        prefix-LM prompts) or positions computed from more than the sequence fails this check. Inside
+        :meth:`keeping_unperturbed`, a pass that passes is kept as the unperturbed pass of these inputs,
+        so the rows that follow do not run it again.
         """
         run = _Run(self, inputs, targets, torch.ones(1, next(iter(inputs.values())).shape[1]),
                    self.suppression.mode, None)
@@ -340,7 +266,10 @@ class Engine:
             logits = run.forward(run.sliced(split, 1), run.rows, run.n_target + 1, cache=cache)
         losses = run.nll(logits[:, :-1], 0)[0]
         reference = reference.reshape(-1).cpu()
-        return bool(((losses - reference).abs() <= tolerance * (1.0 + reference.abs())).all())
+        exact = bool(((losses - reference).abs() <= tolerance * (1.0 + reference.abs())).all())
+        if exact:
+            run.keep(losses, cache)
+        return exact
 
     def outputs(
         self,
@@ -355,29 +284,31 @@ class Engine:
 
         ``inputs`` are the model's inputs for one example (batch of one); every tensor is repeated
         along dim 0 for the rows of a batch (per-image tensors are stacked in batch order by every
-        processor we know). ``head`` returns one (batch rows, ...) tensor per batch.
+        processor we know). ``head`` returns one (batch rows, ...) tensor per batch. Batches keep
+        within ``batch_size``, the token budget and ``max_memory``.
         """
         length = rows.shape[1]
         run = _Run(self, inputs, None, rows, mode or self.suppression.mode, progress)
         out: list[torch.Tensor | None] = [None] * rows.shape[0]
 
         def one(batch: list[int]) -> None:
-            self.forward_calls += 1
-            self.token_forwards += len(batch) * length
-            if self.trace is not None:
-                self.trace.append(BatchRecord(len(batch), length, 0, int(run.budget)))
+            self._record(len(batch), length, 0, run.budget)
             with manipulate(rows[batch].to(self.device), mode=run.mode, backend=self.suppression.backend):
-                result = head(self.model(**repeat_inputs(inputs, len(batch)))).float().cpu()
+                result = head(self.model(**repeat_inputs(run.inputs, len(batch)))).float().cpu()
             for k, r in enumerate(batch):
                 out[r] = result[k]
             run.tick(len(batch))
 
-        size = self.batch_size or max(1, self.token_budget() // max(length, 1))
         with torch.no_grad():
-            for first in range(0, rows.shape[0], size):
-                run.split_on_oom(list(range(first, min(first + size, rows.shape[0]))), one)
-                release_freed_memory(self.device)
+            run.in_batches(run.even_batches(self.token_budget(), logits=1), one)
         return torch.stack(out)  # type: ignore[arg-type]
+
+    def _record(self, rows: int, queries: int, reused: int, budget: int) -> None:
+        """Count one forward pass (and trace it when tracing)."""
+        self.forward_calls += 1
+        self.token_forwards += rows * queries
+        if self.trace is not None:
+            self.trace.append(BatchRecord(int(rows), int(queries), int(reused), int(budget)))
 
 
 class EngineClient:
@@ -504,10 +435,7 @@ class _Run:
     def nll(self, logits: torch.Tensor, first_target: int) -> torch.Tensor:
         """Negative log-likelihood of target tokens ``first_target``.. from the logits predicting them."""
         targets = self.targets[first_target:].expand(logits.shape[0], -1)
-        if logits.shape[1] != targets.shape[1]:
-            raise RuntimeError(f"{logits.shape[1]} logits for {targets.shape[1]} target tokens")
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        return -logprobs.gather(-1, targets[..., None])[..., 0].cpu()
+        return -target_logprobs(logits, targets).cpu()
 
     def sliced(self, start: int, count: int, stop: int | None = None) -> dict[str, torch.Tensor]:
         """The sequence inputs of positions ``start``..``stop`` (default: the end), for ``count`` rows
@@ -552,22 +480,40 @@ class _Run:
 
     def forward(self, inputs: dict, multipliers: torch.Tensor, keep: int, cache=None) -> torch.Tensor:
         """Logits of the last ``keep`` positions of ``inputs`` under ``multipliers``."""
-        first = next(iter(inputs.values()))
+        first = next(v for v in inputs.values() if isinstance(v, torch.Tensor))
         queries = first.shape[1]
         reused = cache.get_seq_length() if cache is not None else 0
-        self.engine.forward_calls += 1
-        self.engine.token_forwards += first.shape[0] * queries
-        if self.engine.trace is not None:
-            self.engine.trace.append(BatchRecord(int(first.shape[0]), int(queries), int(reused), int(self.budget)))
+        self.engine._record(first.shape[0], queries, reused, self.budget)
         extra = {"logits_to_keep": keep} if self.engine.logits_to_keep and keep < queries else {}
         if cache is not None:
             extra.update({self.engine.cache_argument: cache, "use_cache": True})
         else:
             extra["use_cache"] = False
+        prefix = cache if isinstance(cache, SharedPrefix) else None
         with manipulate(multipliers.to(self.engine.device), mode=self.mode,
-                        backend=self.engine.suppression.backend):
+                        backend=self.engine.suppression.backend, prefix=prefix):
             logits = self.model(**inputs, **extra).logits
         return logits[:, -keep:]
+
+    def in_batches(self, groups: list[list[int]], run: Callable[[list[int]], None]) -> None:
+        """Run each group of rows as one batch (halved on running out of memory), freeing memory after each."""
+        for group in groups:
+            self.split_on_oom(group, run)
+            release_freed_memory(self.engine.device)
+
+    def even_batches(self, token_budget: int, logits: int) -> list[list[int]]:
+        """Consecutive rows in batches of the largest size that fits whole-sequence passes."""
+        total = self.rows.shape[0]
+        size = 1
+        while size < total and self.fits(size + 1, 0, logits, token_budget):
+            size += 1
+        return [list(range(first, min(first + size, total))) for first in range(0, total, size)]
+
+    def keep(self, losses: torch.Tensor, cache: DynamicCache) -> None:
+        """Hold this unperturbed pass (losses, keys and values) while the engine keeps one."""
+        if self.engine._kept is not None:
+            prefix = tuple((layer.keys, layer.values) for layer in cache.layers)
+            self.engine._kept[:] = [_Kept(self.sequence, self.targets, losses.clone(), prefix)]
 
     def naive(self) -> torch.Tensor:
         """Every row recomputes the whole sequence (as the paper's code did)."""
@@ -579,13 +525,7 @@ class _Run:
             out[batch] = self.nll(logits[:, :-1], 0)
             self.tick(len(batch))
 
-        total = self.rows.shape[0]
-        size = 1
-        while size < total and self.fits(size + 1, 0, self.length, NAIVE_TOKEN_BUDGET):
-            size += 1
-        for first in range(0, total, size):
-            self.split_on_oom(list(range(first, min(first + size, total))), run)
-            release_freed_memory(self.engine.device)
+        self.in_batches(self.even_batches(NAIVE_TOKEN_BUDGET, self.length), run)
         return out
 
     def cached(self, readout_from: int | None) -> torch.Tensor:
@@ -606,9 +546,8 @@ class _Run:
             logits = self.forward_pieces(0, rows[:1], self.n_target + 1, cache)
             out[0] = self.nll(logits[:, :-1], 0)[0]
             prefix = [(layer.keys, layer.values) for layer in cache.layers]
+            self.keep(out[0], cache)
             del cache
-            if self.engine._kept is not None:
-                self.engine._kept[:] = [_Kept(self.sequence, self.targets, out[0].clone(), tuple(prefix))]
         self.tick(1)
         # batches run latest start first, so the kept prefix only ever shrinks: it is cut to the
         # current batch's start, and the memory of the positions no later batch needs is freed
@@ -653,91 +592,5 @@ class _Run:
             return self.fits(count, start, self.n_target + 1, self.engine.token_budget(), held)
 
         overhead = GPU_CALL_OVERHEAD if self.engine.device.type == "cuda" else CPU_CALL_OVERHEAD
-        for group in batch_groups(starts_list, self.length, fits, overhead):
-            self.split_on_oom(group, run)
-            release_freed_memory(self.engine.device)
+        self.in_batches(batch_groups(starts_list, self.length, fits, overhead), run)
         return out
-
-
-class PrefixLayer(DynamicLayer):
-    """One layer's unperturbed keys and values, shared by every row of a batch.
-
-    Each call returns the prefix (broadcast, not copied, over the rows) joined to the rows' own new
-    keys and values. Without ``grow`` nothing is stored, so a batch holds one layer's keys and values
-    at a time; with ``grow`` the rows' own keys and values are kept for the next call (a pass run in
-    pieces).
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, grow: bool = False) -> None:
-        super().__init__()
-        self.keys, self.values = keys, values
-        self.grow = grow
-        self.own: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.device = keys.device
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.own is not None:
-            key_states = torch.cat([self.own[0], key_states], dim=-2)
-            value_states = torch.cat([self.own[1], value_states], dim=-2)
-        if self.grow:
-            self.own = (key_states, value_states)
-        shared = SharedKeys(self.keys, self.values, key_states, value_states)
-        state = active()
-        if state is None:
-            return shared.joined()
-        # the attention call that follows reads the prefix once for every row (see atman.manipulation)
-        state.shared = shared
-        return key_states, value_states
-
-    def get_seq_length(self) -> int:
-        return self.keys.shape[-2] + (self.own[0].shape[-2] if self.own is not None else 0)
-
-
-class SharedPrefix(Cache):
-    """A cache for a whole batch: the first ``start`` positions of the unperturbed pass, read-only, and
-    with ``grow`` the batch's own positions after them."""
-
-    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], start: int, grow: bool = False) -> None:
-        super().__init__(layers=[PrefixLayer(keys[:, :, :start], values[:, :, :start], grow)
-                                 for keys, values in prefix])
-
-
-def batch_groups(
-    starts: list[int], length: int, fits: Callable[[int, int], bool], overhead: int = CPU_CALL_OVERHEAD
-) -> list[list[int]]:
-    """Rows in batches of similar first damped position, at the least total cost.
-
-    A batch recomputes every row from its earliest start, so a batch of ``k`` rows whose earliest
-    start is ``s`` costs ``overhead + k * (length - s)`` token-forwards; ``overhead`` is the fixed
-    cost of one forward call in token-forwards. Sorted by start, the best split into consecutive
-    batches that ``fits(rows, earliest start)`` allows is found by dynamic programming.
-
-    >>> batch_groups([5, 1, 4], 6, lambda rows, start: rows <= 2, overhead=10)
-    [[0, 2], [1]]
-    """
-    order = sorted(range(len(starts)), key=lambda r: -starts[r])
-    begin = [min(starts[r], length - 1) for r in order]
-    n = len(order)
-    best = [0.0] + [float("inf")] * n
-    size = [0] * (n + 1)
-    for j in range(1, n + 1):
-        suffix = length - begin[j - 1]
-        # the largest batch ending at row j that fits (fits is monotone in the number of rows)
-        low, high = 1, min(j, MAX_GROUP_ROWS)
-        while low < high:
-            mid = (low + high + 1) // 2
-            if fits(mid, begin[j - 1]):
-                low = mid
-            else:
-                high = mid - 1
-        for k in range(1, low + 1):
-            cost = best[j - k] + overhead + k * suffix
-            if cost < best[j]:
-                best[j], size[j] = cost, k
-    groups = []
-    j = n
-    while j > 0:
-        groups.append(order[j - size[j]:j])
-        j -= size[j]
-    return groups[::-1]

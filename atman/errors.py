@@ -29,3 +29,18 @@ class ModelLoadError(AtmanError):
 
 class UnsupportedModelError(AtmanError):
     """An architecture whose attention does not go through transformers' AttentionInterface."""
+
+
+# an optional package is absent: what to install
+MISSING = "{package} is not installed; install it with: {command}"
+
+
+def missing(package: str, command: str) -> ImportError:
+    """The ImportError raised when an optional package is absent, naming the command that installs it.
+
+    Example::
+
+        >>> str(missing("pandas", 'pip install "atman[pandas]"'))
+        'pandas is not installed; install it with: pip install "atman[pandas]"'
+    """
+    return ImportError(MISSING.format(package=package, command=command))

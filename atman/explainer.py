@@ -13,21 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import (
-    CONCEPTUAL_KAPPA,
-    DEFAULT_KAPPA,
-    DEFAULT_MULTIPLIER,
-    ENGINES,
-    EngineClient,
-    Progress,
-    Suppression,
-    refuse_factor,
-    spread_conceptually,
-    suppression_rows,
-)
+from .defaults import CONCEPTUAL_KAPPA, DEFAULT_KAPPA, DEFAULT_MULTIPLIER, ENGINES
+from .engine import EngineClient, Progress
 from .errors import AtmanError, ContextLengthError, EmptyInputError, GranularityError
-from .explanation import POSTPROCESSING, Explanation, Item, TargetExplanation, TargetSpan
+from .explanation import POSTPROCESSING, Explanation, explanation_from
 from .models import LoadedModel
+from .rows import Suppression, refuse_factor
 from .units import (
     TARGET_GRANULARITIES,
     EncodedInput,
@@ -39,7 +30,7 @@ from .units import (
 )
 
 __all__ = ["CONCEPTUAL_KAPPA", "DEFAULT_KAPPA", "DEFAULT_MULTIPLIER", "ENGINES", "Explainer", "Plan",
-           "build_explanation", "explain"]
+           "explain"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +39,7 @@ class Plan:
 
     encoded: EncodedInput
     units: list[Unit]
-    multipliers: torch.Tensor
+    rows: torch.Tensor
     granularity: str
 
 
@@ -150,27 +141,51 @@ class Explainer(EngineClient):
                          suppression.multiplier, suppression.kappa, delimiter, spans)
         # the refining stage reuses the first stage's unperturbed pass
         with self.engine.keeping_unperturbed():
-            losses = self.losses(encoded, plan.multipliers, mode=suppression.mode, progress=progress)
+            losses = self.losses(encoded, plan.rows, mode=suppression.mode, progress=progress)
             delta = losses[1:] - losses[0:1]
             if refine:
                 units, delta, refined = self._refine(plan, delta, refine_top, refine_share, suppression, progress)
             else:
                 units, refined = plan.units, set()
-        explanation = build_explanation(
-            encoded, units, delta, refined, target_granularity,
-            model=self.lm.name,
-            settings={
-                "granularity": "refine" if refine else plan.granularity,
-                **settings,
-                "target_granularity": target_granularity,
-                **suppression.settings(),
-                "chat": chat,
-                "system": system,
-                "generated_target": generated,
-                "target_logprob": -float(losses[0].sum()),
-            },
-        )
+        explanation = self._explanation(encoded, units, delta, losses[0], refined, target_granularity, suppression, {
+            "granularity": "refine" if refine else plan.granularity, **settings,
+            "target_granularity": target_granularity, **suppression.settings(),
+            "chat": chat, "system": system, "generated_target": generated,
+        })
         return explanation.postprocessed(postprocessing, normalize)
+
+    def explain_units(
+        self,
+        encoded: EncodedInput,
+        units: Sequence[Unit],
+        target_granularity: str = "complete",
+        *,
+        suppression: Suppression | None = None,
+        progress: Progress | None = None,
+    ) -> Explanation:
+        """Explain ``encoded``'s target by the given prompt ``units`` (made by :mod:`atman.units`, or by a
+        caller with its own idea of a unit, as the server's prompt items): one row per unit, then the
+        scores as an Explanation. With ``target_granularity="token"`` the target's tokens are units too
+        and each target token gets its own explanation. ``suppression``: this call's setting (default
+        the explainer's)."""
+        suppression = suppression or self.suppression
+        _check_options(target_granularity, "none")
+        units = list(units)
+        if target_granularity == "token":
+            units += target_units(encoded)
+        self.check_length(len(encoded.input_ids))
+        rows = self.rows(encoded, units, suppression)
+        losses = self.losses(encoded, rows, mode=suppression.mode, progress=progress)
+        return self._explanation(encoded, units, losses[1:] - losses[0:1], losses[0], set(), target_granularity,
+                                 suppression, {"target_granularity": target_granularity, **suppression.settings()})
+
+    def _explanation(self, encoded: EncodedInput, units: Sequence[Unit], delta: torch.Tensor,
+                     baseline: torch.Tensor, refined: set[int], target_granularity: str, suppression: Suppression,
+                     settings: dict) -> Explanation:
+        return explanation_from(
+            units, delta.double(), model=self.lm.name, prompt=encoded.prompt, target=encoded.target,
+            settings={**settings, "target_logprob": -float(baseline.sum())},
+            target_spans=encoded.target_spans if target_granularity == "token" else None, refined=refined)
 
     def plan(
         self,
@@ -187,21 +202,21 @@ class Explainer(EngineClient):
         units = prompt_units(encoded, resolved, delimiter=delimiter, spans=spans)
         if target_granularity == "token":
             units = units + target_units(encoded)
-        rows = self.multipliers(encoded, units, multiplier, kappa)
-        return Plan(encoded=encoded, units=units, multipliers=rows, granularity=resolved)
+        rows = self.rows(encoded, units, self.suppression.with_options(multiplier=multiplier, kappa=kappa))
+        return Plan(encoded=encoded, units=units, rows=rows, granularity=resolved)
 
-    def multipliers(self, encoded: EncodedInput, units: list[Unit], multiplier: float | None = None,
-                    kappa: float | None | str = "default") -> torch.Tensor:
-        """Row 0 unperturbed, row u + 1 suppressing ``units[u]`` (and its conceptual neighbours)."""
-        suppression = self.suppression.with_options(multiplier=multiplier, kappa=kappa)
+    def rows(self, encoded: EncodedInput, units: Sequence[Unit],
+             suppression: Suppression | None = None) -> torch.Tensor:
+        """Row 0 unperturbed, row u + 1 suppressing ``units[u]`` (and, with ``suppression.kappa``, its
+        conceptual neighbours among the prompt's text tokens and the target's); default: the explainer's
+        setting."""
+        suppression = suppression or self.suppression
         positions = [unit.positions for unit in units]
-        rows = suppression_rows(len(encoded.input_ids), positions, suppression.multiplier)
-        if suppression.kappa is not None:
-            candidates = {pos for pos, span in enumerate(encoded.prompt_spans) if span is not None}
-            candidates.update(u.positions[0] for u in target_units(encoded))
-            spread_conceptually(rows, self._embeddings(encoded), positions, sorted(candidates),
-                                suppression.multiplier, suppression.kappa)
-        return rows
+        if suppression.kappa is None:
+            return suppression.rows(len(encoded.input_ids), positions)
+        candidates = {pos for pos, span in enumerate(encoded.prompt_spans) if span is not None}
+        candidates.update(u.positions[0] for u in target_units(encoded))
+        return suppression.rows(len(encoded.input_ids), positions, self._embeddings(encoded), sorted(candidates))
 
     def _refine(
         self, plan: Plan, coarse_delta: torch.Tensor, top: int, share: float | None, suppression: Suppression,
@@ -216,7 +231,7 @@ class Explainer(EngineClient):
                                float(totals[prompt_rows].clamp(min=0).sum()), share)
         tokens = [unit for unit in prompt_units(plan.encoded, "token")
                   if any(unit.positions[0] in plan.units[i].positions for i in chosen)]
-        rows = self.multipliers(plan.encoded, tokens, suppression.multiplier, suppression.kappa)
+        rows = self.rows(plan.encoded, tokens, suppression)
         fine = self.losses(plan.encoded, rows, mode=suppression.mode, progress=progress)
         fine_delta = fine[1:] - fine[0:1]
         entries = [(plan.units[i], coarse_delta[i], False) for i in range(len(plan.units)) if i not in chosen]
@@ -305,44 +320,6 @@ def _check_options(target_granularity: str, postprocessing: str) -> None:
         )
     if postprocessing not in POSTPROCESSING:
         raise AtmanError(f"unknown postprocessing {postprocessing!r}; choose one of {', '.join(POSTPROCESSING)}")
-
-
-def build_explanation(
-    encoded: EncodedInput,
-    units: list[Unit],
-    delta: torch.Tensor,
-    refined: set[int],
-    target_granularity: str,
-    *,
-    model: str,
-    settings: dict,
-) -> Explanation:
-    """Scores ``delta[unit, target token]`` as an Explanation; ``refined`` marks refined units."""
-    delta = delta.double()
-    prompt_idx = [i for i, u in enumerate(units) if u.kind == "prompt"]
-
-    if not bool(torch.isfinite(delta).all()):
-        raise AtmanError("the explanation produced non-finite scores (a multiplier of 0 with the multiplicative "
-                         "variant can do this); use a multiplier above 0")
-
-    def item(i: int, score: float) -> Item:
-        unit = units[i]
-        return Item(kind=unit.kind, text=unit.text, start=unit.start, length=unit.length, score=score,
-                    refined=i in refined)
-
-    if target_granularity == "complete":
-        totals = delta.sum(dim=1)
-        items = tuple(item(i, float(totals[i])) for i in prompt_idx)
-        spans = [TargetExplanation(TargetSpan(encoded.target, 0, len(encoded.target)), items)]
-    else:
-        spans = []
-        target_idx = [i for i, u in enumerate(units) if u.kind == "target"]
-        for t, (a, b) in enumerate(encoded.target_spans):
-            items = [item(i, float(delta[i, t])) for i in prompt_idx]
-            items += [item(i, float(delta[i, t])) for i in target_idx[:t]]
-            spans.append(TargetExplanation(TargetSpan(encoded.target[a:b], a, b - a), tuple(items)))
-    return Explanation(model=model, prompt=encoded.prompt, target=encoded.target,
-                       explanations=tuple(spans), settings=settings)
 
 
 def explain(prompt: str, target: str | None = None, *, model: LoadedModel | None = None, **options) -> Explanation:

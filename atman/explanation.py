@@ -21,12 +21,13 @@ target less likely (its cross-entropy rose).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .integrations import missing
+from .errors import missing
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -345,6 +346,70 @@ class Explanation:
         from .render.html import render_fragment
 
         return render_fragment(self)
+
+
+def explanation_from(
+    units: Sequence[Any],
+    delta: Any,
+    *,
+    model: str,
+    prompt: str,
+    target: str,
+    settings: dict,
+    target_spans: Sequence[tuple[int, int]] | None = None,
+    refined: Sequence[int] | set[int] = (),
+) -> Explanation:
+    """The one way scores become an :class:`Explanation`.
+
+    ``units[u]`` is an explained unit: kind ``prompt`` or ``target`` with ``text``, ``start`` and
+    ``length`` (a :class:`~atman.units.Unit`), or kind ``image`` with ``image``, ``left``, ``top``,
+    ``width`` and ``height`` (a :class:`~atman.units.ImageUnit`). ``delta[u]`` is its score: one number,
+    or one per target token (nested sequences or a tensor of shape units x target tokens).
+
+    Without ``target_spans`` the explanation is of the complete target: one item per unit, its score
+    summed over the target's tokens (target units are items too: the units of a second text, as in a
+    similarity explanation). With ``target_spans`` (the (start, end) of each
+    target token in ``target``) each token gets its own explanation: every prompt and image unit, and
+    the target units before it (the ``j``-th target unit is the ``j``-th target token). ``refined`` are
+    the indices of units marked as refined (coarse-to-fine). Scores must be finite.
+
+    >>> from atman.units import Unit
+    >>> exp = explanation_from([Unit("prompt", (0,), 0, 3, "Ada")], [[0.5, 0.25]], model="m",
+    ...                        prompt="Ada", target=" Oslo", settings={})
+    >>> exp.explanations[0].items[0].score
+    0.75
+    """
+    rows = delta.tolist() if hasattr(delta, "tolist") else [list(r) if isinstance(r, Sequence) else r
+                                                          for r in delta]
+    if len(rows) != len(units):
+        raise ValueError(f"{len(rows)} scores for {len(units)} units")
+    rows = [row if isinstance(row, list) else [row] for row in rows]
+    if not all(math.isfinite(v) for row in rows for v in row):
+        from .errors import AtmanError
+
+        raise AtmanError("the explanation produced non-finite scores (a multiplier of 0 with the multiplicative "
+                         "variant can do this); use a multiplier above 0")
+    marked = set(refined)
+
+    def item(u: int, score: float) -> Item | ImageItem:
+        unit = units[u]
+        if unit.kind == "image":
+            return ImageItem(image=unit.image, left=unit.left, top=unit.top, width=unit.width,
+                             height=unit.height, score=score)
+        return Item(kind=unit.kind, text=unit.text, start=unit.start, length=unit.length, score=score,
+                    refined=u in marked)
+
+    context = [u for u, unit in enumerate(units) if unit.kind != "target"]
+    if target_spans is None:
+        items = tuple(item(u, math.fsum(rows[u])) for u in range(len(units)))
+        spans = (TargetExplanation(TargetSpan(target, 0, len(target)), items),)
+    else:
+        later = [u for u, unit in enumerate(units) if unit.kind == "target"]
+        spans = tuple(
+            TargetExplanation(TargetSpan(target[a:b], a, b - a),
+                              tuple(item(u, rows[u][t]) for u in context + later[:t]))
+            for t, (a, b) in enumerate(target_spans))
+    return Explanation(model=model, prompt=prompt, target=target, explanations=spans, settings=settings)
 
 
 def _post(score: float, how: str) -> float:

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from transformers import AttentionInterface
@@ -46,6 +46,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .defaults import BACKENDS, MODES
 from .errors import AtmanError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from .prefix_cache import SharedPrefix
 
 ATTENTION_NAME = "atman"
 Mode = Literal["log-additive", "multiplicative"]
@@ -73,14 +76,15 @@ class SharedKeys:
 class Manipulation:
     """One active manipulation: ``multipliers[row, key]``, how to apply them, and a call counter.
 
-    ``shared``: keys and values handed over by a prefix cache for the next attention call."""
+    ``prefix``: the shared-prefix cache the model runs on, if any; every attention call takes its
+    keys and values from it (:meth:`atman.prefix_cache.SharedPrefix.handed`)."""
 
     multipliers: torch.Tensor
     mode: str = "log-additive"
     backend: str = "sdpa"
     calls: int = 0
     identity: bool = False
-    shared: SharedKeys | None = None
+    prefix: SharedPrefix | None = None
 
 
 _ACTIVE: ContextVar[Manipulation | None] = ContextVar("atman_manipulation", default=None)
@@ -144,12 +148,15 @@ def _check_interface_is_used(model: torch.nn.Module, example_inputs: dict | None
 
 @contextmanager
 def manipulate(
-    multipliers: torch.Tensor, *, mode: str = "log-additive", backend: str = "sdpa"
+    multipliers: torch.Tensor, *, mode: str = "log-additive", backend: str = "sdpa",
+    prefix: SharedPrefix | None = None,
 ) -> Iterator[Manipulation]:
     """Apply ``multipliers`` (rows x key positions, 1 = untouched) to every attention layer.
 
     A single row is broadcast over the batch. ``mode="multiplicative"`` always runs on the eager
-    path, whatever ``backend`` says. The yielded :class:`Manipulation` counts the attention calls.
+    path, whatever ``backend`` says. ``prefix``: the :class:`~atman.prefix_cache.SharedPrefix` the
+    model runs on, whose prefix every attention call reads once for all rows. The yielded
+    :class:`Manipulation` counts the attention calls.
     """
     if mode not in MODES:
         raise AtmanError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -160,7 +167,7 @@ def manipulate(
     if not bool(torch.isfinite(multipliers).all()) or bool((multipliers < 0).any()):
         raise AtmanError("multipliers must be finite and >= 0")
     state = Manipulation(multipliers=multipliers, mode=mode, backend=backend,
-                         identity=bool((multipliers == 1).all()))
+                         identity=bool((multipliers == 1).all()), prefix=prefix)
     token = _ACTIVE.set(state)
     try:
         yield state
@@ -190,8 +197,8 @@ def atman_attention(
     shared = None
     if state is not None:
         state.calls += 1
-        shared, state.shared = state.shared, None
-        if shared is not None and (key is not shared.own_keys or value is not shared.own_values):
+        shared = state.prefix.handed(key, value) if state.prefix is not None else None
+        if state.prefix is not None and shared is None:
             raise UnsupportedModelError(
                 f"{type(module).__name__} changes its keys between the cache and the attention call, so a "
                 "shared prefix cannot be handed over; run it without prefix reuse (engine='naive')")

@@ -3,6 +3,10 @@
 GGUF files are converted by transformers on first load (slow: the weights are dequantised); the
 converted model is cached under ``$ATMAN_CACHE_DIR`` (default ``$XDG_CACHE_HOME/atman`` or
 ``~/.cache/atman``) and later loads read the cached safetensors.
+
+It is one module because every way of naming a model ends in the same few steps (resolve the name,
+refuse what cannot load with the close names, convert and cache, switch the attention to AtMan's) and
+a reader who wants to know why a name loads or fails should find them in one place.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class LoadedModel(ModelFacts):
     model: torch.nn.Module
     tokenizer: object
     name: str
+    # what kind of model this is, for those that serve several kinds (the server picks its service by it)
+    modality = "text"
 
     @property
     def eos_ids(self) -> set[int]:

@@ -43,35 +43,23 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .engine import Suppression, forward_options
+from .engine import Engine, forward_options
 from .errors import AtmanError, ContextLengthError, EmptyInputError
 from .manipulation import manipulate
 from .models import LoadedModel
+from .rows import (  # noqa: F401  (the controls are part of steering's API)
+    OVERLAPS,
+    Control,
+    ImageControl,
+    Suppression,
+    TextControl,
+    TokenControl,
+    control_multipliers,
+    spread_to_similar,
+)
 from .units import tokenize
 
-OVERLAPS = ("partial", "complete")
 FINISH_REASONS = ("maximum_tokens", "end_of_text", "stop_sequence_reached")
-
-
-@dataclass(frozen=True)
-class TextControl:
-    """Multiply the attention to the prompt characters ``start .. start + length`` by ``factor``."""
-
-    start: int
-    length: int
-    factor: float
-    token_overlap: str = "partial"
-
-
-@dataclass(frozen=True)
-class TokenControl:
-    """Multiply the attention to prompt token ``position`` by ``factor``."""
-
-    position: int
-    factor: float
-
-
-Control = TextControl | TokenControl
 
 
 @dataclass(frozen=True)
@@ -98,88 +86,6 @@ class Completion:
     top_log_probs: tuple[dict[str, float], ...] | None = None
 
 
-def _check_factor(factor: float) -> None:
-    try:
-        value = float(factor)
-    except (TypeError, ValueError):
-        value = math.nan
-    if isinstance(factor, bool) or not math.isfinite(value) or value < 0:
-        raise AtmanError(f"a control factor must be a finite number >= 0, got {factor!r}")
-
-
-def control_multipliers(
-    token_spans: Sequence[tuple[int, int] | None],
-    controls: Sequence[Control],
-    *,
-    text_length: int | None = None,
-) -> torch.Tensor:
-    """One multiplier per prompt token (1 = untouched) from ``controls``.
-
-    ``token_spans[i]`` is the character span of prompt token ``i`` in the prompt text, or None for a
-    token that is not text (BOS, a raw token id); text controls never touch those.
-
-    Example::
-
-        >>> control_multipliers([(0, 4), (4, 8)], [TextControl(2, 4, 2.0)]).tolist()
-        [1.5, 1.5]
-    """
-    multipliers = torch.ones(len(token_spans), dtype=torch.float64)
-    for control in controls:
-        _check_factor(control.factor)
-        if isinstance(control, TokenControl):
-            if not 0 <= control.position < len(token_spans):
-                raise AtmanError(
-                    f"token control position {control.position} is outside the prompt's {len(token_spans)} tokens"
-                )
-            multipliers[control.position] *= control.factor
-            continue
-        if control.token_overlap not in OVERLAPS:
-            raise AtmanError(f"token_overlap must be one of {', '.join(OVERLAPS)}, got {control.token_overlap!r}")
-        if control.start < 0 or control.length < 1:
-            raise AtmanError(f"a text control needs start >= 0 and length >= 1, got {control.start}, {control.length}")
-        end = control.start + control.length
-        if text_length is not None and end > text_length:
-            raise AtmanError(
-                f"text control {control.start}..{end} reaches past the end of the {text_length}-character text"
-            )
-        for position, span in enumerate(token_spans):
-            if span is None:
-                continue
-            a, b = span
-            covered = min(b, end) - max(a, control.start)
-            if covered <= 0:
-                continue
-            if control.token_overlap == "complete":
-                multipliers[position] *= control.factor
-            else:
-                multipliers[position] *= 1.0 + (control.factor - 1.0) * covered / (b - a)
-    return multipliers.float()
-
-
-def spread_to_similar(
-    multipliers: torch.Tensor, embeddings: torch.Tensor, candidates: Sequence[int], threshold: float
-) -> torch.Tensor:
-    """Give each uncontrolled candidate token the factor of its most similar controlled token.
-
-    Similarity is the cosine of the input embeddings; only similarities >= ``threshold`` count.
-    """
-    if not 0.0 < threshold <= 1.0:
-        raise AtmanError(f"contextual_control_threshold must lie in (0, 1], got {threshold}")
-    out = multipliers.clone()
-    candidates = list(candidates)
-    controlled = [p for p in candidates if multipliers[p] != 1]
-    free = [p for p in candidates if multipliers[p] == 1]
-    if not controlled or not free:
-        return out
-    normed = torch.nn.functional.normalize(embeddings.float(), dim=-1)
-    similarity = normed[free] @ normed[controlled].T
-    best, index = similarity.max(dim=1)
-    for row, position in enumerate(free):
-        if float(best[row]) >= threshold:
-            out[position] = multipliers[controlled[int(index[row])]]
-    return out
-
-
 class Steerer:
     """Generate, or score a given continuation, with controls on the prompt's attention.
 
@@ -196,6 +102,7 @@ class Steerer:
         self.mode = mode
         self.backend = backend
         self._logits_to_keep, self._cache_argument = forward_options(model.model)
+        self.engine = Engine(model.model, suppression=Suppression(mode=mode, backend=backend))
         self.eos_ids = model.eos_ids
 
     # --- text in, text out -------------------------------------------------------------------
@@ -297,15 +204,12 @@ class Steerer:
             raise EmptyInputError("the continuation has no tokens")
         mode = self._check(list(input_ids) + list(continuation), torch.cat(
             [multipliers, torch.ones(len(continuation))]), 0, mode)
-        ids = torch.tensor([list(input_ids) + list(continuation)], device=self.lm.device)
-        with torch.no_grad(), manipulate(multipliers[None].to(self.lm.device), mode=mode, backend=self.backend):
-            logits = self.lm.model(input_ids=ids, use_cache=False).logits[0]
-        logprobs = torch.log_softmax(logits[len(input_ids) - 1:-1].float(), dim=-1)
-        target = torch.tensor(list(continuation), device=logprobs.device)
-        chosen = logprobs.gather(-1, target[:, None])[:, 0].cpu()
-        if not bool(torch.isfinite(chosen).all()):
+        ids = torch.tensor([list(input_ids) + list(continuation)])
+        row = torch.cat([multipliers.float().cpu(), torch.ones(len(continuation))])
+        scored = self.engine.logprobs({"input_ids": ids}, ids[0, len(input_ids):], row, mode=mode)
+        if not bool(torch.isfinite(scored.chosen).all()):
             raise AtmanError("the controls drove the model's output to non-finite values; use a smaller factor")
-        return Scored(log_probs=chosen, greedy=(logprobs.argmax(dim=-1).cpu() == target.cpu()))
+        return Scored(log_probs=scored.chosen, greedy=scored.greedy)
 
     def generate_ids(
         self,

@@ -22,7 +22,25 @@ import numpy as np
 from .errors import GranularityError
 
 IMAGE_GRANULARITIES: dict[str, int | None] = {"token": 1, "word": 2, "sentence": 4, "paragraph": None}
-TileSpec = str | int | tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TilesPerSide:
+    """Cut the grid into about ``count`` tiles per side, whatever its size (Aleph Alpha's API explains a
+    12 x 12 image grid as 6 x 6 "word" and 3 x 3 "sentence" tiles: the same share of the image on any grid).
+
+    >>> tile_shape(ImageGrid(24, 24), TilesPerSide(6)), tile_shape(ImageGrid(6, 6), TilesPerSide(3))
+    ((4, 4), (2, 2))
+    """
+
+    count: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
+            raise GranularityError(f"tiles per side must be a positive integer, got {self.count!r}")
+
+
+TileSpec = str | int | tuple[int, int] | TilesPerSide
 
 
 @dataclass(frozen=True)
@@ -49,7 +67,9 @@ class Tile:
 
 
 def tile_shape(grid: ImageGrid, granularity: TileSpec = "token") -> tuple[int, int]:
-    """``(tile_rows, tile_cols)`` of a named granularity or an explicit size on ``grid``."""
+    """``(tile_rows, tile_cols)`` of a named granularity, an explicit size or a :class:`TilesPerSide` on ``grid``."""
+    if isinstance(granularity, TilesPerSide):
+        return max(1, round(grid.rows / granularity.count)), max(1, round(grid.cols / granularity.count))
     if isinstance(granularity, str):
         if granularity not in IMAGE_GRANULARITIES:
             raise GranularityError(

@@ -51,6 +51,20 @@ class Unit:
 
 
 @dataclass(frozen=True)
+class ImageUnit:
+    """An image tile suppressed as one unit: image ``image`` of the input, its token ``positions`` in the
+    sequence, and the tile's rectangle ``left``, ``top``, ``width``, ``height`` in 0..1 of the image."""
+
+    image: int
+    positions: tuple[int, ...]
+    left: float
+    top: float
+    width: float
+    height: float
+    kind: str = "image"
+
+
+@dataclass(frozen=True)
 class EncodedInput:
     """Prompt and target as one token sequence, with character offsets of every explainable token.
 

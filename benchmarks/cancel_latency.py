@@ -19,7 +19,8 @@ import time
 import torch
 
 from atman import Explainer, load_model
-from atman.engine import piece_tokens_for
+from atman.budget import piece_tokens_for
+from atman.rows import Suppression
 from atman.units import encode, prompt_units
 
 MAX_UNITS = 256
@@ -52,7 +53,7 @@ def measure(lm, explainer: Explainer, length: int, checks: int) -> None:
     tokens = prompt_units(encoded, "token")
     # units spread over the whole prompt, as sentences are: the first rows recompute nearly all of it
     units = tokens[:: max(1, len(tokens) // MAX_UNITS)][:MAX_UNITS]
-    multipliers = explainer.multipliers(encoded, units, 0.1, None)
+    multipliers = explainer.rows(encoded, units, Suppression(multiplier=0.1, kappa=None))
     stamps = [time.perf_counter()]
     rows: list[int] = []
 

@@ -33,12 +33,8 @@ sys.path.insert(0, str(ROOT))
 from atman.evaluate.image_metrics import mask_to_grid, precision_recall  # noqa: E402
 from atman.evaluate.scenes import CAPTION_PREFIX, CLASSIFIER_CLUTTER, make_scene  # noqa: E402
 from atman.tiles import ImageGrid, relevance_grid  # noqa: E402
-from atman.vision import (  # noqa: E402
-    ImageClassifierExplainer,
-    VisionLanguageExplainer,
-    load_image_classifier,
-    load_vision_language,
-)
+from atman.vision import ImageClassifierExplainer, load_image_classifier  # noqa: E402
+from atman.vision_language import VisionLanguageExplainer, load_vision_language  # noqa: E402
 
 FIXTURES = Path(__import__("os").environ.get("ATMAN_FIXTURES", ROOT / "tests" / "fixtures"))
 IG_STEPS = 32

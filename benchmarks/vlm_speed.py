@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atman.engine import suppression_rows
 from atman.evaluate.scenes import CAPTION_PREFIX, make_scene
+from atman.rows import suppression_rows
 from atman.tiles import ImageGrid, grid_tiles
 from atman.units import prompt_units
-from atman.vision import VisionLanguageExplainer, load_vision_language
+from atman.vision_language import VisionLanguageExplainer, load_vision_language
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tiny-llava-scenes"
 

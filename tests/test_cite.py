@@ -10,8 +10,8 @@ from rich.console import Console
 
 from atman import AtmanError, Citations, Citer, EmptyInputError, Explainer, Passage, cite
 from atman.citer import CitationError, coarse_to_fine, passages_from, source_groups
-from atman.engine import suppression_rows
 from atman.render.citations import render_citations_html, render_citations_terminal
+from atman.rows import suppression_rows
 
 PASSAGES = [
     {"id": "a", "title": "Harbours", "text": "Tamsin Orrelby keeps bees on the island of Quellmark. "

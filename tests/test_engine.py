@@ -9,14 +9,10 @@ from test_vlm_families import END, FAMILIES, IMAGE, START, TOKENS
 from transformers import AutoModelForImageTextToText, DynamicCache
 
 from atman import AtmanError, Explainer, LoadedModel, enable, manipulate
-from atman.engine import (
-    FACTOR_RENAMED,
-    Engine,
-    Suppression,
-    spread_conceptually,
-    suppression_rows,
-)
-from atman.vision import has_multimodal_positions, language_model_inputs
+from atman.defaults import FACTOR_RENAMED
+from atman.engine import Engine
+from atman.rows import Suppression, spread_conceptually, suppression_rows
+from atman.vision_language import has_multimodal_positions, language_model_inputs
 
 LENGTH, N_TARGET = 12, 3
 

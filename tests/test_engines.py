@@ -8,7 +8,7 @@ from conftest import TINY_CONFIGS, tiny_model
 
 from atman import AtmanError, Explainer, LoadedModel, enable
 from atman.budget import MemoryModel, parse_memory
-from atman.engine import batch_groups
+from atman.schedule import batch_groups
 from atman.units import EncodedInput
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -82,7 +82,8 @@ def test_rows_laid_side_by_side_against_one_shared_prefix_give_each_rows_attenti
     under a block mask: the same losses as each row attending to its own joined copy (the eager
     kernel) and, for whole-row damping, as the naive engine."""
     from atman import manipulation
-    from atman.engine import Engine, Suppression
+    from atman.engine import Engine
+    from atman.rows import Suppression
 
     model = enable(tiny_model(family))
     length, tail = 100, 10

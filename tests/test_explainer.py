@@ -136,7 +136,7 @@ def test_chat_mode_never_suppresses_template_tokens(explainer, smollm2):
     plan = explainer.plan(encoded, "token", kappa=0.6)
     template = [p for p, span in enumerate(encoded.prompt_spans) if span is None and p < encoded.target_start]
     assert len(template) > 5
-    assert (plan.multipliers[:, template] == 1).all()
+    assert (plan.rows[:, template] == 1).all()
     exp = explainer.explain(PROMPT, TARGET, chat=True, system="Answer briefly.", granularity="token")
     assert _covered(exp) == PROMPT
     assert "<|im_start|>" not in "".join(i.text for i in exp.explanations[0].items)
@@ -173,8 +173,8 @@ def test_conceptual_suppression_damps_similar_tokens(explainer, smollm2):
     omar_units = [row + 1 for row, u in enumerate(units_on.units) if u.text == "Omar"]
     row = omar_units[0]
     other = units_on.units[omar_units[1] - 1].positions
-    assert (units_off.multipliers[row, list(other)] == 1).all()
-    assert (units_on.multipliers[row, list(other)] == pytest.approx(0.1, abs=1e-3))
+    assert (units_off.rows[row, list(other)] == 1).all()
+    assert (units_on.rows[row, list(other)] == pytest.approx(0.1, abs=1e-3))
 
 
 def test_postprocessing_and_normalize(explainer):

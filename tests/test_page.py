@@ -130,7 +130,7 @@ def test_an_image_explanation_is_laid_over_the_image(page, tmp_path):
     import numpy as np
 
     from atman.evaluate.scenes import CAPTION_PREFIX, make_scene
-    from atman.vision import load_vision_language
+    from atman.vision_language import load_vision_language
 
     fixture = os.path.join(os.path.dirname(__file__), "fixtures", "tiny-llava-scenes")
     scene = make_scene(np.random.default_rng(5), 2)

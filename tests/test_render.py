@@ -12,8 +12,8 @@ from rich.console import Console
 import atman
 from atman.explanation import Explanation, Item, TargetExplanation, TargetSpan
 from atman.render import render_fragment, render_html, render_terminal
-from atman.render.html import format_score, intensity, max_abs_score, split_units
-from atman.render.palette import AGAINST_RGB, FOR_RGB, LEGEND, MAX_ALPHA, blend
+from atman.render.html import format_score, intensity, split_units
+from atman.render.palette import AGAINST_RGB, FOR_RGB, LEGEND, MAX_ALPHA, blend, max_abs_score
 from atman.render.terminal import terminal_renderables
 
 PROMPT = "Ada lives in Oslo.\n  Bob <script>alert(1)</script> lives in Rome.\n\nWhere does Ada live? In"

@@ -36,6 +36,7 @@ from aleph_alpha_client import (  # noqa: E402
 )
 
 from atman import Explainer  # noqa: E402
+from atman.rows import Suppression  # noqa: E402
 from atman.server import Limits, create_app  # noqa: E402
 from atman.steering import Steerer  # noqa: E402
 
@@ -101,6 +102,34 @@ def test_explain_at_each_granularity_equals_the_python_api(app, client, smollm2,
     if core["granularity"] == "paragraph":
         top = max(response.with_text_from_prompt(request).explanations[0].items[0].scores, key=lambda s: s.score)
         assert top.text == "Ada lives in Oslo."
+
+
+def test_served_answers_equal_the_library_calls(app, client, smollm2):
+    """Every served answer is a library call a Python user can make: explain with contextual suppression
+    (Aleph Alpha's rule, the "same" multiplier), per target token, and a steered evaluation."""
+    pieces = app.state.services[MODEL].explainer.engine.piece_tokens
+    explainer = Explainer(smollm2, piece_tokens=pieces,
+                          suppression=Suppression(multiplier=0.2, kappa=0.7, similar="same"))
+    request = ExplanationRequest(Prompt.from_text(FACTS), " Oslo", prompt_granularity=PromptGranularity.Word,
+                                 control_factor=0.2, contextual_control_threshold=0.7,
+                                 target_granularity=TargetGranularity.Token)
+    response = client.explain(request, MODEL)
+    expected = explainer.explain(FACTS, " Oslo", granularity="word", target_granularity="token")
+    assert len(response.explanations) == len(expected.explanations)
+    for got, want in zip(response.explanations, expected.explanations, strict=True):
+        served = [(s.start, s.length, s.score) for s in got.items[0].scores + got.items[-1].scores]
+        library = [(i.start, i.length, i.score) for i in want.items]
+        assert [s[:2] for s in served] == [w[:2] for w in library]
+        assert [s[2] for s in served] == pytest.approx([w[2] for w in library], abs=1e-5)
+    oslo = FACTS.index("Oslo")
+    controls = [TextControl(start=oslo, length=4, factor=0.3)]
+    served = client.evaluate(EvaluationRequest(Prompt.from_text(FACTS, controls), completion_expected=" Oslo",
+                                               contextual_control_threshold=0.6), MODEL).result
+    from atman.rows import TextControl as LibraryControl
+
+    scored = Steerer(smollm2).score(FACTS, " Oslo", [LibraryControl(oslo, 4, 0.3)], contextual_threshold=0.6)
+    assert served["log_probability"] == pytest.approx(float(scored.log_probs.sum()), abs=1e-5)
+    assert served["correct_greedy"] is bool(scored.greedy.all())
 
 
 def test_explain_per_target_token_with_postprocessing(client):
@@ -405,3 +434,13 @@ def test_bad_citation_requests_get_clear_4xx(url, change, status, words):
     response = httpx.post(url + "/cite", json=body, timeout=120)
     assert response.status_code == status, response.text
     assert words in response.text
+
+
+def test_a_bare_prompt_granularity_name_means_its_object(url):
+    body = {"model": MODEL, "prompt": FACTS, "target": " Oslo"}
+    bare = httpx.post(url + "/explain", json=body | {"prompt_granularity": "sentence"})
+    full = httpx.post(url + "/explain", json=body | {"prompt_granularity": {"type": "sentence"}})
+    assert bare.status_code == full.status_code == 200
+    assert bare.json() == full.json()
+    wrong = httpx.post(url + "/explain", json=body | {"prompt_granularity": "sentences"})
+    assert wrong.status_code == 422

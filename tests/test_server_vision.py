@@ -41,13 +41,14 @@ from atman import manipulate  # noqa: E402
 from atman.errors import ContextLengthError  # noqa: E402
 from atman.evaluate.image_metrics import mask_to_grid  # noqa: E402
 from atman.evaluate.scenes import CAPTION_PREFIX, make_scene  # noqa: E402
+from atman.rows import Suppression  # noqa: E402
 from atman.server import (
     create_app,  # noqa: E402
     schemas,  # noqa: E402
 )
-from atman.server.service import Deadline, LimitError, Limits, Timeout  # noqa: E402
+from atman.server.base import Deadline, LimitError, Limits, Timeout  # noqa: E402
 from atman.server.vision_service import VisionLanguageService  # noqa: E402
-from atman.vision import VisionLanguageExplainer, load_vision_language  # noqa: E402
+from atman.vision_language import VisionLanguageExplainer, load_vision_language  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MODEL = "tiny-llava-scenes"
@@ -122,9 +123,10 @@ def test_scores_equal_the_library_and_granularity_maps_to_tiles(client, vlm):
     assert [s.score for s in image_item.scores] == pytest.approx([t.score for t in tiles], abs=1e-6)
     assert target_item.scores == []
     # the multiplicative variant and conceptual suppression reach the library's settings too
-    library = VisionLanguageExplainer(vlm, mode="multiplicative").explain(
-        "<image>" + CAPTION_PREFIX, target, images=[scene.image], granularity="word", image_granularity="token",
-        kappa=0.5)
+    # contextual_control_threshold is Aleph Alpha's rule: similar tokens get the very same multiplier
+    library = VisionLanguageExplainer(vlm, suppression=Suppression(kappa=0.5, similar="same", mode="multiplicative")
+                                      ).explain("<image>" + CAPTION_PREFIX, target, images=[scene.image],
+                                                granularity="word", image_granularity="token")
     response = client.explain(ExplanationRequest(scene_prompt(scene), target, control_log_additive=False,
                                                  contextual_control_threshold=0.5,
                                                  prompt_granularity=PromptGranularity.Word), model=MODEL)
@@ -212,16 +214,41 @@ def test_image_control_factor_one_changes_nothing_and_zero_changes_the_distribut
     assert logprob(text_controls=[TextControl(0, len(CAPTION_PREFIX), 0.0)]) != pytest.approx(base)
 
 
+def test_served_completion_and_evaluation_equal_the_library_steerer(client, vlm):
+    """/complete and /evaluate with an image control are VisionLanguageSteerer calls a Python user can make."""
+    from atman.rows import ImageControl as LibraryImageControl
+    from atman.vision_language import VisionLanguageSteerer
+
+    scene = make_scene(np.random.default_rng(14), 2)
+    assert scene.image.width == scene.image.height  # the crop the server sends is the whole image
+    expected = " " + scene.objects[0].name
+    controls = [ImageControl(left=0.0, top=0.0, width=0.5, height=1.0, factor=0.1)]
+    steerer = VisionLanguageSteerer(vlm)
+    library_controls = [LibraryImageControl(0, 0.0, 0.0, 0.5, 1.0, 0.1)]
+    prepared = steerer.explainer.prepare("<image>" + CAPTION_PREFIX, expected, [scene.image])
+    row = steerer.multipliers(prepared, image_controls=library_controls, images=[scene.image])
+    scored = steerer.score_prepared(prepared, row)
+    served = client.evaluate(EvaluationRequest(scene_prompt(scene, controls=controls), expected), model=MODEL).result
+    assert served["log_probability"] == pytest.approx(float(scored.log_probs.sum()), abs=1e-5)
+    assert served["correct_greedy"] is bool(scored.greedy.all())
+    completion = steerer.generate("<image>" + CAPTION_PREFIX, [scene.image], image_controls=library_controls,
+                                  max_new_tokens=5)
+    answer = client.complete(CompletionRequest(scene_prompt(scene, controls=controls), maximum_tokens=5,
+                                               log_probs=0), model=MODEL).completions[0]
+    assert answer.completion == completion.text
+    assert [list(d.values())[0] for d in answer.log_probs] == pytest.approx(list(completion.log_probs), abs=1e-5)
+
+
 def test_partial_image_control_scales_by_the_covered_share(service):
     scene = make_scene(np.random.default_rng(2), 1)
     data = base64.b64encode(png(scene.image)).decode()
 
     def multipliers(overlap: str) -> torch.Tensor:
         # the left half of the first column of image tokens, from top to bottom
-        control = schemas.ImageControl(rect=schemas.Rect(left=0, top=0, width=1 / 12, height=1), factor=0.2,
+        control = schemas.ImageControlJson(rect=schemas.Rect(left=0, top=0, width=1 / 12, height=1), factor=0.2,
                                        token_overlap=overlap)
-        prompt = [schemas.ImageItem(type="image", data=data, controls=[control]),
-                  schemas.TextItem(type="text", data=CAPTION_PREFIX)]
+        prompt = [schemas.ImagePromptItem(type="image", data=data, controls=[control]),
+                  schemas.TextPromptItem(type="text", data=CAPTION_PREFIX)]
         vision = service.prompt(prompt)
         prepared = service.explainer.prepare_prompt(vision.text, [i.image for i in vision.images])
         run = list(prepared.image_runs[0])
@@ -269,7 +296,8 @@ def test_sampling_stop_sequences_and_tokenize(client):
 def test_limits_and_deadline(vlm):
     scene = make_scene(np.random.default_rng(6), 1)
     data = base64.b64encode(png(scene.image)).decode()
-    prompt = [schemas.ImageItem(type="image", data=data), schemas.TextItem(type="text", data=CAPTION_PREFIX)]
+    prompt = [schemas.ImagePromptItem(type="image", data=data),
+              schemas.TextPromptItem(type="text", data=CAPTION_PREFIX)]
     explain = schemas.ExplanationRequest(model=MODEL, prompt=prompt, target=" red",
                                          prompt_granularity=schemas.CustomGranularity(type="token"))
     complete = schemas.CompletionRequest(model=MODEL, prompt=prompt, maximum_tokens=4)
@@ -326,8 +354,8 @@ def test_docstring_examples(monkeypatch):
     """The examples in the service's docstrings, run on the reference LLaVA from the repository root."""
     import doctest
 
-    from atman.server import vision_schemas, vision_service
+    from atman.server import schemas, vision_service
 
     monkeypatch.chdir(FIXTURES.parent.parent)
-    results = [doctest.testmod(vision_schemas), doctest.testmod(vision_service)]
+    results = [doctest.testmod(schemas), doctest.testmod(vision_service)]
     assert all(r.failed == 0 for r in results) and results[1].attempted >= 6

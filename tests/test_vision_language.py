@@ -13,12 +13,8 @@ from atman.evaluate.image_metrics import mask_to_grid, precision_recall
 from atman.evaluate.scenes import CAPTION_PREFIX, CLASSIFIER_CLUTTER, make_scene
 from atman.explanation import ImageItem
 from atman.tiles import ImageGrid, relevance_grid
-from atman.vision import (
-    ImageClassifierExplainer,
-    VisionLanguageExplainer,
-    load_image_classifier,
-    load_vision_language,
-)
+from atman.vision import ImageClassifierExplainer, load_image_classifier
+from atman.vision_language import VisionLanguageExplainer, load_vision_language
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROMPT = "<image>" + CAPTION_PREFIX

@@ -13,11 +13,11 @@ Example::
 
 from __future__ import annotations
 
-from ..engine import FACTOR_RENAMED
+from ..defaults import FACTOR_RENAMED
 from ..errors import AtmanError
 from ..models import LoadedModel
 from .attention import AttentionRollout, CheferRelevance
-from .base import BaselineUnavailableError, Method, TokenMethod, make_explanation, sequence_logprobs
+from .base import BaselineUnavailableError, Method, TokenMethod, sequence_logprobs
 from .gradient import FeatureAblation, InputXGradient, IntegratedGradients, Saliency
 from .lrp import AttnLRP
 from .perturbation import AtMan, Occlusion, Random
@@ -67,5 +67,5 @@ def get_method(spec: str, model: LoadedModel) -> Method:
 __all__ = [
     "METHODS", "AtMan", "AttentionRollout", "AttnLRP", "BaselineUnavailableError", "CheferRelevance",
     "FeatureAblation", "InputXGradient", "IntegratedGradients", "Method", "Occlusion", "Random", "Saliency",
-    "TokenMethod", "get_method", "make_explanation", "parse_spec", "sequence_logprobs",
+    "TokenMethod", "get_method", "parse_spec", "sequence_logprobs",
 ]

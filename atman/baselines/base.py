@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..engine import target_logprobs
 from ..errors import AtmanError
-from ..explanation import Explanation, Item, TargetExplanation, TargetSpan
+from ..explanation import Explanation, explanation_from
 from ..models import LoadedModel
 from ..units import EncodedInput, Unit, choose_granularity, encode, prompt_units
 
@@ -60,8 +61,8 @@ class Method:
         resolved = choose_granularity(encoded) if granularity == "auto" else granularity
         units = prompt_units(encoded, resolved, delimiter=delimiter, spans=spans)
         scores = self.unit_scores(encoded, units)
-        return make_explanation(self.lm.name, encoded, units, scores,
-                                {"method": self.name, "granularity": resolved, **self.settings()})
+        return explanation_from(units, scores, model=self.lm.name, prompt=encoded.prompt, target=encoded.target,
+                                settings={"method": self.name, "granularity": resolved, **self.settings()})
 
     def unit_scores(self, encoded: EncodedInput, units: list[Unit]) -> torch.Tensor:
         raise NotImplementedError
@@ -94,20 +95,9 @@ class TokenMethod(Method):
         return torch.stack([tokens[list(unit.positions)].sum() for unit in units])
 
 
-def make_explanation(model: str, encoded: EncodedInput, units: list[Unit], scores: torch.Tensor,
-                     settings: dict) -> Explanation:
-    """An Explanation of the complete target with one item per prompt unit."""
-    items = tuple(Item(kind="prompt", text=u.text, start=u.start, length=u.length, score=float(s))
-                  for u, s in zip(units, scores.tolist(), strict=True))
-    return Explanation(model=model, prompt=encoded.prompt, target=encoded.target,
-                       explanations=(TargetExplanation(TargetSpan(encoded.target, 0, len(encoded.target)), items),),
-                       settings=settings)
-
-
 def target_logprob_from_logits(logits: torch.Tensor, ids: torch.Tensor, target_start: int) -> torch.Tensor:
     """Sum of log p(target token) over the target, per batch row; ``logits`` (B, L, V), ``ids`` (B, L)."""
-    pred = torch.log_softmax(logits[:, target_start - 1:-1].float(), dim=-1)
-    return pred.gather(-1, ids[:, target_start:, None])[..., 0].sum(dim=-1)
+    return target_logprobs(logits[:, target_start - 1:-1], ids[:, target_start:]).sum(dim=-1)
 
 
 def sequence_logprobs(lm: LoadedModel, sequences: Sequence[Sequence[int]], n_target: int,
@@ -131,11 +121,10 @@ def sequence_logprobs(lm: LoadedModel, sequences: Sequence[Sequence[int]], n_tar
             mask[row, :len(sequences[i])] = 1
         with torch.no_grad():
             logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for row, i in enumerate(batch):
             end = len(sequences[i])
-            targets = ids[row, end - n_target:end]
-            out[i] = logprobs[row, end - n_target - 1:end - 1].gather(-1, targets[:, None]).sum().double()
+            chosen = target_logprobs(logits[row, end - n_target - 1:end - 1], ids[row, end - n_target:end])
+            out[i] = chosen.sum().double().cpu()
 
     for i in order:
         if batch and (len(batch) + 1) * len(sequences[i]) > token_budget:

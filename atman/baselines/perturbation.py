@@ -6,9 +6,10 @@ import hashlib
 
 import torch
 
-from ..engine import DEFAULT_KAPPA, DEFAULT_MULTIPLIER, Suppression, refuse_factor
+from ..defaults import DEFAULT_KAPPA, DEFAULT_MULTIPLIER
 from ..explainer import Explainer
 from ..models import LoadedModel
+from ..rows import Suppression, refuse_factor
 from ..units import EncodedInput, Unit
 from .base import Method, delete_units, sequence_logprobs
 
@@ -34,7 +35,7 @@ class AtMan(Method):
 
     def unit_scores(self, encoded: EncodedInput, units: list[Unit]) -> torch.Tensor:
         ex = self.explainer
-        multipliers = ex.multipliers(encoded, units)
+        multipliers = ex.rows(encoded, units)
         losses = ex.losses(encoded, multipliers)
         return (losses[1:] - losses[0:1]).sum(dim=1).double()
 

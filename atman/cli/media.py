@@ -121,13 +121,8 @@ def _classify(args) -> int:
 def _images(args) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from ..vision import (
-        IMAGE_MARKER,
-        ImageClassifierExplainer,
-        VisionLanguageExplainer,
-        load_image_classifier,
-        load_vision_language,
-    )
+    from ..vision import ImageClassifierExplainer, load_image_classifier
+    from ..vision_language import IMAGE_MARKER, VisionLanguageExplainer, load_vision_language
 
     if not args.model:
         raise UsageError("--image needs --model (an image classifier or a vision-language model)")
@@ -222,7 +217,7 @@ class MediaBatch:
             made = ClassifierExplainer(load_encoder(args.model, task="classification", device=device),
                                        **self.options)
         elif _is_vision_language(args.model):
-            from ..vision import VisionLanguageExplainer, load_vision_language
+            from ..vision_language import VisionLanguageExplainer, load_vision_language
 
             made = VisionLanguageExplainer(load_vision_language(args.model, device=device),
                                            **self.options)
@@ -256,7 +251,7 @@ class MediaBatch:
         images = self._images(request["image"])
         tiles = image_granularity(request.get("image_granularity", "token"))
         if hasattr(explainer, "prepare"):  # a vision-language model
-            from ..vision import IMAGE_MARKER
+            from ..vision_language import IMAGE_MARKER
 
             prompt = request.get("prompt", "")
             if IMAGE_MARKER not in prompt:

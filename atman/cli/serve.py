@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"atman serve needs the server extra (pip install 'atman[server]'): {exc}") from None
     from ..models import load_model
-    from ..vision import is_vision_language, load_vision_language
+    from ..vision import is_vision_language
+    from ..vision_language import load_vision_language
     from .shared import quiet_libraries
 
     quiet_libraries()

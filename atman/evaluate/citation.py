@@ -16,6 +16,10 @@ The pieces, in the order data flows:
   context encoded once, only the tail after it recomputed with multipliers on the sources' keys).
   ContextCite itself lives in :mod:`atman.baselines.contextcite`.
 
+It is one module because task, scorer, metrics and methods are one protocol: every method and
+metric reads the same prompt layout and the same source spans, and a reader checking that a figure
+in docs/evaluation.md is fair to every method needs them side by side.
+
 Example::
 
     >>> lm = load_model()
@@ -38,11 +42,12 @@ import numpy as np
 import torch
 
 from ..citer import coarse_to_fine, source_groups
-from ..engine import Engine, Suppression, forward_options
+from ..engine import Engine, forward_options, target_logprobs
 from ..errors import AtmanError, EmptyInputError
 from ..explainer import Explainer
 from ..manipulation import manipulate
 from ..models import LoadedModel
+from ..rows import Suppression
 
 # ContextCite's DEFAULT_PROMPT_TEMPLATE (context_cite/context_citer.py)
 PROMPT_TEMPLATE = "Context: {context}\n\nQuery: {query}"
@@ -306,9 +311,7 @@ class ResponseScorer:
         with torch.no_grad():
             logits = self.lm.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    position_ids=positions.to(device), use_cache=False, **kwargs).logits
-        logits = logits[:, -(n + 1):-1].float()
-        targets = ids[:, -n:].to(logits.device)
-        return torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None])[..., 0].cpu().numpy()
+        return target_logprobs(logits[:, -(n + 1):-1], ids[:, -n:]).cpu().numpy()
 
     @property
     def full_logprob(self) -> float:

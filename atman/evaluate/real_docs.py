@@ -5,6 +5,9 @@ Apache-2.0 and is never imported or depended on: the wheel is read as a zip file
 :func:`build`, and the result is committed as ``atman/evaluate/data/real-docs.json``). The wheel's
 TriviaQA sample (``triviaqa-sample.tgz``) is kept aside: nothing is read from it.
 
+It is one module because the builder and the loader are one contract: the loader reads exactly the
+fields the builder writes, and a reader checking where a gold sentence came from needs both.
+
 How a context is built (:func:`build`, seed 0):
 
 1. **Questions.** Each question comes with its own document(s):

@@ -9,15 +9,6 @@ the Captum and pandas bridges for single explanations; this package holds the re
 - :mod:`atman.integrations.pandas`: evaluation and baseline-comparison records as DataFrames.
 """
 
-MISSING = "{package} is not installed; install it with: {command}"
+from ..errors import MISSING, missing
 
-
-def missing(package: str, command: str) -> ImportError:
-    """The ImportError raised when an optional package is absent, naming the command that installs it.
-
-    Example::
-
-        >>> str(missing("pandas", 'pip install "atman[pandas]"'))
-        'pandas is not installed; install it with: pip install "atman[pandas]"'
-    """
-    return ImportError(MISSING.format(package=package, command=command))
+__all__ = ["MISSING", "missing"]

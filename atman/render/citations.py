@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..citations import Citations
 from .palette import FOR_RGB, MAX_ALPHA, blend, rgba
+
+if TYPE_CHECKING:
+    from ..citations import Citations
 
 DEFAULT_TOP = 3
 SNIPPET = 90

@@ -4,7 +4,7 @@ The output has no external assets and needs no JavaScript: colours are inline st
 value is both a ``title`` attribute and a CSS tooltip. Every piece of user text goes through
 :func:`html.escape`.
 
-The small helpers at the top (:func:`split_units`, :func:`max_abs_score`, :func:`intensity`,
+The small helpers at the top (:func:`split_units`, :func:`~atman.render.palette.max_abs_score`, :func:`intensity`,
 :func:`format_score`) hold the scale logic that the terminal renderer shares, and the colours come
 from :mod:`atman.render.palette`, so every view agrees on what a score looks like.
 """
@@ -15,10 +15,13 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from html import escape
+from typing import TYPE_CHECKING
 
-from ..explanation import Explanation, Item, TargetExplanation
-from .palette import AGAINST_RGB, FOR_RGB, LEGEND, MAX_ALPHA, rgba, shade
+from .palette import AGAINST_RGB, FOR_RGB, LEGEND, MAX_ALPHA, max_abs_score, rgba, shade
 from .titles import method_name, view_title
+
+if TYPE_CHECKING:
+    from ..explanation import Explanation, Item, TargetExplanation
 
 TOP_K = 5
 
@@ -47,17 +50,6 @@ def split_units(text: str, items: Iterable[Item]) -> list[tuple[str, Item | None
     if cursor < len(text):
         pieces.append((text[cursor:], None))
     return pieces
-
-
-def max_abs_score(items: Iterable[Item]) -> float:
-    """The largest finite ``|score|`` of ``items`` (0.0 when there is none), the colour scale's end.
-
-    >>> from atman.explanation import Item
-    >>> max_abs_score([Item("prompt", "a", 0, 1, 0.5), Item("prompt", "b", 2, 1, -2.0)])
-    2.0
-    """
-    finite = [abs(item.score) for item in items if math.isfinite(item.score)]
-    return max(finite, default=0.0)
 
 
 def intensity(score: float, max_abs: float) -> float:

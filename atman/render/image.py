@@ -15,13 +15,15 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from ..explanation import Explanation, ImageItem
-from .html import max_abs_score
-from .palette import AGAINST_RGB, FOR_RGB
+from .palette import AGAINST_RGB, FOR_RGB, max_abs_score
+
+if TYPE_CHECKING:
+    from ..explanation import Explanation, ImageItem
 
 HEAT_ALPHA = 0.6
 
@@ -29,7 +31,7 @@ HEAT_ALPHA = 0.6
 def image_items(explanation: Explanation, image: int = 0, target: int = 0) -> list[ImageItem]:
     """The image items of image ``image`` in the ``target``-th target explanation."""
     return [item for item in explanation.explanations[target].items
-            if isinstance(item, ImageItem) and item.image == image]
+            if item.kind == "image" and item.image == image]
 
 
 def heat(explanation: Explanation, size: tuple[int, int], image: int = 0, target: int = 0) -> np.ndarray:

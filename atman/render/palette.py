@@ -18,6 +18,13 @@ variables and its page repeats :data:`LEGEND`; a test holds them equal to this m
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..explanation import ImageItem, Item
+
 FOR_RGB: tuple[int, int, int] = (230, 97, 1)  # #e66101
 AGAINST_RGB: tuple[int, int, int] = (33, 102, 172)  # #2166ac
 FOR_NAME = "orange"
@@ -55,3 +62,13 @@ def blend(score: float, strength: float, base: tuple[int, int, int] = (255, 255,
     *rgb, alpha = shade(score, strength)
     return tuple(round(b + (c - b) * alpha) for b, c in zip(base, rgb, strict=True))  # type: ignore[return-value]
 
+
+def max_abs_score(items: Iterable[Item | ImageItem]) -> float:
+    """The largest finite ``|score|`` of ``items`` (0.0 when there is none), the colour scale's end.
+
+    >>> from atman.explanation import Item
+    >>> max_abs_score([Item("prompt", "a", 0, 1, 0.5), Item("prompt", "b", 2, 1, -2.0)])
+    2.0
+    """
+    finite = [abs(item.score) for item in items if math.isfinite(item.score)]
+    return max(finite, default=0.0)

@@ -7,6 +7,8 @@ background, which reads the same on dark and light terminals.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich import box
 from rich.color import Color
 from rich.console import Console, RenderableType
@@ -16,10 +18,12 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from ..explanation import Explanation, Item, TargetExplanation
-from .html import TOP_K, format_score, intensity, max_abs_score, split_units
-from .palette import LEGEND, blend
+from .html import TOP_K, format_score, intensity, split_units
+from .palette import LEGEND, blend, max_abs_score
 from .titles import view_title
+
+if TYPE_CHECKING:
+    from ..explanation import Explanation, Item, TargetExplanation
 
 # What a unit with score 0 sits on: light enough for black text, distinct from the plain gaps.
 _BASE_RGB = (228, 228, 228)

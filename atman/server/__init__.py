@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .app import create_app
-    from .service import Limits
+    from .base import Limits
 
 __all__ = ["Limits", "create_app"]
 
@@ -22,7 +22,7 @@ def __getattr__(name: str) -> Any:
 
         return create_app
     if name == "Limits":
-        from .service import Limits
+        from .base import Limits
 
         return Limits
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

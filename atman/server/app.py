@@ -1,10 +1,7 @@
 """The HTTP app: Aleph Alpha's API (explain, complete, evaluate, tokenize, ...) over AtMan, and a web page.
 
-Example::
-
-    >>> from atman import load_model
-    >>> from atman.server import create_app
-    >>> app = create_app({"smollm2": load_model()})   # serve with uvicorn.run(app)
+The models it serves are loaded models (:func:`atman.load_model`, :func:`atman.load_vision_language`),
+each answered by the service of its ``modality`` (:data:`SERVICES`); serve the app with ``uvicorn.run``.
 """
 
 from __future__ import annotations
@@ -29,12 +26,15 @@ from starlette.exceptions import HTTPException
 
 from ..errors import AtmanError
 from ..models import LoadedModel
-from ..vision import LoadedVisionModel
 from . import schemas
+from .base import LimitError, Limits, Service, Timeout
 from .queue import Cancelled, JobCheck, JobQueue, QueueFull
 from .security import token_problem
-from .service import LimitError, Limits, ModelService, Timeout
+from .text_service import TextService
 from .vision_service import VisionLanguageService
+
+# the service that serves each kind of loaded model (``LoadedModel.modality``)
+SERVICES: dict[str, type[Service]] = {"text": TextService, "vision-language": VisionLanguageService}
 
 T = TypeVar("T")
 
@@ -240,9 +240,11 @@ def create_app(
         raise AtmanError("create_app needs at least one model")
     check_token(token)
     limits = limits or Limits()
-    services: dict[str, ModelService | VisionLanguageService] = {}
+    services: dict[str, Service] = {}
     for alias, lm in models.items():
-        kind = VisionLanguageService if isinstance(lm, LoadedVisionModel) else ModelService
+        kind = SERVICES.get(lm.modality)
+        if kind is None:
+            raise AtmanError(f"{lm.name} is a {lm.modality} model; atman serve serves {' and '.join(SERVICES)} models")
         service = kind(lm, limits, aliases=(alias,) if alias != lm.name else ())
         context = lm.context_length
         if context is not None and limits.max_prompt_tokens > context:
@@ -281,7 +283,7 @@ def create_app(
             raise _ApiError(401, "missing or wrong bearer token (send Authorization: Bearer <token>)",
                             "UNAUTHENTICATED")
 
-    def service_for(name: str) -> ModelService | VisionLanguageService:
+    def service_for(name: str) -> Service:
         service = services.get(name)
         if service is None:
             served = ", ".join(sorted(services))
@@ -353,7 +355,7 @@ def create_app(
     async def cite(body: schemas.CitationRequest, request: Request) -> schemas.CitationResponse:
         """The sources in ``context`` that each sentence of ``response`` rests on (atman's own endpoint)."""
         service = service_for(body.model)
-        if not hasattr(service, "cite"):
+        if not service.capabilities.cite:
             raise _ApiError(400, f"{body.model} is a vision-language model; /cite serves text models", "BAD_REQUEST")
         return await run(request, lambda check: service.cite(body, check))
 

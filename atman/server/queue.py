@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from .service import Deadline, Timeout
+from .base import Deadline, Timeout
 
 T = TypeVar("T")
 log = logging.getLogger("atman.server")

@@ -13,8 +13,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from .vision_schemas import ImageExplanationItem
-
 # attention control factors above this overflow the multiplicative variant's float32 scores
 MAX_CONTROL_FACTOR = 1000.0
 # below these (but above 0, which means off), logits / temperature overflow to infinity and a top_p
@@ -51,14 +49,14 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class TextControl(_Body):
+class TextControlJson(_Body):
     start: int = Field(ge=0, lt=2**31)
     length: int = Field(ge=1, lt=2**31)
     factor: Factor
     token_overlap: Overlap | None = None
 
 
-class TokenControl(_Body):
+class TokenControlJson(_Body):
     index: int = Field(ge=0, lt=2**31)
     factor: Factor
 
@@ -70,36 +68,36 @@ class Rect(_Body):
     height: float = Field(allow_inf_nan=False)
 
 
-class ImageControl(_Body):
+class ImageControlJson(_Body):
     rect: Rect
     factor: Factor
     token_overlap: Overlap | None = None
 
 
-class TextItem(_Body):
+class TextPromptItem(_Body):
     type: Literal["text"]
     data: str
-    controls: list[TextControl] = Field(default_factory=list)
+    controls: list[TextControlJson] = Field(default_factory=list)
 
     _text = field_validator("data")(_valid_text)
 
 
-class TokensItem(_Body):
+class TokensPromptItem(_Body):
     type: Literal["token_ids"]
     data: list[TokenId]
-    controls: list[TokenControl] = Field(default_factory=list)
+    controls: list[TokenControlJson] = Field(default_factory=list)
 
 
-class ImageItem(_Body):
+class ImagePromptItem(_Body):
     type: Literal["image"]
     data: str
     x: int | None = None
     y: int | None = None
     size: int | None = None
-    controls: list[ImageControl] = Field(default_factory=list)
+    controls: list[ImageControlJson] = Field(default_factory=list)
 
 
-PromptItem = Annotated[TextItem | TokensItem | ImageItem, Field(discriminator="type")]
+PromptItem = Annotated[TextPromptItem | TokensPromptItem | ImagePromptItem, Field(discriminator="type")]
 Prompt = Annotated[Text, Field(description="plain text")] | list[PromptItem]
 
 
@@ -119,12 +117,44 @@ class ExplanationRequest(_Body):
                                          description="multiplier of a suppressed unit (default 0.1)")
     control_token_overlap: Overlap | None = None
     control_log_additive: bool | None = None
-    prompt_granularity: CustomGranularity | None = None
+    prompt_granularity: CustomGranularity | None = Field(
+        default=None, description='{"type": "word"} as the official client sends it, or the bare name "word"')
     target_granularity: Literal["complete", "token"] | None = None
     postprocessing: Literal["none", "absolute", "square"] | None = None
     normalize: bool | None = None
 
     _text = field_validator("target")(_valid_text)
+
+    @field_validator("prompt_granularity", mode="before")
+    @classmethod
+    def _bare_granularity(cls, value: object) -> object:
+        """A bare granularity name means the object of that type (a bare "custom" has no delimiter)."""
+        return {"type": value} if isinstance(value, str) else value
+
+
+# an image item of an explanation scores rectangles with coordinates in 0..1 of the whole image as sent
+# (``ImagePromptItemExplanation.from_json`` / ``ImageScore.from_json`` of the official aleph-alpha-client)
+class ImageRect(BaseModel):
+    """A rectangle of an image: top-left corner and size, all in 0..1 of the image's width and height."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+
+
+class ImageScore(BaseModel):
+    """The score of one rectangle (a tile of image tokens)."""
+
+    rect: ImageRect
+    score: float
+
+
+class ImageExplanationItem(BaseModel):
+    """The scores of an image prompt item's tiles."""
+
+    type: Literal["image"]
+    scores: list[ImageScore]
 
 
 class TextScore(BaseModel):
@@ -143,14 +173,14 @@ class TokenExplanationItem(BaseModel):
     scores: list[float]
 
 
-class TargetExplanation(BaseModel):
+class TargetExplanationJson(BaseModel):
     target: str
     items: list[TextExplanationItem | TokenExplanationItem | ImageExplanationItem]
 
 
 class ExplanationResponse(BaseModel):
     model_version: str
-    explanations: list[TargetExplanation]
+    explanations: list[TargetExplanationJson]
 
 
 class CitationPassage(_Body):
