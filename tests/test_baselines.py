@@ -146,7 +146,9 @@ def test_generated_targets_as_token_ids(smollm2):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lxt") is not None, reason="lxt is installed")
-def test_attnlrp_says_why_it_cannot_run(smollm2):
+def test_attnlrp_says_why_it_cannot_run(smollm2, monkeypatch, tmp_path):
+    # without lxt's environment (tests/test_lrp.py runs it where the environment exists)
+    monkeypatch.setenv("ATMAN_LXT_PYTHON", str(tmp_path / "no-such-env" / "bin" / "python"))
     with pytest.raises(BaselineUnavailableError, match="lxt"):
         AttnLRP(smollm2)
 

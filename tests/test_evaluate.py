@@ -89,7 +89,9 @@ def test_context_qa_is_the_same_in_every_process():
 
 
 @pytest.mark.slow
-def test_tiny_suite_run_and_report(smollm2, tmp_path):
+def test_tiny_suite_run_and_report(smollm2, tmp_path, monkeypatch):
+    # a method that cannot run (AttnLRP without lxt's environment) is reported, not fatal
+    monkeypatch.setenv("ATMAN_LXT_PYTHON", str(tmp_path / "no-such-env" / "bin" / "python"))
     config = SuiteConfig(qa=2, squad=1, squad_granularities=("sentence",), texts=1,
                          qa_granularities=("sentence",), max_new_tokens=3)
     result = run_suite(smollm2, ["occlusion", "random", "attnlrp"], config)
