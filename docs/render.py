@@ -1,0 +1,117 @@
+"""Tables in README.md and docs/*.md, rendered from the committed results files that hold their numbers.
+
+A rendered table sits between two markers in a Markdown file; the first names its renderer and the
+results file it reads::
+
+    <!-- table: steering benchmarks/results/steering-qa-smollm2.json -->
+    | factor | ... |
+    <!-- /table -->
+
+Commands (from the repository's root)::
+
+    python docs/render.py            # rewrite every marked table from its results file
+    python docs/render.py --check    # exit 1 and name every table that differs (tests/test_docs_sync.py)
+
+A renderer is a function in :data:`RENDERERS`: it takes the parsed results file (JSON, or a list of
+records for ``.jsonl``) and returns the table's Markdown lines. A number in the docs that no results
+file backs is not a table here: it is removed, or written as an estimate and said to be one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+Renderer = Callable[[object], list[str]]
+
+
+def _load(path: Path) -> object:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
+
+
+def _pct(value: float) -> str:
+    return f"{round(100 * value)} %"
+
+
+def steering(data: dict) -> list[str]:
+    """benchmarks/steering_qa.py: mean log p(answer) and greedy accuracy per factor and controlled sentence."""
+    rows = data["rows"]
+    lines = ["| factor | control on | mean log p(answer) | greedy answer correct |", "|---|---|---|---|"]
+    for place in ("evidence", "distractor"):
+        for row in sorted((r for r in rows if r["control_on"] == place), key=lambda r: r["factor"]):
+            if row["factor"] == 1.0:
+                if place == "evidence":
+                    lines.append(f"| 1 (no change) | either | {row['mean_answer_logprob']:.2f} | "
+                                 f"{_pct(row['greedy_answer_rate'])} |")
+                continue
+            where = "evidence sentence" if place == "evidence" else "a distractor sentence"
+            lines.append(f"| {row['factor']:g} | {where} | {row['mean_answer_logprob']:.2f} | "
+                         f"{_pct(row['greedy_answer_rate'])} |")
+    return lines
+
+
+def cancellation(data: dict) -> list[str]:
+    """benchmarks/cancel_latency.py: the first check and the largest gap between checks, per prompt length."""
+    lines = ["| prompt tokens | passes | first check after | largest gap |", "|---|---|---|---|"]
+    for run in data["runs"]:
+        passes = "whole (checks between batches only)" if run["piece_tokens"] is None \
+            else f"pieces of {run['piece_tokens']}"
+        lines.append(f"| {run['tokens']} | {passes} | {run['first_check_s']:.1f} s | {run['largest_gap_s']:.1f} s |")
+    return lines
+
+
+RENDERERS: dict[str, Renderer] = {"steering": steering, "cancellation": cancellation}
+
+
+def render_text(text: str, root: Path = ROOT) -> str:
+    """``text`` with every marked table rendered from its results file."""
+    def one(match: re.Match) -> str:
+        name, path = match["name"], match["path"]
+        if name not in RENDERERS:
+            raise KeyError(f"no renderer {name!r} (known: {', '.join(sorted(RENDERERS))})")
+        lines = RENDERERS[name](_load(root / path))
+        return match.group(1) + "\n".join(lines) + "\n" + match.group(5)
+
+    return BLOCK.sub(one, text)
+
+
+def documents(root: Path = ROOT) -> list[Path]:
+    """README.md and every Markdown file under docs/."""
+    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+
+
+def stale(root: Path = ROOT) -> list[str]:
+    """The files whose marked tables differ from what their results files render."""
+    return [str(path.relative_to(root)) for path in documents(root)
+            if render_text(text := path.read_text(encoding="utf-8"), root) != text]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="name the files whose tables differ; change nothing")
+    args = parser.parse_args(argv)
+    if args.check:
+        files = stale()
+        for name in files:
+            print(f"{name}: a table differs from its results file (python docs/render.py rewrites it)")
+        return 1 if files else 0
+    for path in documents():
+        text = path.read_text(encoding="utf-8")
+        rendered = render_text(text)
+        if rendered != text:
+            path.write_text(rendered, encoding="utf-8")
+            print(f"rendered the tables of {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Every rendered table in README.md and docs/ equals what its committed results file renders."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _render():
+    spec = importlib.util.spec_from_file_location("docs_render", ROOT / "docs" / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_table_matches_its_results_file():
+    render = _render()
+    assert render.stale() == [], "run: python docs/render.py"
+
+
+def test_tables_are_marked_and_rendered():
+    render = _render()
+    marked = [p for p in render.documents() if "<!-- table: " in p.read_text(encoding="utf-8")]
+    assert any(p.name == "server.md" for p in marked)
+
+
+def test_a_changed_number_is_caught(tmp_path):
+    render = _render()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "r.json").write_text('{"rows": [{"factor": 0.0, "control_on": "evidence", "n": 1, '
+                                     '"mean_answer_logprob": -19.351, "greedy_answer_rate": 0.05}]}')
+    table = "<!-- table: steering r.json -->\n| stale |\n<!-- /table -->\n"
+    (tmp_path / "README.md").write_text(table)
+    assert render.stale(tmp_path) == ["README.md"]
+    (tmp_path / "README.md").write_text(render.render_text(table, tmp_path))
+    assert render.stale(tmp_path) == []
+    assert "| 0 | evidence sentence | -19.35 | 5 % |" in (tmp_path / "README.md").read_text()
+    with pytest.raises(KeyError, match="no renderer"):
+        render.render_text("<!-- table: nothing r.json -->\nx\n<!-- /table -->", tmp_path)
