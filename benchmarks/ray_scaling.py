@@ -68,7 +68,7 @@ class Watch:
                     cpu = proc.cpu_times()
                     self.own[proc.pid] = cpu.user + cpu.system
                     name = (proc.cmdline() or [""])[0]
-                if name.startswith("ray::BatchWorker") and proc.pid not in self.pinned | self.earlier:
+                if name.startswith("ray::BatchWorker") and proc.pid not in {*self.pinned, *self.earlier}:
                     proc.cpu_affinity([self._free_core()])
                     self.pinned[proc.pid] = proc.cpu_affinity()[0]
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
