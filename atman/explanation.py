@@ -75,7 +75,7 @@ class ImageItem:
     Example::
 
         >>> ImageItem(image=0, left=0.0, top=0.5, width=0.25, height=0.25, score=1.5).text
-        'image 1 [0.00, 0.50, 0.25 x 0.25]'
+        'image 1, 0-25 % across, 50-75 % down'
     """
 
     image: int
@@ -88,8 +88,12 @@ class ImageItem:
 
     @property
     def text(self) -> str:
-        """A short label for tables: which image, which rectangle."""
-        return f"image {self.image + 1} [{self.left:.2f}, {self.top:.2f}, {self.width:.2f} x {self.height:.2f}]"
+        """A short label for tables: which image, which part of it (views that know the tile grid name the
+        tile's row and column, :func:`atman.render.titles.tile_words`)."""
+        def share(a: float, b: float) -> str:
+            return f"{round(100 * a)}-{round(100 * (a + b))} %"
+
+        return f"image {self.image + 1}, {share(self.left, self.width)} across, {share(self.top, self.height)} down"
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "image", "image": self.image, "left": self.left, "top": self.top, "width": self.width,

@@ -57,6 +57,10 @@ def test_explain_text_and_html_outputs(capsys, tmp_path):
     html = tmp_path / "report.html"
     code, _, _ = run(capsys, "explain", PROMPT, "-t", " Quillmere", "-g", "word", "-f", "html", "-o", str(html), "-q")
     assert code == 0 and html.read_text().startswith("<!DOCTYPE html>")
+    # without -q a command that writes a file says what it wrote where
+    data = tmp_path / "report.json"
+    code, out, err = run(capsys, "explain", PROMPT, "-t", " Quillmere", "-g", "sentence", "-f", "json", "-o", str(data))
+    assert code == 0 and out == "" and f"atman: wrote the explanation as JSON to {data}" in err
 
 
 def test_prompt_from_file_and_options(capsys, tmp_path):
@@ -202,5 +206,8 @@ def test_demo_explains_by_sentence_then_refines_the_top_sentence(tmp_path, capsy
     assert main(["demo", "-o", str(report), "-q"]) == 0
     out = capsys.readouterr().out
     assert "Doran Vesk repairs clocks in the town of Lindhaven." in out
+    # the two passes say what each shows, and the scores their unit
+    assert "1 of 2: which sentence made the answer" in out and "2 of 2: the top sentence again, token by token" in out
+    assert "in nats" in out and "units: sentences, the top 1 refined to tokens" in out
     page = report.read_text()
     assert "Lindhaven" in page and "which parts made the answer" in page

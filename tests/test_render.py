@@ -338,3 +338,55 @@ def test_the_web_page_uses_the_palette_and_its_legend():
     page = (static / "index.html").read_text(encoding="utf-8")
     assert LEGEND[0].upper() + LEGEND[1:] in page
     assert "AtMan" in page.split('id="result"')[1].split("</section>")[0]
+
+
+def _text(explanation: Explanation) -> str:
+    console = Console(record=True, width=140)
+    render_terminal(explanation, console)
+    return console.export_text()
+
+
+def test_every_view_says_what_its_scores_are_and_which_settings_made_them():
+    exp = Explanation(model="m", prompt="Ada lives in Oslo.", target=" Oslo",
+                      explanations=(TargetExplanation(TargetSpan(" Oslo", 0, 5),
+                                                      (Item("prompt", "Oslo", 13, 4, 1.2),)),),
+                      settings={"granularity": "refine", "refine_from": "sentence", "refine_top": 1,
+                                "multiplier": 0.1, "kappa": None, "mode": "log-additive"})
+    text = _text(exp)
+    assert "scores: rise of the target's cross-entropy, in nats, when the unit is suppressed" in text
+    assert "units: sentences, the top 1 refined to tokens · multiplier 0.1 · conceptual suppression off" in text
+    html = render_html(exp)
+    assert "Scores: rise of the target&#x27;s cross-entropy, in nats" in html
+    assert "units: sentences, the top 1 refined to tokens" in html and "<details class=\"settings\">" in html
+    assert "nats" in _text(exp.postprocessed("square", normalize=True)) and "squared; scaled to 0..1" in _text(
+        exp.postprocessed("square", normalize=True))
+
+
+def test_repeated_tokens_are_told_apart_by_their_position():
+    prompt = "8 7 8 1"
+    scores = (0.4, 0.3, 0.2, 0.1)
+    items = tuple(Item("prompt", t, i * 2, 1, s) for i, (t, s) in enumerate(zip("8781", scores, strict=True)))
+    exp = Explanation(model="m", prompt=prompt, target=" 8", settings={"granularity": "token"},
+                      explanations=(TargetExplanation(TargetSpan(" 8", 0, 2), items),))
+    text = _text(exp)
+    assert "characters 0-1" in text and "characters 4-5" in text
+    assert "<th>where</th>" in render_html(exp) and "characters 4-5" in render_html(exp)
+
+
+def test_a_sentence_pair_is_named_sentence_a_and_b_and_tiles_are_in_words():
+    pair = Explanation(model="m", prompt="A man eats.", target="A man dines.", settings={"task": "similarity"},
+                       explanations=(TargetExplanation(TargetSpan("A man dines.", 0, 12), (
+                           Item("prompt", "eats", 6, 4, 0.3), Item("target", "dines", 6, 5, 0.2))),))
+    text = _text(pair)
+    assert "sentence A" in text and "sentence B" in text and "prompt" not in text.replace("prompted", "")
+    assert "drop of the two texts' cosine similarity" in text
+    assert "Sentence A" in render_html(pair) and "Sentence B" in render_html(pair)
+    from atman.explanation import ImageItem
+
+    tiles = Explanation(model="m", prompt="", target="cat", settings={
+        "task": "image-classification", "images": [{"width": 96, "height": 96, "rows": 6, "cols": 6, "tile": [2, 2]}]},
+        explanations=(TargetExplanation(TargetSpan("cat", 0, 3), (
+            ImageItem(0, 2 / 6, 4 / 6, 2 / 6, 2 / 6, 0.9),)),))
+    text = _text(tiles)
+    assert "image 1, tile row 3, column 2 of 3 x 3" in text
+    assert "drop of log p(class), in nats" in text

@@ -102,7 +102,7 @@ def test_image_items_round_trip_through_json():
                                                    "width": 0.5, "height": 0.5, "score": 2.0}
     again = Explanation.from_json(exp.to_json())
     assert again == exp
-    assert exp.top(1)[0].text == "image 1 [0.00, 0.00, 0.50 x 0.50]"
+    assert exp.top(1)[0].text == "image 1, 0-50 % across, 0-50 % down"
     normalised = exp.postprocessed("absolute", normalize=True)
     assert [item.score for item in normalised.explanations[0].items] == [0.0, 1.0, pytest.approx(1 / 3)]
 

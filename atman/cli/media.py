@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
-from .shared import UsageError, check_writable, quiet_libraries, read_prompt, suppression, write_explanation, write_file
+from .shared import (
+    UsageError,
+    check_writable,
+    quiet_libraries,
+    read_prompt,
+    said_written,
+    suppression,
+    write_explanation,
+    write_file,
+)
 
 DEFAULT_PAIR_MODEL = "all-minilm-l6-v2"
 # mirror of atman.tiles.IMAGE_GRANULARITIES (tests check they agree)
@@ -314,8 +323,9 @@ def _report(explanation, args, images: list) -> None:
             sys.stdout.write(text)
         else:
             write_file(args.output, text)
+            said_written(args.output, "the explanation as an HTML page with the images' overlays", args.quiet)
     else:
-        write_explanation(explanation, args.format, args.output)
+        write_explanation(explanation, args.format, args.output, args.quiet)
     if images and args.output is not None:
         from ..render.image import save_overlays
 
@@ -324,7 +334,6 @@ def _report(explanation, args, images: list) -> None:
             paths = save_overlays(explanation, images, args.output, scale=scale)
         except OSError as exc:
             raise UsageError(f"cannot write the overlays next to {args.output}: {exc}") from None
-        if not args.quiet:
-            print("overlays: " + ", ".join(str(p) for p in paths), file=sys.stderr)
+        said_written(", ".join(str(p) for p in paths), "the relevance overlays (PNG)", args.quiet)
     elif images and not args.quiet:
         print("atman: give --output to also get overlay PNGs of the images", file=sys.stderr)

@@ -278,8 +278,9 @@ def open_output(path: Path | None) -> Iterator[TextIO]:
         yield handle
 
 
-def write_explanation(explanation: Any, fmt: str, output: Path | None) -> None:
-    """An :class:`atman.Explanation` as ``text`` (terminal), ``json`` or ``html``, to ``output`` or stdout."""
+def write_explanation(explanation: Any, fmt: str, output: Path | None, quiet: bool = False) -> None:
+    """An :class:`atman.Explanation` as ``text`` (terminal), ``json`` or ``html``, to ``output`` or stdout;
+    a file written is named on stderr (unless ``quiet``)."""
     if fmt == "json":
         text = explanation.to_json(indent=1) + "\n"
     elif fmt == "html":
@@ -301,6 +302,18 @@ def write_explanation(explanation: Any, fmt: str, output: Path | None) -> None:
         sys.stdout.write(text)
     else:
         write_file(output, text)
+        said_written(output, WRITTEN[fmt], quiet)
+
+
+# what each --format writes, for the line that names the file
+WRITTEN = {"json": "the explanation as JSON", "html": "the explanation as an HTML page",
+           "text": "the explanation as text"}
+
+
+def said_written(path: Path, what: str, quiet: bool = False) -> None:
+    """One line on stderr naming a file a command wrote and what it holds."""
+    if not quiet:
+        print(f"atman: wrote {what} to {path}", file=sys.stderr)
 
 
 def interactive(quiet: bool) -> bool:

@@ -122,11 +122,11 @@ def explain_command(args: argparse.Namespace) -> int:
     explainer = load_explainer(args)
     warn_small_budget(explainer, request["prompt"] + (request.get("target") or ""))
     if args.method != "atman":
-        write_explanation(explain_request(explainer, request, args.method), args.format, args.output)
+        write_explanation(explain_request(explainer, request, args.method), args.format, args.output, args.quiet)
         return 0
     with progress("explaining", args.quiet) as tick:
         explanation = explainer.explain(progress=tick, **request)
-    write_explanation(explanation, args.format, args.output)
+    write_explanation(explanation, args.format, args.output, args.quiet)
     return 0
 
 
@@ -174,12 +174,15 @@ def demo_command(args: argparse.Namespace) -> int:
 
     console = Console()
     explanations = []
-    for granularity in ("sentence", "refine"):
+    steps = (("sentence", "1 of 2: which sentence made the answer"),
+             ("refine", "2 of 2: the top sentence again, token by token (the other sentences stay whole)"))
+    for granularity, heading in steps:
         with progress(f"explaining ({granularity})", args.quiet) as tick:
             explanation = explainer.explain(DEMO_PROMPT, DEMO_TARGET, granularity=granularity, refine_top=1,
                                             progress=tick)
+        console.rule(heading, style="bold", characters="=")
         render_terminal(explanation, console)
         explanations.append(explanation)
     write_file(args.output, render_html(explanations[-1], title="atman demo: which parts made the answer"))
-    console.print(f"\nHTML report written to [bold]{args.output}[/bold]")
+    console.print(f"\natman: wrote the token-level explanation as an HTML page to [bold]{args.output}[/bold]")
     return 0

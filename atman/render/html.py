@@ -18,7 +18,7 @@ from html import escape
 from typing import TYPE_CHECKING
 
 from .palette import AGAINST_RGB, FOR_RGB, LEGEND, MAX_ALPHA, max_abs_score, rgba, shade
-from .titles import method_name, view_title
+from .titles import item_label, method_name, part_names, score_unit, settings_line, view_title
 
 if TYPE_CHECKING:
     from ..explanation import Explanation, Item, TargetExplanation
@@ -164,20 +164,21 @@ def _legend(max_abs: float) -> str:
             '<span class="note">(colour strength = |score| / max |score| of this target)</span></div>')
 
 
-def _top_table(exp: TargetExplanation, max_abs: float) -> str:
+def _top_table(exp: TargetExplanation, max_abs: float, settings: dict) -> str:
     top = exp.top(TOP_K)
     if not top:
         return '<p class="note">No units to rank.</p>'
-    rows = "".join(
-        f"<tr><td class=\"num\">{rank}</td><td>{escape(item.kind)}</td>"
-        f"<td><code>{escape(item.text)}</code></td>"
-        f'<td class="num"><span class="swatch" style="background-color: '
-        f'{_background(item.score, max_abs)}"></span>{escape(format_score(item.score))}</td></tr>'
-        for rank, item in enumerate(top, 1)
-    )
+    rows = []
+    for rank, item in enumerate(top, 1):
+        part, text, where = item_label(item, settings)
+        rows.append(f"<tr><td class=\"num\">{rank}</td><td>{escape(part)}</td>"
+                    f"<td><code>{escape(text if item.kind == 'image' else item.text)}</code></td>"
+                    f'<td class="note">{escape(where)}</td>'
+                    f'<td class="num"><span class="swatch" style="background-color: '
+                    f'{_background(item.score, max_abs)}"></span>{escape(format_score(item.score))}</td></tr>')
     return ('<table class="top"><caption class="note">Top units by score</caption>'
-            "<tr><th>#</th><th>kind</th><th>text</th><th>score</th></tr>"
-            f"{rows}</table>")
+            "<tr><th>#</th><th>part</th><th>text</th><th>where</th><th>score</th></tr>"
+            f"{''.join(rows)}</table>")
 
 
 def _image_block(explanation: Explanation, index: int, images: Sequence | None) -> str:
@@ -194,6 +195,10 @@ def _image_block(explanation: Explanation, index: int, images: Sequence | None) 
     return f'<div class="label">Images</div><div class="images">{figures}</div>'
 
 
+def _capital(name: str) -> str:
+    return name[:1].upper() + name[1:]
+
+
 def _target_section(explanation: Explanation, exp: TargetExplanation, index: int,
                     images: Sequence | None = None) -> str:
     max_abs = max_abs_score(exp.items)
@@ -202,33 +207,38 @@ def _target_section(explanation: Explanation, exp: TargetExplanation, index: int
     prompt_items = [item for item in exp.items if item.kind == "prompt"]
     target_items = [item for item in exp.items if item.kind == "target"]
     current = (span.start, span.start + span.length)
-    prompt_block = ('<div class="label">Prompt</div>' + _text_block(explanation.prompt, prompt_items, max_abs, "prompt")
-                    if explanation.prompt else "")
+    first, second = part_names(explanation.settings)
+    prompt_block = (f'<div class="label">{escape(_capital(first))}</div>'
+                    + _text_block(explanation.prompt, prompt_items, max_abs, "prompt") if explanation.prompt else "")
     return (
         f'<details class="explained" data-index="{index}" open>'
-        f"<summary>Target {index + 1} of {count}: <code>{escape(span.text)}</code> "
+        f"<summary>{escape(_capital(second))} {index + 1} of {count}: <code>{escape(span.text)}</code> "
         f'<span class="note">(characters {span.start}&ndash;{span.start + span.length} of the target, '
         f"max |score| {escape(format_score(max_abs, signed=False))})</span></summary>"
         # an image classifier's input is the image alone: no empty prompt box
         f"{prompt_block}"
         f"{_image_block(explanation, index, images)}"
-        '<div class="label">Target <span class="note">(explained part underlined)</span></div>'
+        f'<div class="label">{escape(_capital(second))} <span class="note">(explained part underlined)</span></div>'
         f"{_text_block(explanation.target, target_items, max_abs, 'target', current)}"
-        f"{_legend(max_abs)}{_top_table(exp, max_abs)}"
+        f"{_legend(max_abs)}{_top_table(exp, max_abs, explanation.settings)}"
         "</details>"
     )
 
 
 def _settings_table(settings: dict[str, object]) -> str:
+    """The settings in words, and every recorded setting in a table a click away."""
     if not settings:
         return ""
+    described = settings_line(settings)
     rows = "".join(
         f"<tr><th>{escape(str(key))}</th><td>"
         f"{escape(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str))}"
         "</td></tr>"
         for key, value in settings.items()
     )
-    return f'<table class="settings"><caption class="note">Settings</caption>{rows}</table>'
+    return (f'<p class="settings-line note">{escape(described)}</p>' if described else "") + (
+        f'<details class="settings"><summary class="note">All settings</summary><table class="settings">{rows}'
+        "</table></details>")
 
 
 def _body(explanation: Explanation, title: str, images: Sequence | None = None) -> str:
@@ -241,6 +251,7 @@ def _body(explanation: Explanation, title: str, images: Sequence | None = None) 
         f'<div class="meta">Method <strong class="method">{escape(method_name(explanation.settings))}</strong>'
         f" &middot; model <code>{escape(explanation.model)}</code> &middot; target "
         f"<code>{escape(explanation.target)}</code> &middot; {escape(LEGEND)}; hover a unit for its score.</div>"
+        f'<div class="meta note">Scores: {escape(score_unit(explanation.settings))}.</div>'
         f"{_settings_table(explanation.settings)}{sections}"
     )
 

@@ -20,7 +20,7 @@ from rich.text import Text
 
 from .html import TOP_K, format_score, intensity, split_units
 from .palette import LEGEND, blend, max_abs_score
-from .titles import view_title
+from .titles import item_label, part_names, score_unit, settings_line, view_title
 
 if TYPE_CHECKING:
     from ..explanation import Explanation, Item, TargetExplanation
@@ -61,30 +61,38 @@ def _legend(max_abs: float) -> Text:
     return legend
 
 
-def _top_table(exp: TargetExplanation, max_abs: float) -> Table:
-    table = Table("#", "kind", "text", "score", title="top items", title_justify="left",
-                  box=box.SIMPLE, show_edge=False, pad_edge=False)
-    for rank, item in enumerate(exp.top(TOP_K), 1):
-        # repr() makes leading spaces and newlines of a unit visible in a one-line cell.
-        table.add_row(str(rank), Text(item.kind), Text(repr(item.text)),
-                      Text(format_score(item.score), style=_style(item.score, max_abs)))
+def _top_table(exp: TargetExplanation, max_abs: float, settings: dict) -> Table:
+    """The top items; where the same text appears twice among them, a column says where each one is."""
+    top = exp.top(TOP_K)
+    labels = [item_label(item, settings) for item in top]
+    texts = [(part, text) for part, text, _ in labels]
+    repeated = len(set(texts)) < len(texts)
+    columns = ("#", "part", "text", "where", "score") if repeated else ("#", "part", "text", "score")
+    table = Table(*columns, title="top items", title_justify="left", box=box.SIMPLE, show_edge=False,
+                  pad_edge=False)
+    for rank, (item, (part, text, where)) in enumerate(zip(top, labels, strict=True), 1):
+        cells = [str(rank), Text(part), Text(text)] + ([Text(where, style="dim")] if repeated else [])
+        table.add_row(*cells, Text(format_score(item.score), style=_style(item.score, max_abs)))
     return table
 
 
 def _target_renderables(explanation: Explanation, exp: TargetExplanation, index: int) -> list[RenderableType]:
     max_abs = max_abs_score(exp.items)
     span = exp.target
-    header = Text(f"target {index + 1}/{len(explanation.explanations)}: ")
+    header = Text(f"{part_names(explanation.settings)[1]} {index + 1}/{len(explanation.explanations)}: ")
     header.append(repr(span.text), style="bold")
+    first, second = part_names(explanation.settings)
     prompt = _coloured(explanation.prompt, [item for item in exp.items if item.kind == "prompt"], max_abs)
     target = _coloured(explanation.target, [item for item in exp.items if item.kind == "target"], max_abs)
     target.stylize("bold underline", span.start, span.start + span.length)
+    second_title = second if len(explanation.explanations) == 1 and span.length == len(explanation.target) \
+        else f"{second} (explained part underlined)"
     return [
         Rule(header),
-        Panel(prompt, title="prompt", title_align="left", border_style="dim"),
-        Panel(target, title="target (explained part underlined)", title_align="left", border_style="dim"),
+        Panel(prompt, title=first, title_align="left", border_style="dim"),
+        Panel(target, title=second_title, title_align="left", border_style="dim"),
         _legend(max_abs),
-        _top_table(exp, max_abs) if exp.items else Text("no units to rank", style="dim"),
+        _top_table(exp, max_abs, explanation.settings) if exp.items else Text("no units to rank", style="dim"),
     ]
 
 
@@ -104,7 +112,10 @@ def terminal_renderables(explanation: Explanation, max_targets: int | None = Non
     title = Text(view_title(explanation.settings), style="bold")
     title.append(f" (model {explanation.model})", style="dim")
     shown = explanation.explanations[:max_targets]
-    out: list[RenderableType] = [title]
+    out: list[RenderableType] = [title, Text(f"scores: {score_unit(explanation.settings)}", style="dim")]
+    described = settings_line(explanation.settings)
+    if described:
+        out.append(Text(described, style="dim"))
     for index, exp in enumerate(shown):
         out.extend(_target_renderables(explanation, exp, index))
     if not explanation.explanations:
