@@ -17,6 +17,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -443,12 +444,14 @@ def _load_gguf(path: Path, dtype: torch.dtype | str, options: dict[str, Any]):
 def _save_converted(model, tokenizer, converted: Path) -> None:
     """Write atomically, so that an interrupted conversion is never mistaken for a finished one.
 
-    A read-only or full cache only costs the next load its speed, so failures are not errors.
+    A read-only or full cache only costs the next load its speed, so failures are not errors; they are
+    said once (a warning), since every later load converts the file again.
     """
     try:
         converted.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".tmp-"))
-    except OSError:
+    except OSError as exc:
+        _cache_warning(converted, exc)
         return
     try:
         # the weights are already dequantised: save them as a plain model
@@ -463,10 +466,16 @@ def _save_converted(model, tokenizer, converted: Path) -> None:
             shutil.rmtree(converted)  # a damaged earlier attempt
         if not converted.exists():  # another process may have finished first: keep its copy
             tmp.rename(converted)
-    except OSError:
-        pass
+    except OSError as exc:
+        _cache_warning(converted, exc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cache_warning(converted: Path, exc: OSError) -> None:
+    warnings.warn(f"cannot keep the converted model in {converted.parent} ({_first_line(exc)}): every load converts "
+                  "the GGUF file again; set ATMAN_CACHE_DIR to a writable directory with room for it",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _first_line(exc: BaseException) -> str:

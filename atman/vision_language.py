@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,6 +142,7 @@ class VisionLanguageExplainer(VisionExplainer):
         # whether the last explanation ran the language model on its input embeddings with prefix
         # reuse (see :meth:`losses`)
         self.fast_path: bool | None = None
+        self._said_naive = False
 
     def prepare(self, prompt: str, target: str, images: Sequence) -> VisionLanguageInput:
         """Run the processor on prompt + target and locate text spans and image-token runs."""
@@ -410,8 +412,16 @@ class VisionLanguageExplainer(VisionExplainer):
                 # the check's pass is kept as the unperturbed pass: the rows do not run it again
                 return self.engine.target_losses({"inputs_embeds": embedded.embeddings}, targets, multipliers,
                                                  mode=mode, engine=engine, progress=progress)
+        if (engine or self.engine.kind) == "cached" and not self._said_naive:
+            # exact, but not what was asked: said once per explainer
+            warnings.warn(f"{type(self.loaded.model).__name__}'s language model does not reproduce the model's own "
+                          "output from its input embeddings alone (image positions, bidirectional image blocks or a "
+                          "prefix-LM prompt), so every row runs the whole model (engine 'naive': exact, slower)",
+                          RuntimeWarning, stacklevel=2)
+            self._said_naive = True
         return self.engine.target_losses(prepared.inputs, targets, multipliers, mode=mode, engine="naive",
                                          progress=progress)
+
 
 def image_grid(tokens: int, size: tuple[int, int] | None = None) -> ImageGrid:
     """The patch grid of an image's run of ``tokens`` image tokens: a square run is a square grid;

@@ -80,6 +80,12 @@ def explain(args: argparse.Namespace) -> int:
                          "its own \"image\", \"pair\" or \"classify\" field instead")
     if args.max_memory is not None:
         raise UsageError("--max-memory is for text explanations; give --batch-size with --image, --pair or --classify")
+    ignored = [name for name, given in (("--dtype", args.dtype != "float32"),
+                                        ("--device-map", getattr(args, "device_map", None) is not None),
+                                        ("--engine", args.engine != "cached")) if given]
+    if ignored:
+        raise UsageError(f"{', '.join(ignored)} apply to text explanations; --image, --pair and --classify load their "
+                         "model in float32 on --device and run every row in full")
     chosen = [name for name, on in (("--image", args.image), ("--pair", args.pair), ("--classify", args.classify))
               if on]
     if len(chosen) > 1:

@@ -146,6 +146,12 @@ def run(args: argparse.Namespace) -> int:
     for name in args.models or ["smollm2"]:
         print(f"loading {name} ...", file=sys.stderr)
         if is_vision_language(name):
+            ignored = [option for option, given in (("--dtype", args.dtype != "float32"),
+                                                    ("--device-map", getattr(args, "device_map", None) is not None))
+                       if given]
+            if ignored:
+                raise UsageError(f"{', '.join(ignored)} apply to text models; {name} is a vision-language model, "
+                                 "served in float32 on --device")
             models[name] = load_vision_language(name, device=args.device or "cpu")
         else:
             models[name] = load_model(name, **load_options(args))
