@@ -69,7 +69,17 @@ def cancellation(data: dict) -> list[str]:
     return lines
 
 
-RENDERERS: dict[str, Renderer] = {"steering": steering, "cancellation": cancellation}
+def server_latency(data: dict) -> list[str]:
+    """benchmarks/server_latency.py: median time of each request through HTTP and in-process."""
+    lines = ["| request | through HTTP | in-process | difference |", "|---|---|---|---|"]
+    for row in data["rows"]:
+        lines.append(f"| {row['request']} | {row['http_ms']:.0f} ms | {row['direct_ms']:.0f} ms | "
+                     f"{row['overhead_ms']:+.0f} ms |")
+    return lines
+
+
+RENDERERS: dict[str, Renderer] = {"steering": steering, "cancellation": cancellation,
+                                  "server-latency": server_latency}
 
 
 def render_text(text: str, root: Path = ROOT) -> str:
