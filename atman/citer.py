@@ -13,6 +13,10 @@ One suppressed pass per source, batched, at inference memory. Two ways to suppre
 * ``atman``: the paper's AtMan — every later position, context included, loses the source; each
   source costs a pass from its first token to the end.
 
+A chat transcript (:meth:`Citer.cite_messages`; rendering and locating its messages is
+:mod:`atman.transcripts`' job) is cited the same way. Both are kept together because they share one
+scoring loop (coarse to fine included) and one result type.
+
 Example::
 
     >>> citer = Citer(load_model())
@@ -29,15 +33,31 @@ from dataclasses import dataclass
 
 import torch
 
-from .citations import Citations, CitedSpan, Passage, Source
+from .citations import Citations, CitedSpan, Message, Passage, Source
 from .engine import Progress
 from .errors import AtmanError, EmptyInputError, GranularityError
 from .explainer import Explainer, covering
 from .models import LoadedModel
 from .rows import Suppression, suppression_rows
+from .steering import Steerer
+from .transcripts import (
+    LEVELS,
+    RenderedTranscript,
+    TranscriptError,
+    answer_of,
+    encode_transcript,
+    parse_documents,
+    parse_messages,
+    question_of,
+    render_transcript,
+    transcript_sources,
+)
 from .units import EncodedInput, encode, prompt_units, text_spans
 
 SOURCE_LEVELS = ("passage", "sentence", "token")
+# a transcript's sources can also be whole messages
+TRANSCRIPT_LEVELS = LEVELS
+MessageLike = Mapping | Message
 METHODS = ("readout", "atman")
 DEFAULT_METHOD = "readout"
 # the attention to a cited source is removed (multiplier 0): docs/defaults.md has the measurements
@@ -93,6 +113,16 @@ def coarse_to_fine(score: Callable[[list[list[int]]], torch.Tensor], groups: Seq
 
 class CitationError(AtmanError):
     """Input that cannot be cited (an empty context, a span outside the response, ...)."""
+
+
+def _check_refine(refine: bool | None, group_size: int, refine_share: float) -> None:
+    if refine is not None and not isinstance(refine, bool):
+        raise CitationError(f"refine must be true, false or null (automatic), got {refine!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise CitationError(f"group_size must be a whole number of at least 2, got {group_size!r}")
+    if isinstance(refine_share, bool) or not isinstance(refine_share, (int, float)) or not (
+            0.0 < refine_share <= 1.0):
+        raise CitationError(f"refine_share must lie in (0, 1], got {refine_share!r}")
 
 
 @dataclass(frozen=True)
@@ -223,13 +253,7 @@ class Citer:
         fewest top runs holding ``refine_share`` of the positive total alone; a source of another run
         gets an equal share of its run's score. ``settings["refined"]`` lists the sources scored alone.
         """
-        if refine is not None and not isinstance(refine, bool):
-            raise CitationError(f"refine must be true, false or null (automatic), got {refine!r}")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
-            raise CitationError(f"group_size must be a whole number of at least 2, got {group_size!r}")
-        if isinstance(refine_share, bool) or not isinstance(refine_share, (int, float)) or not (
-                0.0 < refine_share <= 1.0):
-            raise CitationError(f"refine_share must lie in (0, 1], got {refine_share!r}")
+        _check_refine(refine, group_size, refine_share)
         generated = response is None
         if generated:
             passages = passages_from(context)
@@ -243,6 +267,17 @@ class Citer:
                 raise EmptyInputError("the response is empty")
             target = response
         prepared = self.prepare(context, question, target, sources=sources, spans=spans, chat=chat, system=system)
+        cited, settings = self._score(prepared, refine, group_size, refine_share, progress)
+        return Citations(
+            model=self.lm.name, context=PASSAGE_SEPARATOR.join(p.text for p in prepared.passages), question=question,
+            response=prepared.encoded.target, passages=prepared.passages, sources=prepared.sources, spans=cited,
+            settings={"method": self.method, "sources": sources, **self.suppression.settings(),
+                      "generated_response": generated, **settings})
+
+    def _score(self, prepared: CitationInput, refine: bool | None, group_size: int, refine_share: float,
+               progress: Progress | None) -> tuple[tuple[CitedSpan, ...], dict]:
+        """Every source's score for every span (one suppressed pass per source or run of sources), and the
+        settings that say how they were computed."""
         encoded = prepared.encoded
         n = len(prepared.sources)
         refine = n > REFINE_ABOVE if refine is None else bool(refine)
@@ -276,15 +311,110 @@ class Citer:
         cited = tuple(
             CitedSpan(encoded.target[a:b], a, b, tuple(float(v) for v in delta[:, list(tokens)].sum(dim=1)))
             for (a, b), tokens in zip(prepared.spans, prepared.span_tokens, strict=True))
+        return cited, {"readout_from": prepared.readout_from,
+                       "refine": {"group_size": group_size, "share": refine_share} if refine else None,
+                       "refined": [s for s in range(n) if refined[s]],
+                       "response_logprob": -float(baseline[0].sum()),
+                       "token_forwards": self.explainer.engine.token_forwards - spent}
+
+    # --- transcripts ----------------------------------------------------------------------------
+    def prepare_messages(
+        self,
+        messages: Sequence[MessageLike],
+        *,
+        documents: Sequence[PassageLike] | None = None,
+        tools: Sequence[Mapping] | None = None,
+        sources: str = "sentence",
+        roles: Sequence[str] | None = None,
+        spans: Sequence[tuple[int, int]] | None = None,
+    ) -> tuple[CitationInput, RenderedTranscript]:
+        """Render a transcript that ends with its answer (see :meth:`cite_messages`); locate its sources
+        (regions of the chosen ``roles``) and the answer's spans."""
+        if sources not in TRANSCRIPT_LEVELS:
+            raise GranularityError(f"unknown source level {sources!r}; choose one of {', '.join(TRANSCRIPT_LEVELS)}")
+        parsed = _messages(messages)
+        if answer_of(parsed) is None:
+            raise TranscriptError("the transcript does not end with an assistant's answer to explain")
+        rendered = render_transcript(self.lm.tokenizer, parsed, documents=parse_documents(documents), tools=tools,
+                                     context_template=PROMPT_TEMPLATE, separator=PASSAGE_SEPARATOR)
+        encoded = encode_transcript(self.lm.tokenizer, rendered, rendered.answer.content)
+        self.explainer.check_length(len(encoded.input_ids))
+        passages, found, char_spans = transcript_sources(rendered, encoded, sources, roles)
+        try:
+            units = prompt_units(encoded, "spans", spans=char_spans)
+        except GranularityError as exc:
+            raise CitationError(f"a source tokenises to nothing of its own ({exc}); cite at a coarser level") from None
+        spans_, members = self._response_spans(encoded, spans)
+        readout_from = 1 + max(p for unit in units for p in unit.positions)
+        return CitationInput(encoded=encoded, passages=tuple(passages), sources=tuple(found),
+                             source_positions=tuple(u.positions for u in units), spans=tuple(spans_),
+                             span_tokens=tuple(members), readout_from=readout_from), rendered
+
+    def cite_messages(
+        self,
+        messages: Sequence[MessageLike],
+        *,
+        documents: Sequence[PassageLike] | None = None,
+        tools: Sequence[Mapping] | None = None,
+        sources: str = "sentence",
+        roles: Sequence[str] | None = None,
+        spans: Sequence[tuple[int, int]] | None = None,
+        max_new_tokens: int = 128,
+        refine: bool | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        refine_share: float = DEFAULT_REFINE_SHARE,
+        progress: Progress | None = None,
+    ) -> Citations:
+        """The sources in a chat transcript of each sentence of its final answer.
+
+        ``messages``: OpenAI chat messages (``system``/``developer``, ``user``, ``assistant`` with optional
+        ``tool_calls``, ``tool`` with ``tool_call_id``; string or list-of-text-parts content), rendered with
+        the model's chat template (``tools`` handed to it). The last message, when it is an assistant's
+        answer, is explained; otherwise the model answers first (greedy, up to ``max_new_tokens``).
+        ``documents``: texts or ``{text, id, title}`` placed where the template puts documents (else in the
+        last user message, as the one-context prompt does). ``sources``: ``message``, ``passage``
+        (paragraphs and list parts; each document), ``sentence`` (default) or ``token``, over the
+        messages of ``roles`` (default every role: earlier assistant turns, tool results, documents and the
+        answer's reasoning, ``reasoning_content`` or ``<think>...</think>``, included). Readout
+        suppression reads the answer from just after the last source (see docs/citations.md).
+
+        Example::
+
+            >>> result = Citer(load_model()).cite_messages([
+            ...     {"role": "user", "content": "Ada lives in Oslo. Bo lives in Rome. Where does Ada live?"},
+            ...     {"role": "assistant", "content": "Ada lives in Oslo."}])
+            >>> result.cite(0, k=1)[0][0].text
+            'Ada lives in Oslo.'
+        """
+        _check_refine(refine, group_size, refine_share)
+        parsed = _messages(messages)
+        generated = answer_of(parsed) is None
+        if generated:
+            parsed.append(self.answer(parsed, documents=documents, tools=tools, max_new_tokens=max_new_tokens))
+        prepared, rendered = self.prepare_messages(parsed, documents=documents, tools=tools, sources=sources,
+                                                   roles=roles, spans=spans)
+        cited, settings = self._score(prepared, refine, group_size, refine_share, progress)
         return Citations(
-            model=self.lm.name, context=PASSAGE_SEPARATOR.join(p.text for p in prepared.passages), question=question,
-            response=encoded.target, passages=prepared.passages, sources=prepared.sources, spans=cited,
+            model=self.lm.name, context="", question=question_of(rendered.messages), response=prepared.encoded.target,
+            passages=prepared.passages, sources=prepared.sources, spans=cited, messages=rendered.messages,
             settings={"method": self.method, "sources": sources, **self.suppression.settings(),
-                      "generated_response": generated, "readout_from": prepared.readout_from,
-                      "refine": {"group_size": group_size, "share": refine_share} if refine else None,
-                      "refined": [s for s in range(n) if refined[s]],
-                      "response_logprob": -float(baseline[0].sum()),
-                      "token_forwards": self.explainer.engine.token_forwards - spent})
+                      "generated_response": generated, "roles": list(roles) if roles is not None else None,
+                      "template_tool_calls": rendered.template_tool_calls,
+                      "documents": None if not rendered.documents
+                      else "template" if rendered.template_documents else "last user message", **settings})
+
+    def answer(self, messages: Sequence[MessageLike], *, documents: Sequence[PassageLike] | None = None,
+               tools: Sequence[Mapping] | None = None, max_new_tokens: int = 128) -> Message:
+        """The model's own greedy answer to a transcript (the assistant message that would end it)."""
+        parsed = _messages(messages)
+        rendered = render_transcript(self.lm.tokenizer, parsed, documents=parse_documents(documents), tools=tools,
+                                     context_template=PROMPT_TEMPLATE, separator=PASSAGE_SEPARATOR)
+        ids = [int(t) for t in self.lm.tokenizer(rendered.prompt, add_special_tokens=False)["input_ids"]]
+        self.explainer.check_length(len(ids) + max_new_tokens)
+        text = Steerer(self.lm).generate_ids(ids, max_new_tokens=max_new_tokens).text
+        if not text.strip():
+            raise EmptyInputError("the model generated no answer to this transcript, so there is nothing to explain")
+        return parse_messages([{"role": "assistant", "content": text}])[0]
 
     def _sources(self, encoded: EncodedInput, passages: list[Passage], level: str,
                  offset: int) -> tuple[list, list[int]]:
@@ -335,20 +465,39 @@ class Citer:
         return chosen, members
 
 
-def cite(context: str | Sequence[PassageLike], question: str, response: str | None = None, *,
+def _messages(messages: Sequence[MessageLike]) -> list[Message]:
+    """Messages given as OpenAI dicts or as :class:`Message` objects (a result's), checked."""
+    if isinstance(messages, Sequence) and not isinstance(messages, str) and messages and all(
+            isinstance(m, Message) for m in messages):
+        return parse_messages([m.to_dict() for m in messages])
+    return parse_messages(messages)
+
+
+def cite(context: str | Sequence[PassageLike] | None = None, question: str | None = None,
+         response: str | None = None, *, messages: Sequence[MessageLike] | None = None,
          model: LoadedModel | None = None, **options) -> Citations:
-    """One-call citation with the embedded default model (loaded once per process).
+    """One-call citation with the embedded default model (loaded once per process): of a context and a
+    question (:meth:`Citer.cite`), or of a chat transcript (``messages=``, :meth:`Citer.cite_messages`).
 
     Options of :class:`Citer` (``method``, ``multiplier``, ``batch_size``, ``max_memory``) and of
     :meth:`Citer.cite` (``sources``, ``spans``, ``chat``, ``system``, ``max_new_tokens``, ``refine``,
-    ``group_size``, ``refine_share``).
+    ``group_size``, ``refine_share``) or :meth:`Citer.cite_messages` (``documents``, ``tools``,
+    ``roles``, ...).
 
     Example::
 
         >>> cite("Ada lives in Oslo.\\n\\nBo lives in Rome.", "Where does Ada live?", "In Oslo.").cite(0)
+        >>> cite(messages=[{"role": "user", "content": "Ada lives in Oslo. Where does she live?"},
+        ...                {"role": "assistant", "content": "In Oslo."}]).cite(0)
     """
     from .models import default_model
 
     keys = ("method", "multiplier", "mode", "backend", "batch_size", "max_memory")
     citer = Citer(model or default_model(), **{k: options.pop(k) for k in keys if k in options})
+    if messages is not None:
+        if context is not None or question is not None or response is not None:
+            raise CitationError("give either messages or a context and a question, not both")
+        return citer.cite_messages(messages, **options)
+    if context is None or question is None:
+        raise CitationError("give a context and a question, or messages")
     return citer.cite(context, question, response, **options)

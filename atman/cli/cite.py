@@ -2,8 +2,10 @@
 
 Mirrors :meth:`atman.Citer.cite`. The context comes as text (``--context``), files
 (``--context-file``, repeatable: each file's paragraphs are passages titled by the file name) or a
-JSONL of passages (``--passages``: one ``{"text", "id", "title"}`` per line); ``--input`` runs a
-batch of citation requests, one JSON object per line.
+JSONL of passages (``--passages``: one ``{"text", "id", "title"}`` per line); or a chat transcript
+(``--messages chat.json``: OpenAI messages, or ``{"messages", "documents", "tools"}``), mirroring
+:meth:`atman.Citer.cite_messages`. ``--input`` runs a batch of citation requests, one JSON object per
+line (with ``messages`` in place of ``context`` and ``question`` for a transcript).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from .shared import (
 )
 
 FORMATS = ("text", "json", "html")
-SOURCE_LEVELS = ("passage", "sentence", "token")
+SOURCE_LEVELS = ("message", "passage", "sentence", "token")
 METHODS = ("readout", "atman")
 # fields of a batch line, with the types each may have
 CITE_FIELDS: dict[str, tuple[type, ...]] = {
@@ -49,7 +51,14 @@ CITE_FIELDS: dict[str, tuple[type, ...]] = {
     "refine": (bool, type(None)),
     "group_size": (int,),
     "refine_share": (int, float),
+    "messages": (list,),
+    "documents": (list,),
+    "tools": (list,),
+    "roles": (list,),
 }
+# what a transcript request may carry besides its messages (a context request: the rest)
+TRANSCRIPT_FIELDS = ("id", "messages", "documents", "tools", "roles", "sources", "spans", "max_new_tokens",
+                     "refine", "group_size", "refine_share")
 REFINE_CHOICES = {"auto": None, "on": True, "off": False}
 
 
@@ -62,10 +71,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="a context file (repeatable): its paragraphs are passages titled by the file name")
     cite.add_argument("--passages", type=Path, metavar="FILE.jsonl",
                       help="passages, one JSON object per line: {\"text\": ..., \"id\": ..., \"title\": ...}")
+    cite.add_argument("--messages", type=Path, metavar="CHAT.json",
+                      help="a chat transcript: OpenAI messages (a list), or {\"messages\", \"documents\", \"tools\"}; "
+                           "its last assistant message is explained (absent: the model answers first)")
+    cite.add_argument("--roles", help="transcript: the roles whose messages are sources, comma-separated (default all: "
+                                      "system, developer, user, assistant, tool, reasoning, document)")
     cite.add_argument("--response", "-r", help="the response to explain (default: the model answers first)")
     cite.add_argument("--response-file", type=Path, help="read the response from this file")
     cite.add_argument("--sources", "-s", default="sentence", choices=SOURCE_LEVELS,
-                      help="the units of the context that are suppressed one at a time")
+                      help="the units of the context that are suppressed one at a time (message: transcripts only)")
     cite.add_argument("--span", action="append", metavar="START:END", dest="spans",
                       help="a character span of the response to explain (repeatable; default: its sentences)")
     cite.add_argument("--method", default="readout", choices=METHODS,
@@ -149,6 +163,13 @@ def cite_command(args: argparse.Namespace) -> int:
         lines = split_lines(text)
         citer = load_citer(args, budget)
         return run_requests(lambda line: cite_line(citer, line), lines, args)
+    if args.messages is not None:
+        return cite_transcript(args, budget)
+    if args.roles:
+        raise UsageError("--roles chooses among a transcript's messages; give the transcript with --messages")
+    if args.sources == "message":
+        raise UsageError("--sources message needs a transcript (--messages); a context has passages, sentences "
+                         "and tokens")
     if not args.question:
         raise UsageError("no question: give it with --question")
     context = context_from_args(args)
@@ -166,6 +187,44 @@ def cite_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def transcript_from_file(path: Path) -> dict[str, Any]:
+    """``--messages``: a JSON list of messages, or an object with ``messages`` (and ``documents``, ``tools``)."""
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: not valid JSON: {exc}") from None
+    if isinstance(data, list):
+        data = {"messages": data}
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise UsageError(f"{path}: give a list of messages or an object with a \"messages\" list")
+    unknown = sorted(set(data) - {"messages", "documents", "tools"})
+    if unknown:
+        raise UsageError(f"{path}: unknown field(s) {', '.join(unknown)}; known: messages, documents, tools")
+    return data
+
+
+def cite_transcript(args: argparse.Namespace, budget: int | str | None) -> int:
+    """``atman cite --messages chat.json``: the sources in a transcript of each sentence of its answer."""
+    given = [name for name, value in (("--context", args.context), ("--context-file", args.context_file),
+                                      ("--passages", args.passages), ("--question", args.question),
+                                      ("--response", args.response), ("--response-file", args.response_file),
+                                      ("--system", args.system), ("--no-chat", args.no_chat)) if value]
+    if given:
+        raise UsageError(f"--messages holds the whole chat; do not also give {', '.join(given)} (the answer to "
+                         "explain is the transcript's last assistant message)")
+    transcript = transcript_from_file(args.messages)
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()] if args.roles else None
+    spans = [parse_span(text) for text in args.spans] if args.spans else None
+    citer = load_citer(args, budget)
+    with progress("citing", args.quiet) as tick:
+        result = citer.cite_messages(transcript["messages"], documents=transcript.get("documents"),
+                                     tools=transcript.get("tools"), sources=args.sources, roles=roles, spans=spans,
+                                     max_new_tokens=args.max_new_tokens, refine=REFINE_CHOICES[args.refine],
+                                     group_size=args.group_size, refine_share=args.refine_share, progress=tick)
+    write_citations(result, args.format, args.output, args.top)
+    return 0
+
+
 def load_citer(args: argparse.Namespace, budget: int | str | None) -> Any:
     quiet_libraries()
     from ..citer import Citer
@@ -179,11 +238,28 @@ def load_citer(args: argparse.Namespace, budget: int | str | None) -> Any:
 
 def cite_line(citer: Any, line: str) -> dict[str, Any]:
     """One batch line's citation result as a dict."""
-    request = read_object(line, CITE_FIELDS, ("context", "question"))
+    request = read_object(line, CITE_FIELDS, ())
+    if "messages" not in request:
+        missing = [name for name in ("context", "question") if name not in request]
+        if missing:
+            raise UsageError(f"missing field: {', '.join(missing)} (or messages, for a transcript)")
     spans = request.get("spans")
     if spans is not None and not all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s)
                                      for s in spans):
         raise UsageError("spans must be a list of [start, end] pairs of integers")
+    if "messages" in request:
+        extra = sorted(set(request) - set(TRANSCRIPT_FIELDS))
+        if extra:
+            raise UsageError(f"a transcript request (messages) does not take {', '.join(extra)}")
+        return citer.cite_messages(
+            request["messages"], documents=request.get("documents"), tools=request.get("tools"),
+            sources=request.get("sources", "sentence"), roles=request.get("roles"),
+            spans=[tuple(s) for s in spans] if spans is not None else None,
+            max_new_tokens=request.get("max_new_tokens", 128), refine=request.get("refine"),
+            group_size=request.get("group_size", 8), refine_share=request.get("refine_share", 0.99)).to_dict()
+    for name in ("documents", "tools", "roles"):
+        if name in request:
+            raise UsageError(f"{name} belongs to a transcript request; give messages too")
     result = citer.cite(request["context"], request["question"], request.get("response"),
                         sources=request.get("sources", "sentence"),
                         spans=[tuple(s) for s in spans] if spans is not None else None,

@@ -46,8 +46,9 @@ def citations_table(result: Citations, top: int = DEFAULT_TOP) -> Table:
                 cited.append("\n")
             r, g, b = blend(score, score / best)
             cited.append(f"[{index + 1}] {score:+.2f} ", style=f"bold on rgb({r},{g},{b})")
-            if passage.label:
-                cited.append(f"({passage.label}) ", style="dim")
+            label = " ".join(x for x in (source.label, passage.label) if x)
+            if label:
+                cited.append(f"({label}) ", style="dim")
             cited.append(_snippet(source.text))
         if not cited:
             cited.append("no source raised this part's likelihood", style="dim")
@@ -55,15 +56,38 @@ def citations_table(result: Citations, top: int = DEFAULT_TOP) -> Table:
     return table
 
 
+def chat_table(result: Citations) -> Table:
+    """A transcript's messages as a rich table (role, text), the explained answer last."""
+    table = Table(title="Transcript", show_lines=True, expand=True)
+    table.add_column("#", justify="right", width=3)
+    table.add_column("role", width=10)
+    table.add_column("message", ratio=5)
+    for index, message in enumerate(result.messages):
+        text = Text()
+        if message.reasoning:
+            text.append("thinking: " + _snippet(message.reasoning, 2 * SNIPPET) + "\n", style="dim italic")
+        text.append(_snippet(message.content, 3 * SNIPPET) if message.content else "")
+        for call in message.tool_calls:
+            text.append(f"\ncalls {call['function']['name']} ({call['id']})", style="dim")
+        role = message.role + (f"\n{message.tool_call_id}" if message.tool_call_id else "")
+        table.add_row(str(index), role, text)
+    return table
+
+
 def render_citations_terminal(result: Citations, console: Console | None = None, top: int = DEFAULT_TOP) -> None:
-    """Print the response's spans with their top ``top`` sources."""
-    (console or Console()).print(citations_table(result, top))
+    """Print the response's spans with their top ``top`` sources (a transcript's chat first)."""
+    console = console or Console()
+    if result.messages:
+        console.print(chat_table(result))
+    console.print(citations_table(result, top))
 
 
 def render_citations_fragment(result: Citations, top: int = DEFAULT_TOP) -> str:
     """An HTML fragment (for notebooks and pages): the response's spans on the left, the context's
     sources on the right; hovering or focusing a span colours its sources by score and lists its top
     ``top``. Works without JavaScript too (each span's sources are listed under it)."""
+    if result.messages:
+        return render_chat_fragment(result, top)
     digest = hashlib.sha1((result.context + "\0" + result.response).encode("utf-8", "replace")).hexdigest()
     ident = f"atman-cite-{digest[:10]}"
     scores = [[round(s, 6) for s in span.scores] for span in result.spans]
@@ -89,10 +113,80 @@ def render_citations_fragment(result: Citations, top: int = DEFAULT_TOP) -> str:
         pieces.append(html.escape(result.context[cursor:passage.end]))
         label = f'<div class="label">{html.escape(passage.label)}</div>' if passage.label else ""
         context_html.append(f'<div class="passage">{label}{"".join(pieces)}</div>')
+    return _page(ident, "2fr 3fr", f'<div><h3>Response — hover a sentence</h3>{"".join(spans_html)}</div>'
+                 f'<div><h3>Context — orange: the sentence rests on it</h3>{"".join(context_html)}</div>', scores)
+
+
+def _spans_html(result: Citations, top: int) -> str:
+    out = []
+    for k, span in enumerate(result.spans):
+        listed = "".join(
+            f"<li>[{i + 1}] {score:+.3f} "
+            + (f'<span class="where">{html.escape(result.sources[i].label)}</span> ' if result.sources[i].label else "")
+            + f"{html.escape(_snippet(result.sources[i].text, 60))}</li>"
+            for i, score in span.top(top))
+        out.append(f'<div class="span" tabindex="0" data-span="{k}"><span class="text">{html.escape(span.text)}'
+                   f'</span><ol class="top">{listed or "<li>no positive source</li>"}</ol></div>')
+    return "".join(out)
+
+
+def _marked(text: str, marks: list[tuple[int, int, int]]) -> str:
+    """``text`` with each (start, end, source index) wrapped as a source."""
+    pieces, cursor = [], 0
+    for start, end, i in sorted(marks):
+        pieces.append(html.escape(text[cursor:start]))
+        pieces.append(f'<span class="source" data-source="{i}"><sup>{i + 1}</sup>{html.escape(text[start:end])}</span>')
+        cursor = end
+    pieces.append(html.escape(text[cursor:]))
+    return "".join(pieces)
+
+
+def render_chat_fragment(result: Citations, top: int = DEFAULT_TOP) -> str:
+    """A transcript's citations as a chat: each message in a bubble with its sources marked, the
+    answer's sentences in the last bubble with their top ``top`` sources under each; hovering or
+    focusing a sentence colours its sources in the messages by score."""
+    digest = hashlib.sha1(json.dumps([m.to_dict() for m in result.messages], sort_keys=True).encode(
+        "utf-8", "replace")).hexdigest()
+    ident = f"atman-cite-{digest[:10]}"
+    scores = [[round(s, 6) for s in span.scores] for span in result.spans]
+    by_place: dict[tuple[int | None, str, int], list[tuple[int, int, int]]] = {}
+    for i, source in enumerate(result.sources):
+        place = "reasoning" if source.role == "reasoning" else "content"
+        key = (source.message, place, source.passage if source.message is None else -1)
+        by_place.setdefault(key, []).append((source.start, source.end, i))
+    bubbles = []
+    documents = sorted({s.passage for s in result.sources if s.message is None})
+    for p in documents:
+        passage = result.passages[p]
+        label = html.escape(passage.label or "document")
+        bubbles.append(f'<div class="msg document"><div class="role">{label}</div><div class="body">'
+                       f'{_marked(passage.text, by_place.get((None, "content", p), []))}</div></div>')
+    last = len(result.messages) - 1
+    for index, message in enumerate(result.messages):
+        role = html.escape(message.role) + (f' <span class="call">{html.escape(message.tool_call_id)}</span>'
+                                           if message.tool_call_id else "")
+        body = ""
+        if message.reasoning:
+            body += (f'<details class="thinking" open><summary>thinking</summary>'
+                     f'{_marked(message.reasoning, by_place.get((index, "reasoning", -1), []))}</details>')
+        if index == last:
+            body += f'<div class="answer">{_spans_html(result, top)}</div>'
+        else:
+            body += f'<div class="body">{_marked(message.content, by_place.get((index, "content", -1), []))}</div>'
+        for call in message.tool_calls:
+            body += (f'<div class="call">calls <code>{html.escape(call["function"]["name"])}</code> '
+                     f'({html.escape(call["id"])})</div>')
+        bubbles.append(f'<div class="msg {html.escape(message.role)}" data-message="{index}">'
+                       f'<div class="role">#{index} {role}</div>{body}</div>')
+    return _page(ident, "1fr", f'<div class="chat"><h3>Transcript — hover a sentence of the answer</h3>'
+                               f'{"".join(bubbles)}</div>', scores)
+
+
+def _page(ident: str, columns: str, inner: str, scores: list[list[float]]) -> str:
     r, g, b = FOR_RGB
     return f"""<div class="atman-cite" id="{ident}">
 <style>
-#{ident} {{ display: grid; grid-template-columns: 2fr 3fr; gap: 1.2em; font-family: system-ui, sans-serif;
+#{ident} {{ display: grid; grid-template-columns: {columns}; gap: 1.2em; font-family: system-ui, sans-serif;
   line-height: 1.5; }}
 #{ident} .span {{ padding: .3em .5em; margin: .2em 0; border-left: 3px solid #ccc; cursor: pointer; }}
 #{ident} .span:hover, #{ident} .span:focus, #{ident} .span.active {{ border-left-color: rgb({r}, {g}, {b});
@@ -103,9 +197,17 @@ def render_citations_fragment(result: Citations, top: int = DEFAULT_TOP) -> str:
 #{ident} .source {{ border-radius: 3px; transition: background .15s; }}
 #{ident} .source sup {{ color: #888; font-size: .65em; margin-right: .1em; }}
 #{ident} h3 {{ font-size: 1em; margin: 0 0 .4em; }}
+#{ident} .msg {{ margin: .5em 0; padding: .4em .7em; border-radius: 8px; background: #f3f3f3; white-space: pre-wrap;
+  max-width: 85%; }}
+#{ident} .msg.user {{ margin-left: auto; background: #e8f0fb; }}
+#{ident} .msg.tool, #{ident} .msg.document {{ background: #f1f6ec; }}
+#{ident} .msg.system, #{ident} .msg.developer {{ background: #fafafa; border: 1px dashed #ccc; }}
+#{ident} .msg .role {{ font-size: .75em; color: #666; font-weight: 600; }}
+#{ident} .msg .call, #{ident} .span .where {{ font-size: .8em; color: #666; }}
+#{ident} .thinking {{ font-size: .9em; color: #555; }}
+#{ident} .answer .span {{ white-space: normal; }}
 </style>
-<div><h3>Response — hover a sentence</h3>{"".join(spans_html)}</div>
-<div><h3>Context — orange: the sentence rests on it</h3>{"".join(context_html)}</div>
+{inner}
 <script>
 (function () {{
   const root = document.getElementById({json.dumps(ident)});
