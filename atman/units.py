@@ -133,8 +133,8 @@ def tokenize(tokenizer, text: str, *, add_special_tokens: bool = True,
     """Token ids of ``text`` and each token's character span (shifted by ``offset``); None for special
     tokens and tokens that cover no character. The one place text meets a tokenizer's offsets.
 
-    >>> tokenize(tokenizer, "Hi there")  # doctest: +SKIP
-    ([1, 17535, 686], [None, (0, 2), (2, 8)])
+    >>> tokenize(tokenizer, "Hi there")  # all-MiniLM-L6-v2's: [CLS] and [SEP] are special
+    ([101, 7632, 2045, 102], [None, (0, 2), (3, 8), None])
     """
     enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     special = set(tokenizer.all_special_ids)
@@ -212,7 +212,11 @@ def text_spans(
     delimiter: str | None = None,
     spans: Sequence[tuple[int, int]] | None = None,
 ) -> list[tuple[int, int]]:
-    """Character spans (start, end) of ``text`` at a text granularity (not ``token`` or ``auto``)."""
+    """Character spans (start, end) of ``text`` at a text granularity (not ``token`` or ``auto``).
+
+    >>> text_spans("Ada lives in Oslo. Bo lives in Rome.", "sentence")
+    [(0, 18), (19, 36)]
+    """
     if granularity == "word":
         return [m.span() for m in _WORD.finditer(text)]
     if granularity == "sentence":
@@ -272,7 +276,14 @@ def prompt_units(
     delimiter: str | None = None,
     spans: Sequence[tuple[int, int]] | None = None,
 ) -> list[Unit]:
-    """The units of the prompt at ``granularity``, in text order."""
+    """The units of the prompt at ``granularity``, in text order.
+
+    >>> encoded = encode(tokenizer, "Ada lives in Oslo. Bo lives in Rome.", " Oslo")
+    >>> [(unit.text, unit.positions) for unit in prompt_units(encoded, "sentence")]
+    [('Ada lives in Oslo.', (1, 2, 3, 4, 5)), ('Bo lives in Rome.', (6, 7, 8, 9, 10))]
+    >>> [unit.text for unit in prompt_units(encoded, "word")]
+    ['Ada', 'lives', 'in', 'Oslo.', 'Bo', 'lives', 'in', 'Rome.']
+    """
     if granularity not in GRANULARITIES:
         raise GranularityError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
     tokens = [(pos, span) for pos, span in enumerate(encoded.prompt_spans) if span is not None]

@@ -78,8 +78,19 @@ def server_latency(data: dict) -> list[str]:
     return lines
 
 
+def tour(data: dict) -> list[str]:
+    """benchmarks/tour.py: each command of the README's tour, whole process, with the load it ran under."""
+    lines = ["| tour line | seconds | load average at its start |", "|---|---|---|"]
+    for row in data["rows"]:
+        words = row["command"].split()
+        # the command's first words and its options, enough to find the line in the tour above
+        short = " ".join(words[:2] + [w for w in words[2:] if w.startswith("--")][:3])
+        lines.append(f"| `{short}` | {row['seconds']:.0f} | {row['load_average_at_start']:.1f} |")
+    return lines
+
+
 RENDERERS: dict[str, Renderer] = {"steering": steering, "cancellation": cancellation,
-                                  "server-latency": server_latency}
+                                  "server-latency": server_latency, "tour": tour}
 
 
 def render_text(text: str, root: Path = ROOT) -> str:

@@ -1,5 +1,6 @@
-"""The README tour's files exist in examples/ and say what the tour needs (the tour itself runs for
-minutes; its commands were run as written, with the times in the README)."""
+"""The README tour's files exist in examples/ and say what the tour needs. The tour itself runs for
+minutes: ``benchmarks/tour.py`` runs its commands as written and records their times, which the README
+renders (a command that fails stops that run)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ def _tour_commands() -> list[list[str]]:
 
 
 def test_every_file_the_tour_reads_is_in_the_clone():
-    reads = {"--prompt-file", "--input", "--model"}
+    reads = {"--prompt-file", "--input", "--model", "--passages", "--context-file", "--messages"}
     paths = [command[i + 1] for command in _tour_commands() for i, word in enumerate(command[:-1]) if word in reads]
     local = [path for path in paths if "/" in path and not path.startswith("-")]
-    assert {"examples/prompt.txt", "examples/requests.jsonl", "examples/context.txt"} <= set(local)
+    assert {"examples/prompt.txt", "examples/requests.jsonl", "examples/context.txt", "examples/passages.jsonl",
+            "examples/long-context.txt"} <= set(local)
     for path in local:
         assert (ROOT / path).exists(), path
 
@@ -43,3 +45,19 @@ def test_the_example_requests_are_valid_batch_lines():
 def test_the_long_context_holds_the_answer_the_tour_explains():
     context = (ROOT / "examples" / "context.txt").read_text(encoding="utf-8")
     assert "1887" in context and context.rstrip().endswith("founded in")
+
+
+def test_the_tour_record_is_of_the_tour_as_written():
+    """benchmarks/tour.py reads the same commands, and its record holds only commands of the tour."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("tour", ROOT / "benchmarks" / "tour.py")
+    tour = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tour)
+    commands = [command for _, command in tour.tour_commands((ROOT / "README.md").read_text(encoding="utf-8"))]
+    assert [shlex.split(c, comments=True) for c in commands] == _tour_commands()
+    record = ROOT / "benchmarks" / "results" / "tour-times.json"
+    if record.exists():
+        recorded = [row["command"] for row in json.loads(record.read_text(encoding="utf-8"))["rows"]]
+        assert set(recorded) <= set(commands), "the tour changed: rerun python benchmarks/tour.py"

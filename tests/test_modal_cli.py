@@ -65,9 +65,18 @@ def test_image_classifier_target_by_name(tmp_path):
 def test_pair(capsys):
     assert main(["explain", "--pair", "A man is eating food.", "A man eats bread.", "-g", "word", "-f", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    kinds = [item["kind"] for item in data["explanations"][0]["items"]]
-    assert kinds == ["prompt"] * 5 + ["target"] * 4
+    items = data["explanations"][0]["items"]
+    assert [item["kind"] for item in items] == ["prompt"] * 5 + ["target"] * 4
     assert data["settings"]["task"] == "similarity"
+    # the same scores as the Python API's, and the content words carry the similarity
+    from atman.encoders import SimilarityExplainer, load_encoder
+
+    expected = SimilarityExplainer(load_encoder("all-minilm-l6-v2")).explain(
+        "A man is eating food.", "A man eats bread.", granularity="word").explanations[0].items
+    assert [(i["kind"], i["text"]) for i in items] == [(e.kind, e.text) for e in expected]
+    assert [i["score"] for i in items] == pytest.approx([e.score for e in expected], abs=1e-6)
+    score = {(i["kind"], i["text"]): i["score"] for i in items}
+    assert score[("prompt", "eating")] > score[("prompt", "A")] and score[("prompt", "man")] > score[("prompt", "is")]
 
 
 @pytest.mark.parametrize("argv, message", [
