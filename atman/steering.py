@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +84,32 @@ class Completion:
     log_probs: tuple[float, ...]
     finish_reason: str
     top_log_probs: tuple[dict[str, float], ...] | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One token of a streamed generation: its id, token string and log-probability, the completion's
+    ``text`` so far (a stop string cut off), the top log-probabilities when asked for, and the
+    ``finish_reason`` on the last step of a completion that ends on a stop string or on its length
+    (one that ends on end-of-text has no step for that token: the stream just ends)."""
+
+    token_id: int
+    token: str
+    log_prob: float
+    text: str
+    top_log_probs: dict[str, float] | None = None
+    finish_reason: str | None = None
+
+
+class Stream:
+    """The steps of a generation as they are made (iterate once); ``completion`` once it is exhausted."""
+
+    def __init__(self, steps: Iterator[Step]) -> None:
+        self._steps = steps
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[Step]:
+        self.completion = yield from self._steps
 
 
 class Steerer:
@@ -235,6 +261,41 @@ class Steerer:
         the completion (the stop string itself is cut off). ``on_token(step)`` is called before
         each new token; raising from it aborts the generation (used for time limits).
         """
+        stream = self.stream_ids(input_ids, multipliers, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, stop=stop, seed=seed, top_log_probs=top_log_probs,
+                                 logit_bias=logit_bias, minimum_tokens=minimum_tokens, mode=mode, on_token=on_token)
+        for _ in stream:
+            pass
+        return stream.completion
+
+    def stream_ids(
+        self,
+        input_ids: Sequence[int],
+        multipliers: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        top_log_probs: int | None = None,
+        logit_bias: dict[int, float] | None = None,
+        minimum_tokens: int = 0,
+        mode: str | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Stream:
+        """:meth:`generate_ids` one token at a time: iterating the returned :class:`Stream` yields a
+        :class:`Step` per kept token as soon as it is chosen (its ``text`` is the completion so far);
+        once exhausted, ``stream.completion`` is what :meth:`generate_ids` returns. Between steps
+        no manipulation is in force, so the caller may run other model work (an explanation of the
+        text so far) before asking for the next token.
+
+        Example::
+
+            >>> [step.text for step in Steerer(load_model()).stream_ids(ids, max_new_tokens=2)]  # doctest: +SKIP
+            [' Paris', ' Paris.']
+        """
         multipliers = torch.ones(len(input_ids)) if multipliers is None else multipliers.float()
         mode = self._check(input_ids, multipliers, max_new_tokens, mode)
         if max_new_tokens < 1:
@@ -243,11 +304,6 @@ class Steerer:
             raise AtmanError("temperature and top_k must be >= 0 and top_p must lie in [0, 1]")
         if minimum_tokens < 0:
             raise AtmanError("minimum_tokens must be >= 0")
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator(device="cpu")
-            generator.manual_seed(seed if seed is not None else secrets.randbits(63))
-        tokenizer = self.lm.tokenizer
         bias = None
         if logit_bias:
             vocab = self.lm.model.get_input_embeddings().num_embeddings
@@ -256,6 +312,18 @@ class Steerer:
                 if not 0 <= int(token) < vocab or not math.isfinite(value):
                     raise AtmanError(f"logit_bias entry {token}: {value} is not a vocabulary id with a finite bias")
                 bias[int(token)] = float(value)
+        return Stream(self._steps(list(input_ids), multipliers, mode, max_new_tokens, temperature, top_k, top_p,
+                                  stop, seed, top_log_probs, bias, minimum_tokens, on_token))
+
+    def _steps(self, input_ids: list[int], multipliers: torch.Tensor, mode: str, max_new_tokens: int,
+               temperature: float, top_k: int, top_p: float, stop: Sequence[str], seed: int | None,
+               top_log_probs: int | None, bias: torch.Tensor | None, minimum_tokens: int,
+               on_token: Callable[[int], None] | None) -> Generator[Step, None, Completion]:
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+        tokenizer = self.lm.tokenizer
         new: list[int] = []
         chosen_logprobs: list[float] = []
         tops: list[dict[str, float]] = []
@@ -263,39 +331,50 @@ class Steerer:
         text = ""
         cache = DynamicCache()
         device = self.lm.device
-        with torch.no_grad(), manipulate(multipliers[None].to(device), mode=mode, backend=self.backend):
-            logits = self._forward(torch.tensor([list(input_ids)], device=device), cache, True)[-1]
-            for step in range(max_new_tokens):
-                if on_token is not None:
-                    on_token(step)
-                scores = logits.float().cpu()
-                if not bool(torch.isfinite(scores).any()) or bool(torch.isnan(scores).any()):
-                    raise AtmanError("the controls drove the model's output to non-finite values; use a smaller factor")
-                if bias is not None:
-                    scores = scores + bias
-                if step < minimum_tokens:
-                    scores[list(self.eos_ids)] = -math.inf
-                logprobs = torch.log_softmax(scores, dim=-1)
-                token = _choose(scores, temperature, top_k, top_p, generator)
-                new.append(token)
-                chosen_logprobs.append(float(logprobs[token]))
-                if top_log_probs is not None:
-                    tops.append(_top(tokenizer, logprobs, token, top_log_probs))
-                if token in self.eos_ids:
-                    finish = "end_of_text"
-                    new.pop()
-                    chosen_logprobs.pop()
-                    if tops:
-                        tops.pop()
-                    break
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                cut = _first_stop(text, stop)
-                if cut is not None:
-                    text = text[:cut]
-                    finish = "stop_sequence_reached"
-                    break
-                if step + 1 < max_new_tokens:
-                    logits = self._forward(torch.tensor([[token]], device=device), cache, True)[-1]
+        row = multipliers[None].to(device)
+
+        def forward(ids: list[int]) -> torch.Tensor:
+            # the manipulation is in force for the forward pass only, never across a yield
+            with torch.no_grad(), manipulate(row, mode=mode, backend=self.backend):
+                return self._forward(torch.tensor([ids], device=device), cache, True)[-1]
+
+        logits = forward(input_ids)
+        for step in range(max_new_tokens):
+            if on_token is not None:
+                on_token(step)
+            scores = logits.float().cpu()
+            if not bool(torch.isfinite(scores).any()) or bool(torch.isnan(scores).any()):
+                raise AtmanError("the controls drove the model's output to non-finite values; use a smaller factor")
+            if bias is not None:
+                scores = scores + bias
+            if step < minimum_tokens:
+                scores[list(self.eos_ids)] = -math.inf
+            logprobs = torch.log_softmax(scores, dim=-1)
+            token = _choose(scores, temperature, top_k, top_p, generator)
+            new.append(token)
+            chosen_logprobs.append(float(logprobs[token]))
+            if top_log_probs is not None:
+                tops.append(_top(tokenizer, logprobs, token, top_log_probs))
+            if token in self.eos_ids:
+                finish = "end_of_text"
+                new.pop()
+                chosen_logprobs.pop()
+                if tops:
+                    tops.pop()
+                break
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            cut = _first_stop(text, stop)
+            if cut is not None:
+                text = text[:cut]
+                finish = "stop_sequence_reached"
+            last = step + 1 == max_new_tokens
+            yield Step(token_id=token, token=tokenizer.convert_ids_to_tokens(token), log_prob=chosen_logprobs[-1],
+                       text=text, top_log_probs=tops[-1] if top_log_probs is not None else None,
+                       finish_reason=finish if cut is not None or last else None)
+            if cut is not None:
+                break
+            if not last:
+                logits = forward([token])
         if finish != "stop_sequence_reached":
             text = tokenizer.decode(new, skip_special_tokens=True)
         return Completion(
