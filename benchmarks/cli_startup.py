@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,9 @@ COMMANDS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--json", help="also write the result, with the machine's load, to this results file")
     args = parser.parse_args()
+    load = os.getloadavg()[0]
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
     for _ in range(args.reps):
         for name, command in COMMANDS.items():
@@ -37,8 +40,13 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     medians = {name: round(statistics.median(values), 3) for name, values in times.items()}
     heavy = medians["the old CLI's imports"]
-    print(json.dumps({"median_s": medians, "help_vs_heavy_imports": round(medians["atman --help"] / heavy, 3),
-                      "reps": args.reps}))
+    result = {"median_s": medians, "help_vs_heavy_imports": round(medians["atman --help"] / heavy, 3),
+              "reps": args.reps, "load_average_at_start": round(load, 2)}
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(result, out, indent=1)
+            out.write("\n")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ This script measures, side by side in one process on the embedded SmolLM2:
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 import torch
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens to generate and explain")
     parser.add_argument("--reps", type=int, default=2, help="repetitions; the best time counts")
     parser.add_argument("--skip-occlusion", action="store_true", help="leave inseq's occlusion out")
+    parser.add_argument("--json", help="also write the times, the ratios and the machine's load to this file")
     args = parser.parse_args()
 
     lm = atman.load_model()
@@ -81,8 +84,16 @@ def main() -> None:
         print(f"{name:16s} {seconds:8.2f} s   {seconds / reference:6.2f}x inseq-atman")
     a, b = results["inseq-atman"], results["per-step-atman"]
     both = ~(a.isnan() | b.isnan())
-    print(f"largest |inseq-atman - per-step-atman| over {int(both.sum())} scores: "
-          f"{float((a[both] - b[both]).abs().max()):.2e}")
+    largest = float((a[both] - b[both]).abs().max())
+    print(f"largest |inseq-atman - per-step-atman| over {int(both.sum())} scores: {largest:.2e}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump({"prompt_tokens": n_prompt, "new_tokens": len(ids), "reps": args.reps,
+                       "threads": torch.get_num_threads(), "load_average_at_end": round(os.getloadavg()[0], 2),
+                       "best_s": {k: round(v, 2) for k, v in best.items()},
+                       "vs_inseq_atman": {k: round(v / reference, 2) for k, v in best.items()},
+                       "largest_difference": largest}, out, indent=1)
+            out.write("\n")
 
 
 if __name__ == "__main__":

@@ -80,12 +80,13 @@ def server_latency(data: dict) -> list[str]:
 
 def tour(data: dict) -> list[str]:
     """benchmarks/tour.py: each command of the README's tour, whole process, with the load it ran under."""
-    lines = ["| tour line | seconds | load average at its start |", "|---|---|---|"]
+    lines = ["| tour line (its comment above) | command | seconds | load average at its start |", "|---|---|---|---|"]
     for row in data["rows"]:
         words = row["command"].split()
         # the command's first words and its options, enough to find the line in the tour above
         short = " ".join(words[:2] + [w for w in words[2:] if w.startswith("--")][:3])
-        lines.append(f"| `{short}` | {row['seconds']:.0f} | {row['load_average_at_start']:.1f} |")
+        what = row["comment"] if len(row["comment"]) <= 70 else row["comment"][:67].rstrip() + "..."
+        lines.append(f"| {what} | `{short}` | {row['seconds']:.0f} | {row['load_average_at_start']:.1f} |")
     return lines
 
 
