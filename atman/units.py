@@ -9,6 +9,7 @@ maps back to characters. Template and special tokens belong to no unit and are n
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -294,13 +295,18 @@ def prompt_units(
     else:
         char_spans = text_spans(encoded.prompt, granularity, delimiter=delimiter, spans=spans)
         units = _assign(encoded.prompt, tokens, char_spans)
-        if granularity == "spans" and len(units) < len(char_spans):
+        if len(units) < len(char_spans):
             kept = {(u.start, u.start + u.length) for u in units}
             lost = [span for span in char_spans if span not in kept]
-            raise GranularityError(
-                f"span(s) {lost} hold no token of their own (a token is given to the span it overlaps most); "
-                "widen them or use token boundaries"
-            )
+            if granularity == "spans":
+                raise GranularityError(
+                    f"span(s) {lost} hold no token of their own (a token is given to the span it overlaps most); "
+                    "widen them or use token boundaries"
+                )
+            # not an error (the tokenizer merged them into a neighbour), but never silent
+            shown = ", ".join(repr(encoded.prompt[a:b]) for a, b in lost[:5]) + (", ..." if len(lost) > 5 else "")
+            warnings.warn(f"{len(lost)} {granularity} unit(s) hold no token of their own and get no score (a token "
+                          f"belongs to the unit it overlaps most): {shown}", UserWarning, stacklevel=2)
     if not units:
         raise NoUnitsError(f"granularity {granularity!r} yields no unit in this prompt")
     return units

