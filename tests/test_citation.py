@@ -220,8 +220,10 @@ def test_scoring_and_methods_on_smollm2(smollm2):
     lay = layout(smollm2.tokenizer, task)
     assert lay.source_positions[-1][-1] < lay.tail_start < lay.response_start
     assert readout_logprobs(smollm2, task, np.ones((1, 4))).sum() == pytest.approx(batched.full_logprob, abs=1e-3)
-    surrogate = readout_surrogate(smollm2, task, 16, solver="linear")
+    surrogate = readout_surrogate(smollm2, task, 16)
     assert int(np.argmax(surrogate)) == evidence
+    reused = ResponseScorer(smollm2, task, reuse_prefix=True)   # the full context's keys and values reused
+    assert np.allclose(reused.logprobs(masks), batched.logprobs(masks), atol=1e-3)
     holdout = HoldOut.measure(batched, 8)
     run = score_method(run_method("readout", smollm2, lambda: readout_suppression(smollm2, task)), batched, holdout,
                        [evidence])

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from ..citer import coarse_to_fine, source_groups
 from ..engine import Engine, forward_options, target_logprobs
@@ -47,13 +48,14 @@ from ..errors import AtmanError, EmptyInputError
 from ..explainer import Explainer
 from ..manipulation import manipulate
 from ..models import LoadedModel
+from ..prefix_cache import SharedPrefix
+from ..readout import MASK_SEED, logit_prob, mask_scores, random_masks
 from ..rows import Suppression
 
 # ContextCite's DEFAULT_PROMPT_TEMPLATE (context_cite/context_citer.py)
 PROMPT_TEMPLATE = "Context: {context}\n\nQuery: {query}"
 # ContextCite draws its training masks from seeds 0 .. num_ablations - 1; ours start far away from those
 HOLDOUT_SEED = 1_000_000
-SURROGATE_SEED = 2_000_000
 DEFAULT_TOKEN_BUDGET = 8192
 
 
@@ -201,18 +203,10 @@ def response_token_ids(tokenizer, task: CitationTask) -> list[int]:
     return ids
 
 
-def logit_prob(logprob: np.ndarray | float) -> np.ndarray:
-    """log p / (1 - p) of a response from its summed token log-probabilities, as ContextCite's
-    ``aggregate_logit_probs`` (``output_type="logit_prob"``) computes it."""
-    lp = np.minimum(np.asarray(logprob, dtype=np.float64), -1e-12)
-    return lp - np.log(-np.expm1(lp))
-
-
 def keep_masks(n_sources: int, n: int, *, keep: float = 0.5, seed: int = HOLDOUT_SEED) -> np.ndarray:
-    """``n`` random ablation masks drawn as ContextCite draws its own (one ``RandomState(seed + i)`` per
-    mask, keep probability ``keep``); the default seeds are disjoint from ContextCite's training masks."""
-    return np.stack([np.random.RandomState(seed + i).choice([False, True], size=n_sources, p=[1 - keep, keep])
-                     for i in range(n)])
+    """``n`` random ablation masks drawn as ContextCite draws its own (:func:`atman.readout.random_masks`);
+    the default seeds are disjoint from ContextCite's training masks."""
+    return random_masks(n_sources, n, keep=keep, seed=seed)
 
 
 class TokenCounter:
@@ -247,8 +241,61 @@ def count_token_forwards(model: torch.nn.Module) -> Iterator[TokenCounter]:
         handle.remove()
 
 
+class PrefixReuse:
+    """One sequence's keys and values, reused by later sequences for the token prefix they share with it.
+
+    The positions before the first token where a sequence differs from the reference see exactly what
+    they saw in the reference, so their keys and values are the reference's and only the rest is
+    computed (AttriBoT's key/value caching for leave-one-out, Liu et al. 2025). One sequence per pass.
+
+    Example::
+
+        >>> reuse = PrefixReuse(lm.model, full_ids)
+        >>> reuse.logprobs(ablated_ids, n=len(response_ids))   # response tokens' log-probabilities
+    """
+
+    def __init__(self, model: torch.nn.Module, ids: Sequence[int]) -> None:
+        self.model = model
+        self.ids = torch.tensor([list(ids)])
+        self._keep_logits, self._cache_argument = forward_options(model)
+        with torch.no_grad():
+            cache = DynamicCache()
+            out = model(input_ids=self.ids.to(_device(model)), use_cache=True, **{self._cache_argument: cache})
+        self.logits = out.logits
+        self.prefix = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def shared(self, ids: Sequence[int], limit: int) -> int:
+        """Length of the token prefix ``ids`` shares with the reference, at most ``limit``."""
+        size = min(len(ids), self.ids.shape[1], limit)
+        same = (self.ids[0, :size] == torch.tensor(list(ids[:size]))).int()
+        return size if bool(same.all()) else int(same.argmin())
+
+    def logprobs(self, ids: Sequence[int], n: int) -> np.ndarray:
+        """Log-probabilities of the last ``n`` tokens of ``ids`` (teacher forced); at least the token
+        before them and everything after the shared prefix is recomputed."""
+        if list(ids) == self.ids[0].tolist():
+            return target_logprobs(self.logits[0, -(n + 1):-1], self.ids[0, -n:]).cpu().numpy()
+        start = self.shared(ids, len(ids) - n - 1)
+        tail = torch.tensor([list(ids[start:])], device=_device(self.model))
+        kwargs: dict = {"logits_to_keep": n + 1} if self._keep_logits else {}
+        kwargs["use_cache"] = False
+        with torch.no_grad():
+            if start > 0:
+                kwargs.update({self._cache_argument: SharedPrefix(self.prefix, start), "use_cache": True})
+            logits = self.model(input_ids=tail, **kwargs).logits
+        return target_logprobs(logits[0, -(n + 1):-1], tail[0, -n:].cpu()).cpu().numpy()
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 class ResponseScorer:
     """log p(response | context with a subset of sources kept), for a loaded causal LM.
+
+    ``reuse_prefix=True`` computes each ablated context after the full context's keys and values for
+    their common token prefix (:class:`PrefixReuse`; the same numbers up to float rounding), one context
+    per pass; otherwise ablated contexts run whole, left-padded in batches of ``token_budget`` tokens.
 
     Example::
 
@@ -256,7 +303,8 @@ class ResponseScorer:
         >>> scorer.logprobs(np.array([[True, False]])).sum(axis=1)   # source 1 deleted
     """
 
-    def __init__(self, lm: LoadedModel, task: CitationTask, *, token_budget: int = DEFAULT_TOKEN_BUDGET) -> None:
+    def __init__(self, lm: LoadedModel, task: CitationTask, *, token_budget: int = DEFAULT_TOKEN_BUDGET,
+                 reuse_prefix: bool = False) -> None:
         self.lm = lm
         self.task = task
         self.token_budget = token_budget
@@ -264,6 +312,17 @@ class ResponseScorer:
         self._keep_logits = forward_options(lm.model)[0]
         self._memo: dict[bytes, np.ndarray] = {}
         self._full: float | None = None
+        self._reuse: PrefixReuse | None = None
+        self.reuse_prefix = reuse_prefix
+
+    def remember(self, memo: dict[bytes, np.ndarray]) -> None:
+        """Take results measured before (mask bytes -> token log-probabilities), e.g. from a cache file."""
+        self._memo.update(memo)
+
+    @property
+    def memo(self) -> dict[bytes, np.ndarray]:
+        """Every mask measured so far (mask bytes -> token log-probabilities)."""
+        return dict(self._memo)
 
     def prompt_ids(self, keep: Sequence[bool] | np.ndarray | None = None) -> list[int]:
         """Token ids of the rendered prompt for the kept sources."""
@@ -285,6 +344,12 @@ class ResponseScorer:
     def _run(self, keeps: list[np.ndarray]) -> np.ndarray:
         sequences = [self.prompt_ids(k) + self.response_ids for k in keeps]
         out = np.zeros((len(sequences), len(self.response_ids)))
+        if self.reuse_prefix:
+            if self._reuse is None:
+                self._reuse = PrefixReuse(self.lm.model, self.prompt_ids() + self.response_ids)
+            for row, seq in enumerate(sequences):
+                out[row] = self._reuse.logprobs(seq, len(self.response_ids))
+            return out
         start = 0
         while start < len(sequences):
             longest, stop = 0, start
@@ -460,7 +525,7 @@ def atman_spans(lm: LoadedModel, task: CitationTask, multiplier: float | None = 
 
 def tail_logprobs(model: torch.nn.Module, input_ids: Sequence[int], tail_start: int, response_start: int,
                   key_multipliers: torch.Tensor, *, mode: str = "log-additive",
-                  token_budget: int | None = None, engine: Engine | None = None) -> np.ndarray:
+                  token_budget: int | None = None, engine: Engine | None = None, full: bool = False) -> np.ndarray:
     """Token log-probabilities of ``input_ids[response_start:]`` (columns) with each row of
     ``key_multipliers`` (rows x all key positions) applied only for the queries from ``tail_start`` on.
 
@@ -469,7 +534,8 @@ def tail_logprobs(model: torch.nn.Module, input_ids: Sequence[int], tail_start: 
     shared by every row, and only the tail is recomputed with the multipliers on all keys. The positions
     before the tail therefore still see every key: equal to one pass over the whole sequence with the
     multipliers on the tail's query rows only. ``token_budget`` caps the rows x recomputed positions per
-    forward pass (default: the engine's).
+    forward pass (default: the engine's). ``full=True`` applies the multipliers to every query instead
+    (the paper's AtMan: each row is recomputed from its first damped position).
 
     Example::
 
@@ -486,17 +552,19 @@ def tail_logprobs(model: torch.nn.Module, input_ids: Sequence[int], tail_start: 
     engine = engine or Engine(model, suppression=Suppression(mode=mode), token_budget=token_budget)
     # the cached engine's row 0 is the unperturbed pass; the rows asked for follow it
     rows = torch.cat([torch.ones(1, len(input_ids)), key_multipliers.float().cpu()])
-    losses = engine.target_losses({"input_ids": ids}, ids[0, response_start:], rows, readout_from=tail_start)
+    losses = engine.target_losses({"input_ids": ids}, ids[0, response_start:], rows,
+                                  readout_from=None if full else tail_start)
     return -losses[1:].numpy()
 
 
 def readout_logprobs(lm: LoadedModel, task: CitationTask, source_multipliers: np.ndarray, *,
                      mode: str = "log-additive", token_budget: int | None = None,
-                     engine: Engine | None = None) -> np.ndarray:
+                     engine: Engine | None = None, full: bool = False) -> np.ndarray:
     """Token log-probabilities of the response (columns) with each row of ``source_multipliers``
     (rows x sources) on the sources' keys, for the queries after the context (query, template,
     response) only; see :func:`tail_logprobs`. The context's own tokens still saw every source:
-    this measures how much the answer reads each source directly."""
+    this measures how much the answer reads each source directly. ``full=True``: every later
+    position loses the sources (the paper's AtMan)."""
     source_multipliers = np.asarray(source_multipliers, dtype=np.float32)
     lay = layout(lm.tokenizer, task)
     if source_multipliers.ndim != 2 or source_multipliers.shape[1] != len(lay.source_positions):
@@ -506,7 +574,7 @@ def readout_logprobs(lm: LoadedModel, task: CitationTask, source_multipliers: np
     for s, positions in enumerate(lay.source_positions):
         columns[:, list(positions)] = torch.from_numpy(source_multipliers[:, s])[:, None]
     return tail_logprobs(lm.model, lay.input_ids, lay.tail_start, lay.response_start, columns, mode=mode,
-                         token_budget=token_budget, engine=engine)
+                         token_budget=token_budget, engine=engine, full=full)
 
 
 def readout_suppression(lm: LoadedModel, task: CitationTask, multiplier: float = 0.0, *,
@@ -520,62 +588,74 @@ def readout_suppression(lm: LoadedModel, task: CitationTask, multiplier: float =
     return logprob[0] - logprob[1:]
 
 
-def fit_surrogate(masks: np.ndarray, outputs: np.ndarray, n_tokens: int, solver: str = "lasso",
-                  alpha: float = 0.01) -> np.ndarray:
-    """Linear surrogate weights (one per source) of ``outputs`` on 0/1 ``masks``.
-
-    ``solver="lasso"`` is ContextCite's recipe (standardised masks, LASSO with ``alpha`` on the output
-    per response token, weights scaled back); ``"linear"`` is ordinary least squares.
-    """
-    from sklearn.linear_model import Lasso, LinearRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    x = np.asarray(masks, dtype=np.float64)
-    y = np.asarray(outputs, dtype=np.float64) / n_tokens
-    if solver == "linear":
-        return LinearRegression().fit(x, y).coef_ * n_tokens
-    if solver != "lasso":
-        raise AtmanError(f"unknown solver {solver!r}; choose lasso or linear")
-    scaler = StandardScaler()
-    lasso = Lasso(alpha=alpha, random_state=0)
-    make_pipeline(scaler, lasso).fit(x, y)
-    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
-    return lasso.coef_ / scale * n_tokens
+def passages_of(sources: Sources) -> list[int]:
+    """The passage (blank-line separated block of the context) each source lies in."""
+    breaks = [i for i in range(len(sources.text)) if sources.text.startswith("\n\n", i)
+              and (i == 0 or sources.text[i - 1] != "\n")]
+    return [sum(b < start for b in breaks) for start, _ in sources.spans]
 
 
-def readout_refine(lm: LoadedModel, task: CitationTask, block: int = 8, share: float = 0.99, *,
-                   multiplier: float = 0.0, mode: str = "log-additive") -> np.ndarray:
-    """Coarse-to-fine readout suppression (:func:`atman.citer.coarse_to_fine`): runs of ``block``
-    consecutive sources first, then each source of the fewest top runs holding ``share`` of the
-    positive total; one unperturbed pass serves both stages."""
+def _group_scorer(lm: LoadedModel, task: CitationTask, engine: Engine, multiplier: float, mode: str,
+                  full: bool = False) -> Callable[[list[list[int]]], torch.Tensor]:
+    """``score(units)`` for :func:`atman.citer.coarse_to_fine`: the response's log-probability drop
+    (one column) when each unit (a list of sources) is suppressed."""
     n = len(task.sources)
-    engine = Engine(lm.model, suppression=Suppression(mode=mode))
 
     def score(units: list[list[int]]) -> torch.Tensor:
         rows = np.ones((len(units) + 1, n), dtype=np.float32)
         for u, members in enumerate(units, start=1):
             rows[u, members] = multiplier
-        logprob = readout_logprobs(lm, task, rows, mode=mode, engine=engine).sum(axis=1)
+        logprob = readout_logprobs(lm, task, rows, mode=mode, engine=engine, full=full).sum(axis=1)
         return torch.from_numpy(logprob[0] - logprob[1:])[:, None]
 
+    return score
+
+
+def readout_refine(lm: LoadedModel, task: CitationTask, block: int = 8, share: float = 0.99, *,
+                   multiplier: float = 0.0, mode: str = "log-additive", passages: bool = False) -> np.ndarray:
+    """Coarse-to-fine readout suppression (:func:`atman.citer.coarse_to_fine`): runs of ``block``
+    consecutive sources first, then each source of the fewest top runs holding ``share`` of the
+    positive total; one unperturbed pass serves both stages. ``passages=True`` keeps runs inside one
+    passage, as :class:`atman.Citer` does; a ``block`` of 0 makes every passage one run."""
+    n = len(task.sources)
+    engine = Engine(lm.model, suppression=Suppression(mode=mode))
+    owners = passages_of(task.sources) if passages else [0] * n
     with engine.keeping_unperturbed():
-        scores, _ = coarse_to_fine(score, source_groups([0] * n, block), n, share)
+        scores, _ = coarse_to_fine(_group_scorer(lm, task, engine, multiplier, mode),
+                                   source_groups(owners, block or n), n, share)
     return scores[:, 0].numpy()
 
 
-def readout_surrogate(lm: LoadedModel, task: CitationTask, n_masks: int = 64, *, multiplier: float = 0.0,
-                      keep: float = 0.5, with_singles: bool = False, solver: str = "lasso",
-                      seed: int = SURROGATE_SEED) -> np.ndarray:
-    """Random groups of sources suppressed for the tail's queries (readout suppression, so a mask costs
-    only the tail) and a linear surrogate fitted to the response's logit-probability.
+def readout_full_top(lm: LoadedModel, task: CitationTask, top: int = 5, *, multiplier: float = 0.0,
+                     mode: str = "log-additive", base: Callable[[Engine], np.ndarray] | None = None) -> np.ndarray:
+    """Readout scores for every source, then the ``top`` highest re-scored with full suppression (every
+    position after the source loses it, the paper's AtMan); one unperturbed pass serves both.
 
-    ``with_singles`` adds the per-source rows (each source alone suppressed) to the fit.
-    """
+    ``base(engine)`` gives the first scores (default: per-source readout suppression)."""
     n = len(task.sources)
-    masks = keep_masks(n, n_masks, keep=keep, seed=seed)
-    if with_singles:
-        masks = np.concatenate([masks, ~np.eye(n, dtype=bool)])
-    rows = np.where(masks, 1.0, multiplier).astype(np.float32)
-    logprobs = readout_logprobs(lm, task, rows)
-    return fit_surrogate(masks, logit_prob(logprobs.sum(axis=1)), logprobs.shape[1], solver=solver)
+    engine = Engine(lm.model, suppression=Suppression(mode=mode))
+    with engine.keeping_unperturbed():
+        if base is None:
+            scores = _group_scorer(lm, task, engine, multiplier, mode)([[s] for s in range(n)])[:, 0].numpy()
+        else:
+            scores = np.asarray(base(engine), dtype=np.float64).copy()
+        chosen = [int(s) for s in top_sources(scores, min(top, n))]
+        full = _group_scorer(lm, task, engine, multiplier, mode, full=True)([[s] for s in chosen])[:, 0].numpy()
+    scores = scores.astype(np.float64)
+    scores[chosen] = full
+    return scores
+
+
+def readout_surrogate(lm: LoadedModel, task: CitationTask, n_masks: int = 64, *, multiplier: float = 0.0,
+                      keep: float = 0.5, with_singles: bool = False, seed: int = MASK_SEED,
+                      engine: Engine | None = None) -> np.ndarray:
+    """Random groups of sources suppressed for the tail's queries (readout suppression, so a mask costs
+    only the tail) and ContextCite's linear surrogate fitted to the response's logit-probability
+    (:func:`atman.readout.mask_scores`). ``with_singles`` adds the per-source rows to the fit."""
+
+    def logprobs(keeps: np.ndarray) -> np.ndarray:
+        return readout_logprobs(lm, task, np.where(keeps, 1.0, multiplier), engine=engine)
+
+    n_tokens = len(response_token_ids(lm.tokenizer, task))
+    return mask_scores(logprobs, len(task.sources), [range(n_tokens)], masks=n_masks, keep=keep, seed=seed,
+                       singles=with_singles)[:, 0]

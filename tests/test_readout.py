@@ -1,0 +1,102 @@
+"""Random readout masks and the sparse linear fit (atman/readout.py), and the prefix reuse of the scorer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from atman import enable
+from atman.errors import AtmanError
+from atman.evaluate.citation import PrefixReuse, Sources, passages_of
+from atman.readout import LASSO_ALPHA, lasso, linear_surrogate, logit_prob, mask_scores, random_masks
+from tests.conftest import have, tiny_model
+
+
+def test_masks_are_drawn_as_context_cite_draws_them():
+    masks = random_masks(30, 8, seed=5)
+    assert masks.shape == (8, 30) and masks.dtype == bool
+    assert np.array_equal(masks[3], np.random.RandomState(8).choice([False, True], size=30, p=[0.5, 0.5]))
+    assert 0.2 < random_masks(200, 4, keep=0.3).mean() < 0.4
+    with pytest.raises(AtmanError):
+        random_masks(3, 2, keep=1.0)
+
+
+@pytest.mark.skipif(not have("sklearn"), reason="scikit-learn is not installed")
+@pytest.mark.parametrize(("n", "d"), [(32, 40), (64, 80), (256, 80)])
+def test_lasso_equals_scikit_learns_in_context_cites_recipe(n, d):
+    from sklearn.linear_model import Lasso
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(d)
+    masks = random_masks(d, n, seed=n)
+    weights = rng.normal(size=d) * (rng.random(d) < 0.2) * 3
+    outputs = masks @ weights + rng.normal(size=n) * 0.5
+    scaler, model = StandardScaler(), Lasso(alpha=LASSO_ALPHA, random_state=0)
+    make_pipeline(scaler, model).fit(masks.astype(np.float32), outputs / 7)
+    assert np.allclose(linear_surrogate(masks, outputs, 7), model.coef_ / scaler.scale_ * 7, atol=1e-5)
+
+
+def test_lasso_solves_its_objective():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 6)), rng.normal(size=50)
+    w, b = lasso(x, y, 0.05, tolerance=1e-10)
+
+    def objective(w_, b_):
+        return ((y - x @ w_ - b_) ** 2).sum() / (2 * len(y)) + 0.05 * np.abs(w_).sum()
+
+    best = objective(w, b)
+    for j in range(6):
+        for step in (1e-3, -1e-3):
+            moved = w.copy()
+            moved[j] += step
+            assert objective(moved, y.mean() - x.mean(axis=0) @ moved) >= best - 1e-12
+    # a strong penalty keeps every weight at zero: the intercept is the mean
+    zero, intercept = lasso(x, y, 100.0)
+    assert not zero.any() and intercept == pytest.approx(y.mean())
+
+
+def test_mask_scores_recover_an_additive_response_per_span():
+    weights = np.array([[3.0, 0.0], [0.0, 2.0], [0.5, 0.5], [0.0, 0.0]])   # sources x spans
+
+    def logprobs(keep):
+        # token 0 belongs to span 0, tokens 1-2 to span 1; the response gets less likely as sources go
+        dropped = (~keep).astype(float)
+        span0 = -0.1 - dropped @ weights[:, 0]
+        span1 = -0.2 - dropped @ weights[:, 1]
+        return np.stack([span0, span1 / 2, span1 / 2], axis=1)
+
+    scores = mask_scores(logprobs, 4, [[0], [1, 2]], masks=128, alpha=1e-4)
+    assert scores.shape == (4, 2)
+    assert [int(np.argmax(scores[:, k])) for k in range(2)] == [0, 1]
+    assert np.all(scores[3] < scores[2]) and np.all(scores[2] > 0)
+    with_singles = mask_scores(logprobs, 4, [[0]], masks=16, singles=True)
+    assert int(np.argmax(with_singles[:, 0])) == 0
+    with pytest.raises(AtmanError):
+        mask_scores(lambda keep: np.zeros((1, 3)), 4, [[0]], masks=8)
+
+
+def test_logit_prob_is_log_odds():
+    p = np.array([0.1, 0.5, 0.9])
+    assert np.allclose(logit_prob(np.log(p)), np.log(p / (1 - p)))
+
+
+def test_prefix_reuse_equals_whole_passes():
+    model = enable(tiny_model("llama", seed=2))
+    ids = [int(t) for t in torch.randint(1, 120, (30,), generator=torch.Generator().manual_seed(4))]
+    reuse = PrefixReuse(model, ids)
+    variants = [ids, ids[:10] + ids[14:], ids[:25] + [7, 8] + ids[25:], ids[3:]]
+    for seq in variants:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0]
+        want = torch.log_softmax(logits[-5:-1], -1).gather(-1, torch.tensor(seq[-4:])[:, None])[:, 0].numpy()
+        assert np.allclose(reuse.logprobs(seq, 4), want, atol=1e-5)
+    assert reuse.shared(ids[:10] + [1] + ids[11:], len(ids)) == 10
+    assert reuse.shared(ids, 12) == 12
+
+
+def test_passages_are_the_blank_line_blocks():
+    text = "A b. C d.\n\nE f.\n\n\nG h."
+    sources = Sources.from_spans(text, [(0, 4), (5, 9), (11, 15), (18, 22)])
+    assert passages_of(sources) == [0, 0, 1, 2]
