@@ -92,6 +92,7 @@ def test_integrated_gradients_is_complete():
                          - target_logprob_from_logits(model(input_ids=padded).logits, tensor, 6))
     assert total == pytest.approx(expected, rel=1e-3, abs=1e-4)
     assert abs(method.convergence_delta) < 1e-3
+    assert method.baseline_token == "pad" and method.settings()["baseline_token"] == "pad"
 
 
 def test_occlusion_score_is_the_drop_when_the_unit_is_deleted(smollm2):

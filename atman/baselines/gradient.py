@@ -75,9 +75,12 @@ class IntegratedGradients(TokenMethod):
         self.steps = steps
         self.internal_batch_size = internal_batch_size
         self.convergence_delta: float | None = None
+        # which embedding the path starts from: the pad, end-of-sequence or unknown token's, or zeros
+        self.baseline_token: str | None = None
 
     def settings(self) -> dict:
-        return {"steps": self.steps, "convergence_delta": self.convergence_delta}
+        return {"steps": self.steps, "baseline_token": self.baseline_token,
+                "convergence_delta": self.convergence_delta}
 
     def token_scores(self, encoded: EncodedInput) -> torch.Tensor:
         objective = _EmbeddingObjective(self.lm, encoded)
@@ -94,8 +97,11 @@ class IntegratedGradients(TokenMethod):
 
     def _baseline_embedding(self, device: torch.device) -> torch.Tensor:
         tokenizer = self.lm.tokenizer
-        ids = (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id)
-        token = next((t for t in ids if t is not None), None)
+        ids = (("pad", tokenizer.pad_token_id), ("eos", tokenizer.eos_token_id), ("unk", tokenizer.unk_token_id))
+        name, token = next(((n, t) for n, t in ids if t is not None), ("zeros", None))
+        # recorded in the explanation's settings: the baseline is part of what IG's scores mean
+        convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+        self.baseline_token = name if token is None or convert is None else f"{name} ({convert(token)!s})"
         if token is None:
             return torch.zeros(self.lm.model.get_input_embeddings().embedding_dim, device=device)
         with torch.no_grad():
