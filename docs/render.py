@@ -90,8 +90,30 @@ def tour(data: dict) -> list[str]:
     return lines
 
 
-RENDERERS: dict[str, Renderer] = {"steering": steering, "cancellation": cancellation,
-                                  "server-latency": server_latency, "tour": tour}
+def cli_startup(data: dict) -> list[str]:
+    """benchmarks/cli_startup.py: median wall time of each command in a fresh interpreter."""
+    lines = ["| command | median (s) | vs. the old CLI's imports |", "|---|---|---|"]
+    heavy = data["median_s"]["the old CLI's imports"]
+    for name, seconds in data["median_s"].items():
+        lines.append(f"| `{name}` | {seconds:.2f} | {seconds / heavy:.3f} |")
+    return lines
+
+
+def inseq_steps(data: dict) -> list[str]:
+    """benchmarks/inseq_steps.py: one continuation explained three ways, times and ratios to inseq's atman."""
+    names = {"inseq-atman": 'inseq, `"atman"` method (one call for the whole continuation)',
+             "per-step-atman": "one AtMan explanation per generated token (what inseq does for a per-step method)",
+             "inseq-occlusion": 'inseq\'s own `"occlusion"` (a different score)'}
+    lines = ["| way | time (s) | vs. inseq's atman |", "|---|---|---|"]
+    for key, seconds in data["best_s"].items():
+        lines.append(f"| {names.get(key, key)} | {seconds:.1f} | {data['vs_inseq_atman'][key]:.1f}x |")
+    return lines
+
+
+RENDERERS: dict[str, Renderer] = {
+    "steering": steering, "cancellation": cancellation, "server-latency": server_latency, "tour": tour,
+    "cli-startup": cli_startup, "inseq-steps": inseq_steps,
+}
 
 
 def render_text(text: str, root: Path = ROOT) -> str:
