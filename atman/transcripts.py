@@ -243,20 +243,21 @@ def _render(tokenizer, messages: list[dict[str, Any]], **options) -> str:
 
 def render_transcript(tokenizer, messages: Sequence[Message], *, documents: Sequence[Passage] = (),
                       tools: Sequence[Mapping] | None = None, context_template: str = "Context:\n{context}\n\n"
-                      "Question: {question}", separator: str = "\n\n") -> RenderedTranscript:
+                      "Question: {question}", separator: str = "\n\n", with_answer: bool = True) -> RenderedTranscript:
     """Render the transcript up to its final answer with the model's chat template and locate every
     message's text (and each document, and the answer's reasoning) in it.
 
     Each text is rendered as a unique marker first; the prompt is that rendering with the markers
     replaced by the texts, checked against the template's rendering of the texts themselves.
     ``context_template``/``separator``: how documents go into the last user message when the template
-    does not place them (the one-context citation's prompt).
+    does not place them (the one-context citation's prompt). ``with_answer=False``: every message is
+    history and the prompt ends with the generation prompt for a new answer.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise TranscriptError("this model's tokenizer has no chat template, so a transcript cannot be rendered; "
                               "cite a context and a question instead")
     messages = list(messages)
-    answer = answer_of(messages)
+    answer = answer_of(messages) if with_answer else None
     history = messages[:-1] if answer is not None else messages
     if not history:
         raise TranscriptError("the transcript has nothing before its answer")

@@ -28,6 +28,7 @@ from ..errors import AtmanError
 from ..models import LoadedModel
 from . import schemas
 from .base import LimitError, Limits, Service, Timeout
+from .openai_service import openai_router
 from .queue import Cancelled, JobCheck, JobQueue, QueueFull
 from .security import token_problem
 from .text_service import TextService
@@ -391,6 +392,8 @@ def create_app(
         return Response(await queue.run(lambda _: service.tokenizer_json()), media_type="application/json")
 
     app.include_router(api)
+    # the OpenAI-compatible endpoints (/v1/...), on the same queue and token
+    app.include_router(openai_router(services, queue, token, run))
 
     @app.get("/version", response_class=PlainTextResponse)
     async def version() -> str:
