@@ -9,6 +9,10 @@ citations of each sentence as soon as it is complete) and cited by
 deadline and cancellation, like every other endpoint. Errors are OpenAI's JSON
 (``{"error": {"message", "type", "param", "code"}}``) with OpenAI's status codes: bad input 400
 (over the context included), a wrong key 401, an unknown model 404, a timeout 408, a full queue 429.
+
+The adapter and its routes are kept together because the routes read their own bodies and answer
+every failure in OpenAI's shape (the app's handlers answer Aleph Alpha's), and the streamed route
+hands the adapter's chunks from the worker thread to the event stream.
 """
 
 from __future__ import annotations
