@@ -203,3 +203,15 @@ def test_stream_ids_steps_are_generate_ids(smollm2):
     assert tuple(s.token_id for s in steps) == whole.token_ids and stream.completion == whole
     assert steps[-1].text == whole.text and [s.log_prob for s in steps] == list(whole.log_probs)
     assert steps[-1].finish_reason == "maximum_tokens" and all(s.finish_reason is None for s in steps[:-1])
+
+
+def test_a_given_answer_is_cited_instead_of_generated(client, smollm2):
+    answer = "It is snowing lightly in Oslo, at minus four degrees."
+    done = client.chat.completions.create(model=MODEL, messages=TOOL, extra_body={
+        "atman": {"cite": {"sources": "message", "top": 2}, "answer": answer}})
+    assert done.choices[0].message.content == answer
+    got = [[(s["message"], s["text"], s["score"]) for s in c["sources"]]
+           for c in done.choices[0].message.model_extra["citations"]]
+    assert got == library_citations(smollm2, TOOL, answer, "message", 2)
+    with pytest.raises(openai.BadRequestError, match="needs atman.cite"):
+        client.chat.completions.create(model=MODEL, messages=TOOL, extra_body={"atman": {"answer": answer}})

@@ -42,7 +42,11 @@ class CiteOptions(_Body):
 
 
 class AtmanOptions(_Body):
+    """``atman``: ``cite`` the answer; ``answer``: cite this answer (written elsewhere, or the last turn of a
+    pasted transcript) instead of generating one."""
+
     cite: CiteOptions | None = None
+    answer: str | None = None
 
 
 class StreamOptions(_Body):
