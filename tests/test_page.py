@@ -175,3 +175,51 @@ def test_citing_lights_up_the_sources_of_the_hovered_sentence(page, smollm2, tmp
         assert "active" in spans[1].get_attribute("class")
         assert "rgba({}, {}, {}".format(*FOR_RGB) in sources[1].get_attribute("style")
         page.save_screenshot(str(tmp_path / "cite.png"))
+
+
+CHAT = [
+    {"role": "user", "content": "What is the weather in Oslo today?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_7", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+    {"role": "tool", "tool_call_id": "call_7", "content": "Oslo: light snow, minus four degrees."},
+]
+
+
+def test_a_chat_shows_each_answer_sentence_with_its_sources(page, smollm2, tmp_path):
+    import json
+
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    with serving(create_app({"smollm2": smollm2}, limits=Limits(max_tokens=24))) as base:
+        page.get(base + "/")
+        wait(page).until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 1)
+        # the example transcript ends with an answer: that answer is cited, sentence by sentence
+        page.find_element(By.ID, "chat-run").click()
+        wait(page).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Cited 2 sentence"))
+        bubbles = page.find_elements(By.CSS_SELECTOR, "#chat-view .msg")
+        assert [b.get_attribute("class") for b in bubbles] == [
+            "msg system", "msg user", "msg assistant", "msg tool", "msg assistant answer"]
+        sentences = page.find_elements(By.CSS_SELECTOR, "#chat-view .chat-sentence")
+        assert [s.text.splitlines()[0] for s in sentences] == ["It is snowing lightly in Oslo.",
+                                                               "It is minus four degrees."]
+        # each sentence lists its sources under it, the tool result first, and lights it up in its message
+        assert sentences[0].find_element(By.CSS_SELECTOR, "li").text.startswith("#3 tool call_7")
+        tool = page.find_element(By.CSS_SELECTOR, '#chat-view .msg.tool .chat-source')
+        assert tool.text == "Oslo: light snow, minus four degrees."
+        assert "rgba({}, {}, {}".format(*FOR_RGB) in tool.get_attribute("style")
+        ActionChains(page).move_to_element(sentences[1]).perform()
+        assert "active" in sentences[1].get_attribute("class") and "active" not in sentences[0].get_attribute("class")
+        assert "rgba({}, {}, {}".format(*FOR_RGB) in tool.get_attribute("style")
+        page.save_screenshot(str(tmp_path / "chat.png"))
+        # without an answer the model answers, streamed, and its sentences' sources arrive with it
+        fill(page, "chat-messages", json.dumps(CHAT))
+        page.find_element(By.ID, "chat-run").click()
+        wait(page).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "Cited"))
+        answer = page.find_element(By.ID, "chat-answer")
+        assert "snow" in answer.text
+        first = page.find_element(By.CSS_SELECTOR, "#chat-view .chat-sentence li")
+        assert first.text.startswith("#2 tool call_7")
+        # a transcript that is not JSON is said, not sent
+        fill(page, "chat-messages", "[{")
+        page.find_element(By.ID, "chat-run").click()
+        wait(page).until(expected_conditions.text_to_be_present_in_element((By.ID, "status"), "not valid JSON"))

@@ -1,5 +1,6 @@
 "use strict";
-// The page talks to the same JSON API as any client: /models_available, /complete, /explain.
+// The page talks to the same JSON API as any client: /models_available, /complete, /explain, /cite, and the
+// OpenAI-compatible /v1/chat/completions for a chat.
 
 const $ = (id) => document.getElementById(id);
 const controls = [];  // {start, length, factor, token_overlap, text}
@@ -22,7 +23,9 @@ async function call(method, path, body) {
   const response = await fetch(path, { method, headers: headers(), body: body ? JSON.stringify(body) : undefined });
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
-    const detail = data.error || (Array.isArray(data.detail) ? data.detail.map((d) => d.msg).join("; ") : response.statusText);
+    // this server's {error, code}, or OpenAI's {error: {message, ...}} from /v1
+    const detail = (data.error && data.error.message) || data.error
+      || (Array.isArray(data.detail) ? data.detail.map((d) => d.msg).join("; ") : response.statusText);
     throw new Error(`${response.status}: ${detail}`);
   }
   return data;
@@ -309,6 +312,210 @@ function highlightCitation(k) {
   }
   for (const el of $("cite-spans").children) el.classList.toggle("active", Number(el.dataset.span) === k);
 }
+
+// --- a chat transcript: /v1/chat/completions with the atman.cite extension ------------------
+const chat = { messages: [], answer: "", citations: [] };
+
+// a message's text as the server reads it (atman/transcripts.py): text parts joined by a blank line, trimmed,
+// an assistant's leading <think>...</think> taken out as its reasoning
+function readMessage(message) {
+  let text = message.content;
+  if (Array.isArray(text)) {
+    text = text.map((part) => (typeof part === "string" ? part : part.text || "").trim()).filter(Boolean).join("\n\n");
+  }
+  text = (text || "").trim();
+  let reasoning = message.reasoning_content || message.reasoning || null;
+  const think = message.role === "assistant" ? /^\s*<think>([\s\S]*?)<\/think>\s*/.exec(text) : null;
+  if (think) { reasoning = think[1]; text = text.slice(think[0].length); }
+  return { role: message.role, text, reasoning: reasoning ? reasoning.trim() : null,
+           toolCallId: message.tool_call_id || null, calls: message.tool_calls || [] };
+}
+
+function chatMessages() {
+  let messages;
+  try {
+    messages = JSON.parse($("chat-messages").value);
+  } catch (err) {
+    throw new Error("the messages are not valid JSON: " + err.message);
+  }
+  if (messages && !Array.isArray(messages) && Array.isArray(messages.messages)) messages = messages.messages;
+  if (!Array.isArray(messages) || !messages.length) throw new Error("give a JSON list of messages");
+  return messages;
+}
+
+function marked(text, marks) {
+  // text with each source (start, end, key) wrapped, in order
+  const parts = [];
+  let at = 0;
+  for (const [start, end, key] of [...marks].sort((a, b) => a[0] - b[0])) {
+    if (start < at) continue;
+    if (start > at) parts.push(document.createTextNode(text.slice(at, start)));
+    const el = document.createElement("span");
+    el.className = "chat-source";
+    el.dataset.key = key;
+    el.textContent = text.slice(start, end);
+    parts.push(el);
+    at = end;
+  }
+  if (at < text.length) parts.push(document.createTextNode(text.slice(at)));
+  return parts;
+}
+
+function sourceKey(source) {
+  return `${source.message}:${source.role === "reasoning" ? "r" : "c"}:${source.start}:${source.end}`;
+}
+
+function showChat() {
+  const marks = new Map();  // message index + part -> [[start, end, key]]
+  for (const citation of chat.citations) {
+    for (const source of citation.sources) {
+      const where = `${source.message}:${source.role === "reasoning" ? "r" : "c"}`;
+      if (!marks.has(where)) marks.set(where, new Map());
+      marks.get(where).set(sourceKey(source), [source.start, source.end, sourceKey(source)]);
+    }
+  }
+  const bubbles = chat.messages.map((message, index) => {
+    const read = readMessage(message);
+    const div = document.createElement("div");
+    div.className = "msg " + read.role;
+    div.dataset.message = String(index);
+    const role = document.createElement("div");
+    role.className = "role";
+    role.textContent = `#${index} ${read.role}${read.toolCallId ? " " + read.toolCallId : ""}`;
+    div.append(role);
+    if (read.reasoning) {
+      const thinking = document.createElement("details");
+      thinking.open = true;
+      thinking.innerHTML = "<summary>thinking</summary>";
+      thinking.append(...marked(read.reasoning, (marks.get(`${index}:r`) || new Map()).values()));
+      div.append(thinking);
+    }
+    const body = document.createElement("div");
+    body.append(...marked(read.text, (marks.get(`${index}:c`) || new Map()).values()));
+    div.append(body);
+    for (const call of read.calls) {
+      const line = document.createElement("div");
+      line.className = "call";
+      line.textContent = `calls ${call.function && call.function.name} (${call.id})`;
+      div.append(line);
+    }
+    return div;
+  });
+  const answer = document.createElement("div");
+  answer.className = "msg assistant answer";
+  answer.id = "chat-answer";
+  const role = document.createElement("div");
+  role.className = "role";
+  role.textContent = `#${chat.messages.length} assistant (answer)`;
+  answer.append(role);
+  let at = 0;
+  chat.citations.forEach((citation, k) => {
+    if (citation.start > at) answer.append(document.createTextNode(chat.answer.slice(at, citation.start)));
+    const div = document.createElement("div");
+    div.className = "chat-sentence";
+    div.tabIndex = 0;
+    div.dataset.sentence = String(k);
+    div.append(document.createTextNode(citation.text));
+    const top = document.createElement("ol");
+    for (const source of citation.sources) {
+      const li = document.createElement("li");
+      li.textContent = `#${source.message} ${source.role}${source.tool_call_id ? " " + source.tool_call_id : ""} `
+        + `${source.score.toFixed(3)} ${source.text.slice(0, 60)}`;
+      top.append(li);
+    }
+    if (!citation.sources.length) top.innerHTML = "<li>no positive source</li>";
+    div.append(top);
+    div.addEventListener("mouseenter", () => highlightChat(k));
+    div.addEventListener("focus", () => highlightChat(k));
+    answer.append(div);
+    at = citation.end;
+  });
+  if (at < chat.answer.length) answer.append(document.createTextNode(chat.answer.slice(at)));
+  $("chat-view").replaceChildren(...bubbles, answer);
+  $("chat-view").hidden = false;
+}
+
+function highlightChat(k) {
+  const sources = chat.citations[k].sources;
+  const scores = new Map(sources.map((s) => [sourceKey(s), s.score]));
+  const scale = Math.max(0, ...sources.map((s) => Math.abs(s.score)));
+  for (const el of $("chat-view").querySelectorAll(".chat-source")) {
+    const score = scores.get(el.dataset.key);
+    el.style.background = score > 0 ? colour(score, scale) : "";
+    el.title = score === undefined ? "not among this sentence's top sources" : `score ${score.toFixed(4)}`;
+  }
+  for (const el of $("chat-view").querySelectorAll(".chat-sentence")) {
+    el.classList.toggle("active", Number(el.dataset.sentence) === k);
+  }
+}
+
+async function citeChat() {
+  const button = $("chat-run");
+  button.disabled = true;
+  try {
+    const messages = chatMessages();
+    const last = messages[messages.length - 1];
+    const given = last.role === "assistant" && !(last.tool_calls && last.tool_calls.length);
+    chat.messages = given ? messages.slice(0, -1) : messages;
+    chat.answer = "";
+    chat.citations = [];
+    const cite = { sources: $("chat-sources").value, top: 3 };
+    const body = { model: $("model").value, messages: chat.messages, temperature: 0,
+                   max_tokens: Number($("max-tokens").value) || 12, atman: { cite } };
+    const started = performance.now();
+    if (given) {
+      body.atman.answer = readMessage(last).text;
+      status("Citing the answer ...");
+      const done = await call("POST", "/v1/chat/completions", body);
+      chat.answer = done.choices[0].message.content;
+      chat.citations = done.choices[0].message.citations || [];
+      showChat();
+    } else {
+      status("Answering ...");
+      await streamChat({ ...body, stream: true });
+    }
+    if (chat.citations.length) highlightChat(0);
+    status(`Cited ${chat.citations.length} sentence(s) in ${((performance.now() - started) / 1000).toFixed(1)} s.`);
+  } catch (err) {
+    status(err.message, true);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function streamChat(body) {
+  const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  if (!response.ok) {
+    const data = await response.json().catch(() => ({}));
+    throw new Error(`${response.status}: ${(data.error && data.error.message) || response.statusText}`);
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const line = buffer.slice(0, cut).trim();
+      buffer = buffer.slice(cut + 2);
+      if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+      const chunk = JSON.parse(line.slice(6));
+      if (chunk.error) throw new Error(chunk.error.message);
+      const delta = chunk.choices && chunk.choices[0] ? chunk.choices[0].delta : {};
+      if (delta.content) chat.answer += delta.content;
+      if (delta.citations) chat.citations.push(...delta.citations);
+      showChat();
+    }
+  }
+}
+
+$("chat-run").addEventListener("click", citeChat);
+$("chat-file").addEventListener("change", async () => {
+  const file = $("chat-file").files[0];
+  if (file) $("chat-messages").value = await file.text();
+});
 
 $("granularity").addEventListener("change", () => { $("delimiter-label").hidden = $("granularity").value !== "custom"; });
 $("explain").addEventListener("click", explain);
