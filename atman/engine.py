@@ -516,13 +516,17 @@ class _Run:
             self.engine._kept[:] = [_Kept(self.sequence, self.targets, losses.clone(), prefix)]
 
     def naive(self) -> torch.Tensor:
-        """Every row recomputes the whole sequence (as the paper's code did)."""
+        """Every row recomputes the whole sequence with logits at every position, as the paper's code did.
+
+        This is the yardstick of the cached engine's speed (``atman explain --engine naive``,
+        benchmarks/speed.py): keep its cost the paper's, or every ratio measured against it changes meaning.
+        """
         out = torch.empty(self.rows.shape[0], self.n_target)
 
         def run(batch: list[int]) -> None:
             inputs = repeat_inputs(self.inputs, len(batch))
-            logits = self.forward(inputs, self.rows[batch], self.n_target + 1)
-            out[batch] = self.nll(logits[:, :-1], 0)
+            logits = self.forward(inputs, self.rows[batch], self.length)
+            out[batch] = self.nll(logits[:, -(self.n_target + 1):-1], 0)
             self.tick(len(batch))
 
         self.in_batches(self.even_batches(NAIVE_TOKEN_BUDGET, self.length), run)

@@ -67,6 +67,26 @@ def test_multiplier_one_reproduces_the_model_and_rows_are_independent():
         torch.testing.assert_close(single, losses, atol=2e-6, rtol=0)
 
 
+def test_naive_engine_computes_logits_at_every_position_and_cached_only_at_the_target():
+    """The naive engine is the yardstick of the cached engine's speed: it costs what the paper's code
+    cost (logits at every position of every row); the cached engine computes the target's only."""
+    model = enable(tiny_model("llama"))
+    ids = _ids()
+    head = model.get_output_embeddings()
+    positions: list[int] = []
+    hook = head.register_forward_hook(lambda module, args, out: positions.append(args[0].shape[0] * args[0].shape[1]))
+    rows = _rows()
+    try:
+        naive = Engine(model).target_losses({"input_ids": ids}, ids[0, -N_TARGET:], rows, engine="naive")
+        naive_positions, positions[:] = sum(positions), []
+        cached = Engine(model).target_losses({"input_ids": ids}, ids[0, -N_TARGET:], rows)
+    finally:
+        hook.remove()
+    assert naive_positions == rows.shape[0] * LENGTH
+    assert sum(positions) <= rows.shape[0] * (N_TARGET + 1)
+    torch.testing.assert_close(cached, naive, atol=2e-6, rtol=0)
+
+
 def test_embeddings_in_equal_token_ids_in():
     model = enable(tiny_model("qwen2"))
     ids = _ids()
