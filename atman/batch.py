@@ -7,6 +7,10 @@ of :data:`LINE_FIELDS` (``prompt`` required); its result is the explanation's JS
 the request had one, its ``"id"``. A line that cannot be explained yields ``{"error": "...", "line": N}``
 (plus ``"id"``), and the other lines still run. Empty lines are skipped (no output line).
 
+It is one module because reading, checking, running and writing lines are one contract that the
+local and the Ray paths share, resume included: a reader checking that no line is lost or repeated
+needs them together.
+
 The input is read as bytes and cut at ``\\n``; each line is decoded (UTF-8) and parsed on its own, so a
 line that is not UTF-8, or JSON nested too deeply to parse, is that line's error object, not the end
 of the batch. An output file is written so that a killed run can be resumed (:func:`read_results`,

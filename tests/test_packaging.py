@@ -20,6 +20,9 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # (a file, or a folder ending in /) decides
 EXTRAS = [
     ("baselines/contextcite.py", {"cite"}),
+    ("baselines/at2.py", {"cite"}),
+    ("integrations/langchain.py", {"langchain"}),
+    ("integrations/llamaindex.py", {"llamaindex"}),
     ("evaluate/citation.py", {"cite"}),
     ("integrations/inseq.py", {"inseq"}),
     ("integrations/pandas.py", {"pandas"}),

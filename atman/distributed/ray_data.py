@@ -9,6 +9,9 @@ Two front doors over the same worker (:class:`BatchWorker`, which runs :func:`at
   runs. A worker that dies (its process killed, its node gone) is restarted by Ray where there is room,
   and the requests it held go to the next free worker, once more each: a request lost twice becomes
   an error line.
+
+It is one module because both front doors share the worker, its placement and its restart rules; a
+reader checking that a lost node loses no line needs the writer and the worker side by side.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ the Captum and pandas bridges for single explanations; this package holds the re
 - :mod:`atman.integrations.inseq`: ``import atman.integrations.inseq`` registers the ``"atman"``
   method with inseq (``pip install "atman[inseq]"`` cannot install inseq itself, see docs/usage.md).
 - :mod:`atman.integrations.pandas`: evaluation and baseline-comparison records as DataFrames.
+- :mod:`atman.integrations.langchain` and :mod:`atman.integrations.llamaindex`: cited answers for
+  LangChain chains and LlamaIndex responses (``pip install "atman[langchain]"`` / ``"atman[llamaindex]"``).
 """
 
 from ..errors import MISSING, missing
