@@ -14,7 +14,7 @@ Per run it records the time end to end (worker start and model load included) an
 (requests per second between the first and the last result), and what else the machine did meanwhile:
 the cores kept busy by processes outside this benchmark's own process tree (system busy time minus
 ours, sampled every half second). A run during which others kept more than ``--busy-limit`` cores busy
-is marked ``loaded``; the summary's ratios use the quiet runs only (and say if there were none).
+is marked ``loaded``; the summary gives the ratios of the quiet runs and, apart, of all runs.
 """
 
 from __future__ import annotations
@@ -135,22 +135,28 @@ def run(lines: list[str], workers: int, cores: list[int]) -> tuple[dict, list[di
     return record, results
 
 
+def ratios(runs: list[dict]) -> dict | None:
+    """Medians per number of workers and the 2-vs-1 ratios of ``runs`` (None without runs of both sizes)."""
+    by_workers = {w: [r for r in runs if r["workers"] == w] for w in (1, 2)}
+    if not all(by_workers.values()):
+        return None
+    out: dict = {"runs": len(runs)}
+    for key, name in (("steady_requests_per_s", "steady"), ("seconds", "end_to_end")):
+        one = statistics.median(r[key] for r in by_workers[1])
+        two = statistics.median(r[key] for r in by_workers[2])
+        out[f"{name}_1_worker"] = one
+        out[f"{name}_2_workers"] = two
+        out[f"scaling_2_vs_1_{name}"] = round(two / one if name == "steady" else one / two, 3)
+    out["other_busy_cores_median"] = statistics.median(r["other_busy_cores"] for r in runs)
+    return out
+
+
 def summarise(runs: list[dict], busy_limit: float) -> dict:
     for record in runs:
         record["loaded"] = record["other_busy_cores"] > busy_limit
     quiet = [r for r in runs if not r["loaded"]]
-    summary: dict = {"quiet_runs": len(quiet), "loaded_runs": len(runs) - len(quiet)}
-    by_workers = {w: [r for r in quiet if r["workers"] == w] for w in (1, 2)}
-    if not all(by_workers.values()):
-        summary["note"] = "no quiet run of both sizes: the ratios below are missing; rerun on a quiet machine"
-        return summary
-    for key, name in (("steady_requests_per_s", "steady"), ("seconds", "end_to_end")):
-        one = statistics.median(r[key] for r in by_workers[1])
-        two = statistics.median(r[key] for r in by_workers[2])
-        summary[f"{name}_1_worker"] = one
-        summary[f"{name}_2_workers"] = two
-        summary[f"scaling_2_vs_1_{name}"] = round(two / one if key.startswith("steady") else one / two, 3)
-    return summary
+    return {"quiet_runs": len(quiet), "loaded_runs": len(runs) - len(quiet),
+            "all_runs": ratios(runs), "quiet_only": ratios(quiet)}
 
 
 def format_table(report: dict) -> str:
@@ -160,16 +166,17 @@ def format_table(report: dict) -> str:
         lines.append(f"| {i} | {r['workers']} | {', '.join(map(str, r['pinned_cores']))} | {r['seconds']:.1f} | "
                      f"{r['first_result_s']:.1f} | {r['steady_requests_per_s']:.3f} | {r['other_busy_cores']:.2f} | "
                      f"{'no' if r['loaded'] else 'yes'} |")
-    s = report["summary"]
-    if "scaling_2_vs_1_steady" in s:
-        lines.append("")
-        lines.append(f"2 vs 1 worker (medians of the quiet runs): steady {s['scaling_2_vs_1_steady']:.2f}x "
+    lines.append("")
+    for key, label in (("quiet_only", "the quiet runs"), ("all_runs", "all runs")):
+        s = report["summary"][key]
+        if s is None:
+            lines.append(f"- {label}: no run of both sizes")
+            continue
+        lines.append(f"- {label} ({s['runs']}; other processes kept a median {s['other_busy_cores_median']:.2f} "
+                     f"cores busy): 2 vs 1 worker steady {s['scaling_2_vs_1_steady']:.2f}x "
                      f"({s['steady_1_worker']:.3f} -> {s['steady_2_workers']:.3f} requests/s), end to end "
                      f"{s['scaling_2_vs_1_end_to_end']:.2f}x ({s['end_to_end_1_worker']:.1f} s -> "
                      f"{s['end_to_end_2_workers']:.1f} s)")
-    else:
-        lines.append("")
-        lines.append(s["note"])
     return "\n".join(lines)
 
 
