@@ -7,8 +7,12 @@ sources, and fit what ContextCite fits on its ablated contexts — a linear mode
 logit-probability in the 0/1 mask of kept sources (Cohen-Wang et al. 2024: standardised masks, LASSO)
 — on these cheap rows instead of on whole forward passes of ablated contexts.
 
-Nothing here runs a model: :func:`mask_scores` takes a function from keep-masks to the response tokens'
+:func:`mask_scores` runs no model: it takes a function from keep-masks to the response tokens'
 log-probabilities, so :class:`atman.Citer` and the evaluation harness hand it their own rows.
+:class:`ReadoutPass` is readout suppression for one input on top of the engine's public pieces (the
+manipulation and the shared-prefix cache): rows, and the gradient of the response's loss with respect to
+the multipliers, which :func:`screened_scores` turns into a first-order score of every source at the cost
+of about three tails, with exact rows for the few sources it ranks highest.
 
 Example::
 
@@ -24,8 +28,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
+from transformers import DynamicCache
 
+from .engine import forward_options
 from .errors import AtmanError
+from .manipulation import manipulate
+from .prefix_cache import SharedPrefix
 
 # masks of the readout fit are drawn from these seeds on (ContextCite draws its own from 0, the
 # evaluation's held-out masks from 1,000,000)
@@ -135,3 +144,117 @@ def mask_scores(logprobs: Callable[[np.ndarray], np.ndarray], n_sources: int,
         outputs = logit_prob(token_logprobs[:, tokens].sum(axis=1))
         out[:, k] = linear_surrogate(keeps, outputs, len(tokens), alpha=alpha)
     return out
+
+
+class ReadoutPass:
+    """One prompt + target with its context encoded once, unperturbed; readout rows and the gradient of the
+    target's loss with respect to the readout multipliers, computed on the tail only.
+
+    The positions before ``readout_from`` are run once and their keys and values kept; :meth:`losses` runs
+    the tail (``readout_from`` to the end) for rows of multipliers on every key, for the tail's queries only
+    (what :meth:`atman.engine.Engine.target_losses` computes with ``readout_from``), and :meth:`gradient`
+    runs the tail once with autograd on, for the derivative of each span's loss with respect to every key's
+    multiplier at 1: ``-gradient[k]`` is the first-order estimate of how much removing key ``k`` from the
+    readout (multiplier 1 -> 0) raises the span's loss. Exact rows cost the tail each; the gradient costs
+    about three tails, whatever the number of sources.
+
+    Example::
+
+        >>> readout = ReadoutPass(lm.model, ids, readout_from=200, n_target=12)   # doctest: +SKIP
+        >>> base, grads = readout.gradient([range(12)])                            # doctest: +SKIP
+        >>> rows = torch.ones(2, len(ids)); rows[1, 10:30] = 0.0                   # doctest: +SKIP
+        >>> readout.losses(rows)[1] - base                                         # doctest: +SKIP
+    """
+
+    def __init__(self, model: torch.nn.Module, input_ids: Sequence[int], readout_from: int, n_target: int, *,
+                 mode: str = "log-additive", token_budget: int = 2048) -> None:
+        length = len(input_ids)
+        if not 0 < readout_from < length - n_target or n_target < 1:
+            raise AtmanError(f"need 0 < readout_from < {length - n_target} (the position predicting the first "
+                             f"target token) and a target, got readout_from={readout_from}, {n_target} tokens")
+        self.model = model
+        self.ids = torch.tensor([list(input_ids)])
+        self.readout_from = readout_from
+        self.n_target = n_target
+        self.mode = mode
+        self.token_budget = token_budget
+        self.logits_to_keep, self.cache_argument = forward_options(model)
+        self.device = next(model.parameters()).device
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=self.ids[:, :readout_from].to(self.device), use_cache=True,
+                  **{self.cache_argument: cache})
+        self.prefix = [(layer.keys, layer.values) for layer in cache.layers]
+        self.token_forwards = readout_from
+
+    @property
+    def length(self) -> int:
+        return self.ids.shape[1]
+
+    def _tail(self, rows: int, multipliers: torch.Tensor, backend: str) -> torch.Tensor:
+        tail = self.ids[:, self.readout_from:].expand(rows, -1).to(self.device)
+        cache = SharedPrefix(self.prefix, self.readout_from)
+        kwargs = {"logits_to_keep": self.n_target + 1} if self.logits_to_keep else {}
+        self.token_forwards += rows * tail.shape[1]
+        with manipulate(multipliers, mode=self.mode, backend=backend, prefix=cache if backend == "sdpa" else None):
+            logits = self.model(input_ids=tail, use_cache=True, **{self.cache_argument: cache}, **kwargs).logits
+        logits = logits[:, -(self.n_target + 1):-1].float()
+        targets = self.ids[0, -self.n_target:].to(self.device)
+        return -torch.log_softmax(logits, dim=-1).gather(-1, targets.expand(rows, -1)[..., None])[..., 0]
+
+    def losses(self, rows: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each target token (columns) under each row of multipliers (rows x positions)."""
+        if rows.ndim != 2 or rows.shape[1] != self.length:
+            raise AtmanError(f"rows must have shape (n, {self.length}), got {tuple(rows.shape)}")
+        per_call = max(1, self.token_budget // (self.length - self.readout_from))
+        out = []
+        with torch.no_grad():
+            for first in range(0, rows.shape[0], per_call):
+                chunk = rows[first:first + per_call].float()
+                out.append(self._tail(chunk.shape[0], chunk.to(self.device), "sdpa").cpu())
+        return torch.cat(out) if out else torch.empty(0, self.n_target)
+
+    def gradient(self, spans: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unperturbed loss of each target token, and for each span (target-token indices) the
+        derivative of its summed loss with respect to every key position's readout multiplier at 1
+        (spans x positions)."""
+        multipliers = torch.ones(1, self.length, device=self.device, requires_grad=True)
+        with torch.enable_grad():
+            losses = self._tail(1, multipliers, "eager")[0]
+            grads = []
+            for k, tokens in enumerate(spans):
+                (grad,) = torch.autograd.grad(losses[list(tokens)].sum(), multipliers,
+                                              retain_graph=k < len(spans) - 1)
+                grads.append(grad[0])
+        # the backward pass costs about two forward passes of the tail
+        self.token_forwards += 2 * (self.length - self.readout_from)
+        return losses.detach().cpu(), torch.stack(grads).cpu()
+
+
+def screened_scores(readout: ReadoutPass, sources: Sequence[Sequence[int]], spans: Sequence[Sequence[int]], *,
+                    top: int = 8, multiplier: float = 0.0) -> tuple[np.ndarray, list[int]]:
+    """Scores (sources x spans) from the gradient of :meth:`ReadoutPass.gradient` and exact readout rows for
+    the ``top`` sources it ranks highest (by their summed estimate over the spans).
+
+    A source's first-order estimate is minus the sum of the gradient over its positions (times
+    ``1 - multiplier``); the ``top`` sources get their exact rise of each span's loss instead, and the
+    others' estimates are scaled per span by the least-squares ratio of exact to estimated scores of the
+    exact ones (the gradient underrates what removing a source does when the attention to it saturates).
+    Returns the scores and the sources scored exactly.
+    """
+    base, grads = readout.gradient(spans)
+    estimate = np.stack([[-(1.0 - multiplier) * float(g[list(p)].sum()) for g in grads] for p in sources])
+    chosen = [int(s) for s in np.argsort(-estimate.sum(axis=1), kind="stable")[:min(top, len(sources))]]
+    scores = estimate.copy()
+    if chosen:
+        rows = torch.ones(len(chosen), readout.length)
+        for r, s in enumerate(chosen):
+            rows[r, list(sources[s])] = multiplier
+        delta = (readout.losses(rows) - base[None]).double().numpy()
+        exact = np.stack([delta[:, list(tokens)].sum(axis=1) for tokens in spans], axis=1)
+        for k in range(len(spans)):
+            x, y = estimate[chosen, k], exact[:, k]
+            ratio = float(x @ y / (x @ x)) if float(x @ x) > 0 else 1.0
+            scores[:, k] = estimate[:, k] * max(ratio, 0.0)
+        scores[chosen] = exact
+    return scores, chosen

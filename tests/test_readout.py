@@ -9,7 +9,16 @@ import torch
 from atman import enable
 from atman.errors import AtmanError
 from atman.evaluate.citation import PrefixReuse, Sources, passages_of
-from atman.readout import LASSO_ALPHA, lasso, linear_surrogate, logit_prob, mask_scores, random_masks
+from atman.readout import (
+    LASSO_ALPHA,
+    ReadoutPass,
+    lasso,
+    linear_surrogate,
+    logit_prob,
+    mask_scores,
+    random_masks,
+    screened_scores,
+)
 from tests.conftest import have, tiny_model
 
 
@@ -100,3 +109,46 @@ def test_passages_are_the_blank_line_blocks():
     text = "A b. C d.\n\nE f.\n\n\nG h."
     sources = Sources.from_spans(text, [(0, 4), (5, 9), (11, 15), (18, 22)])
     assert passages_of(sources) == [0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_readout_pass_equals_the_engines_readout_rows(family):
+    from atman.engine import Engine
+
+    model = enable(tiny_model(family, seed=5))
+    ids = [int(t) for t in torch.randint(1, 120, (40,), generator=torch.Generator().manual_seed(2))]
+    readout_from, n_target = 28, 6
+    rows = torch.ones(5, len(ids))
+    rows[1, 2:9] = 0.0
+    rows[2, 9:20] = 0.0
+    rows[3, [0, 4, 22, 30]] = 0.3   # a tail key too
+    rows[4, 12:14] = 0.5
+    want = Engine(model).target_losses({"input_ids": torch.tensor([ids])}, torch.tensor(ids[-n_target:]), rows,
+                                       readout_from=readout_from)
+    readout = ReadoutPass(model, ids, readout_from, n_target, token_budget=30)   # several calls
+    assert torch.allclose(readout.losses(rows), want, atol=1e-5)
+    base, grads = readout.gradient([range(n_target), [0, 1]])
+    assert torch.allclose(base, want[0], atol=1e-5) and grads.shape == (2, len(ids))
+    # the derivative with respect to one key's multiplier, against a central difference of exact rows
+    for key in (3, 15):
+        step = torch.ones(2, len(ids))
+        step[0, key], step[1, key] = 1 + 2e-2, 1 - 2e-2
+        moved = readout.losses(step).double()
+        numeric = (moved[0] - moved[1]).sum() / 4e-2
+        assert float(grads[0, key]) == pytest.approx(float(numeric), rel=2e-2, abs=2e-4)
+    with pytest.raises(AtmanError):
+        ReadoutPass(model, ids, 35, n_target)
+
+
+def test_screened_scores_are_exact_for_the_top_sources():
+    model = enable(tiny_model("llama", seed=7))
+    ids = [int(t) for t in torch.randint(1, 120, (48,), generator=torch.Generator().manual_seed(3))]
+    sources = [list(range(a, a + 4)) for a in range(0, 36, 4)]   # nine sources before the tail
+    readout = ReadoutPass(model, ids, 38, 5)
+    scores, chosen = screened_scores(readout, sources, [range(5)], top=3)
+    assert scores.shape == (9, 1) and len(chosen) == 3
+    rows = torch.ones(9, len(ids))
+    for s, positions in enumerate(sources):
+        rows[s, positions] = 0.0
+    exact = (readout.losses(rows) - readout.losses(torch.ones(1, len(ids)))).sum(dim=1).numpy()
+    assert np.allclose(scores[chosen, 0], exact[chosen], atol=1e-5)

@@ -27,8 +27,10 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -199,3 +201,40 @@ def render(table: dict, *, loo: bool = False, paired_with: str | None = None) ->
                 continue
             lines.append(f"| {name} | " + " | ".join(_cell(e.get(f"{m}_diff")) for m in metrics) + " |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ docs tables
+# the tables docs/evaluation.md shows: name -> results file, methods in order, paired reference, contexts
+TABLES: dict[str, dict] = {}
+BEGIN, END = "<!-- cite-real table: {name} -->", "<!-- end cite-real table -->"
+
+
+def table_text(spec: dict, root: Path) -> str:
+    """The markdown of one docs table, rendered from its results file."""
+    data = json.loads((root / spec["file"]).read_text())
+    table = summarise(data["records"], spec.get("methods"), paired_with=spec.get("paired_with"),
+                      contexts=spec.get("contexts"))
+    return render(table, loo=spec.get("loo", False), paired_with=spec.get("paired_with"))
+
+
+def sync_docs(doc: Path, root: Path, *, write: bool = False, tables: dict[str, dict] | None = None) -> list[str]:
+    """Names of the tables in ``doc`` (between :data:`BEGIN` and :data:`END` markers) that differ from
+    what their results files render; with ``write`` they are rewritten in place."""
+    tables = TABLES if tables is None else tables
+    text = doc.read_text()
+    stale = []
+    for name, spec in tables.items():
+        begin = BEGIN.format(name=name)
+        if begin not in text:
+            raise AtmanError(f"{doc} has no table {name!r} (a line {begin!r})")
+        head, rest = text.split(begin, 1)
+        if END not in rest:
+            raise AtmanError(f"table {name!r} in {doc} is not closed by {END!r}")
+        old, tail = rest.split(END, 1)
+        new = "\n" + table_text(spec, root) + "\n"
+        if old != new:
+            stale.append(name)
+            text = head + begin + new + END + tail
+    if write and stale:
+        doc.write_text(text)
+    return stale
