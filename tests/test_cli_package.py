@@ -96,9 +96,12 @@ def test_cli_choices_agree_with_the_core():
     from atman.citer import METHODS, SOURCE_LEVELS
     from atman.cli import cite, media
     from atman.tiles import IMAGE_GRANULARITIES
+    from atman.transcripts import LEVELS
 
     assert media.IMAGE_GRANULARITY_NAMES == tuple(IMAGE_GRANULARITIES)
-    assert cite.SOURCE_LEVELS == SOURCE_LEVELS and cite.METHODS == METHODS
+    # --sources offers the transcript levels; one context takes all of them but "message"
+    assert cite.SOURCE_LEVELS == LEVELS and cite.METHODS == METHODS
+    assert tuple(level for level in LEVELS if level != "message") == SOURCE_LEVELS
 
 
 def test_the_console_script_and_module_entry_points():
