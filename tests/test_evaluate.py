@@ -188,3 +188,41 @@ def test_quick_runs_integrated_gradients_with_fewer_steps():
     assert QUICK_IG in quick and "integrated-gradients" not in quick and len(quick) == len(DEFAULT_METHODS)
     assert methods(Namespace(methods=None, ablations=False, quick=False)) == list(DEFAULT_METHODS)
     assert methods(Namespace(methods="integrated-gradients", ablations=False, quick=True)) == ["integrated-gradients"]
+
+
+def test_time_left_learns_from_the_finished_records_of_each_method():
+    from atman.evaluate.suite import TimeLeft
+
+    pending = [("atman", "qa", "token", 100), ("random", "qa", "token", 100),
+               ("atman", "squad", "token", 300), ("random", "squad", "token", 300),
+               ("atman", "squad", "sentence", 50)]
+    left = TimeLeft(pending)
+    assert left.seconds() is None
+    left.finished(10.0)
+    # nothing finished of `random` yet: it counts at the mean of what finished (10 s)
+    assert left.seconds() == pytest.approx(10.0 + 30.0 + 10.0 + 5.0)
+    left.finished(0.5)
+    # `random` now has a rate of its own (0.005 s per unit of size); atman's sentence job takes its token rate
+    assert left.seconds() == pytest.approx(30.0 + 1.5 + 5.0)
+    left.finished(27.0)
+    left.finished(1.5)
+    # no atman record at sentence level yet: every atman record gives its rate, (10 + 27) s over 400
+    assert left.seconds() == pytest.approx(50 * (10.0 + 27.0) / 400)
+    left.finished(4.0)
+    assert left.seconds() == 0.0
+
+
+def test_time_per_method_is_summed_reported_and_printed():
+    from atman.cli.evaluate import method_table, time_left
+    from atman.evaluate.report import time_table
+    from atman.evaluate.suite import method_seconds
+
+    records = [{"method": "atman", "seconds": 2.0}, {"method": "random", "seconds": 0.25},
+               {"method": "atman", "seconds": 4.0}, {"method": "random", "seconds": 0.25}]
+    per_method = method_seconds(records)
+    assert per_method == {"atman": {"explanations": 2, "seconds": 6.0}, "random": {"explanations": 2, "seconds": 0.5}}
+    assert time_table(per_method)[4:] == ["| `atman` | 2 | 6.0 | 3.00 | 92 % |", "| `random` | 2 | 0.5 | 0.25 | 8 % |"]
+    printed = method_table({"method_seconds": per_method}).splitlines()
+    assert printed[1].split() == ["atman", "2", "6.0", "92%"] and printed[2].split() == ["random", "2", "0.5", "8%"]
+    assert [time_left(s) for s in (None, 0.4, 59.6, 61)] == [
+        "estimating the time left", "about 0 s left", "about 1 min 0 s left", "about 1 min 1 s left"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from ..distributed.evaluate import add_evaluate_options, runner_from_args
@@ -71,6 +73,7 @@ def methods(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the suite (or merge record logs) and write the reports."""
+    load_at_start = os.getloadavg()
     check_writable(args.output, directory=True)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -120,23 +123,56 @@ def run(args: argparse.Namespace) -> int:
         result = run_suite(lm, chosen, config, on_record=keep, runner=runner)
     elif not sys.stderr.isatty():
         # a log file gets one line per explanation instead of a redrawn bar
-        def log(done: int, total: int, what: str) -> None:
-            print(f"{done}/{total} {what}", file=sys.stderr, flush=True)
+        def log(done: int, total: int, what: str, seconds_left: float | None) -> None:
+            print(f"{done}/{total} {what} ({time_left(seconds_left)})", file=sys.stderr, flush=True)
 
         result = run_suite(lm, chosen, config, progress=log, on_record=keep, runner=runner)
     else:
-        columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[left]}"))
         with Progress(*columns, transient=True) as bar:
-            task = bar.add_task("loading examples", total=None)
+            task = bar.add_task("loading examples", total=None, left="")
 
-            def progress(done: int, total: int, what: str) -> None:
-                bar.update(task, completed=done, total=total, description=what)
+            def progress(done: int, total: int, what: str, seconds_left: float | None) -> None:
+                bar.update(task, completed=done, total=total, description=what, left=time_left(seconds_left))
 
             result = run_suite(lm, chosen, config, progress=progress, on_record=keep, runner=runner)
+    import psutil
+
+    # the whole command, from the start of the process (Python, imports and the model's load included)
+    result["process_seconds"] = round(time.time() - psutil.Process().create_time(), 1)
+    result["load_average"] = {"start": list(load_at_start), "end": list(os.getloadavg())}
     md, js = write_report(result, args.output, command=command, stem=args.name)
     if not args.quiet:
-        print(f"wrote {md} and {js} ({result['seconds']:.0f} s)", file=sys.stderr)
+        print(method_table(result), file=sys.stderr)
+        print(f"wrote {md} and {js} ({result['process_seconds']:.0f} s in all, {result['seconds']:.0f} s "
+              "of them explaining)", file=sys.stderr)
     return 0
+
+
+def time_left(seconds: float | None) -> str:
+    """The progress bar's estimate in words.
+
+    >>> time_left(None), time_left(42.4), time_left(125)
+    ('estimating the time left', 'about 42 s left', 'about 2 min 5 s left')
+    """
+    if seconds is None:
+        return "estimating the time left"
+    seconds = round(seconds)
+    minutes, rest = divmod(seconds, 60)
+    return f"about {minutes} min {rest} s left" if minutes else f"about {rest} s left"
+
+
+def method_table(result: dict) -> str:
+    """Seconds per method, largest first, for the end of a run."""
+    rows = sorted(result["method_seconds"].items(), key=lambda item: -item[1]["seconds"])
+    total = sum(entry["seconds"] for _, entry in rows) or 1.0
+    width = max([len(name) for name, _ in rows] + [6])
+    lines = [f"{'method':<{width}}  explanations  seconds  share"]
+    for name, entry in rows:
+        lines.append(f"{name:<{width}}  {entry['explanations']:>12}  {entry['seconds']:>7.1f}  "
+                     f"{entry['seconds'] / total:>5.0%}")
+    return "\n".join(lines)
 
 
 def _merge(args, lm, config, write_report) -> int:

@@ -77,6 +77,11 @@ def render_markdown(result: dict, reference: str = "atman", command: str | None 
         "Cells: mean [95 % percentile-bootstrap interval of the mean]; IQM = interquartile mean.",
         "",
     ]
+    if result.get("process_seconds") is not None:
+        load = result.get("load_average", {})
+        lines += [f"The whole command took {result['process_seconds']:.0f} s (Python's start and the model's load "
+                  "included)" + (f"; load average {load['start'][0]:.1f} at its start, {load['end'][0]:.1f} at its end"
+                                 if load else "") + ".", ""]
     for method, reason in result.get("unavailable", {}).items():
         lines += [f"- `{method}` did not run: {reason}"]
     for example, reason in result.get("skipped", {}).items():
@@ -103,6 +108,8 @@ def render_markdown(result: dict, reference: str = "atman", command: str | None 
             for method, m in methods.items():
                 lines.append(f"| `{method}` | " + " | ".join(_cell(m[k]) for k in FAITHFULNESS) + " |")
             lines.append("")
+    if result.get("method_seconds"):
+        lines += time_table(result["method_seconds"]) + [""]
     comparisons = paired(result["records"], reference, seed=cfg["seed"])
     rows = []
     for kind, datasets in comparisons.items():
@@ -119,6 +126,22 @@ def render_markdown(result: dict, reference: str = "atman", command: str | None 
                   f"Difference `{reference}` − method; 'better'/'worse' when the 95 % interval excludes 0.", "",
                   "| data | metric | method | difference | verdict |", "|---|---|---|---|---|", *rows, ""]
     return "\n".join(lines)
+
+
+def time_table(method_seconds: dict) -> list[str]:
+    """The run's time per method (explanations and their seconds in all), largest first, as markdown.
+
+    >>> time_table({"atman": {"explanations": 2, "seconds": 3.0}, "random": {"explanations": 2, "seconds": 1.0}})[-1]
+    '| `random` | 2 | 1.0 | 0.50 | 25 % |'
+    """
+    total = sum(entry["seconds"] for entry in method_seconds.values()) or 1.0
+    lines = ["## Time per method", "", "| method | explanations | seconds | s / explanation | share |",
+             "|---|---|---|---|---|"]
+    for method, entry in sorted(method_seconds.items(), key=lambda item: -item[1]["seconds"]):
+        each = entry["seconds"] / max(entry["explanations"], 1)
+        lines.append(f"| `{method}` | {entry['explanations']} | {entry['seconds']:.1f} | {each:.2f} | "
+                     f"{round(100 * entry['seconds'] / total)} % |")
+    return lines
 
 
 def write_report(result: dict, directory: Path, reference: str = "atman", command: str | None = None,

@@ -36,7 +36,8 @@ DEFAULT_METHODS = ("atman", "integrated-gradients", "input-x-gradient", "salienc
 ABLATION_METHODS = ("atman", "atman:multiplier=0.5", "atman:multiplier=0.01", "atman:multiplier=0.0",
                     "atman:mode=multiplicative", "atman:kappa=0.6", "atman:kappa=0.7", "atman:kappa=0.8")
 FAITHFULNESS_GRANULARITY = "sentence"
-Progress = Callable[[int, int, str], None]
+# (records done, records in all, what was just done, estimated seconds left or None before any record)
+Progress = Callable[[int, int, str, "float | None"], None]
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,54 @@ class SuiteConfig:
                 for gran in dict.fromkeys((*grans, FAITHFULNESS_GRANULARITY))]
 
 
+def job_size(lm: LoadedModel, job: Job) -> int:
+    """A job's size for estimating its time: prompt and target tokens times units (what a method that runs
+    one pass per unit, the slowest kind, costs in token-forwards)."""
+    encoded = encode(lm.tokenizer, job.example.prompt, job.example.target)
+    return len(encoded.input_ids) * max(len(prompt_units(encoded, job.granularity)), 1)
+
+
+class TimeLeft:
+    """An estimate of the seconds that the records still to come take, from the records finished so far.
+
+    A record still to come is estimated from the finished records of the same method, the closest kind
+    first (same dataset and granularity, else same granularity, else any), as their seconds per unit of
+    :func:`job_size` times its own size; a method with no finished record yet counts at the mean time of
+    the records finished so far. None until a record has finished.
+
+    >>> left = TimeLeft([("atman", "qa", "token", 100), ("atman", "qa", "token", 300)])
+    >>> left.seconds() is None
+    True
+    >>> left.finished(2.0)
+    >>> left.seconds()
+    6.0
+    """
+
+    def __init__(self, pending: Sequence[tuple[str, str, str, int]]) -> None:
+        # (method, dataset, granularity, size) of every record, in the order they come
+        self.pending = list(pending)
+        self.done: list[tuple[str, str, str, int, float]] = []
+
+    def finished(self, seconds: float) -> None:
+        """The next record (in order) finished after ``seconds``."""
+        self.done.append((*self.pending[len(self.done)], float(seconds)))
+
+    def seconds(self) -> float | None:
+        if not self.done:
+            return None
+        mean = sum(d[4] for d in self.done) / len(self.done)
+        total = 0.0
+        for method, dataset, granularity, size in self.pending[len(self.done):]:
+            same = [d for d in self.done if d[0] == method]
+            closest = ([d for d in same if d[1:3] == (dataset, granularity)]
+                       or [d for d in same if d[2] == granularity] or same)
+            if closest:
+                total += size * sum(d[4] for d in closest) / sum(max(d[3], 1) for d in closest)
+            else:
+                total += mean
+        return total
+
+
 def run_jobs(lm: LoadedModel, jobs: Sequence[Job], methods: Mapping[str, Method],
              fractions: Sequence[float] = FRACTIONS) -> Iterator[dict]:
     """The records of every method on every job, in this process, in job order (methods in turn)."""
@@ -135,17 +184,21 @@ def run_suite(lm: LoadedModel, methods: Sequence[str], config: SuiteConfig | Non
     skipped: dict[str, str] = {}
     jobs = config.jobs(lm, skipped)
     total = len(jobs) * len(built)
+    left = TimeLeft([(spec, job.dataset, job.granularity, size) for job in jobs
+                     for size in (job_size(lm, job),) for spec in built])
     records = []
     if progress is not None:
-        progress(0, total, "started")
+        progress(0, total, "started", None)
     for record in (runner or run_jobs)(lm, jobs, built, config.fractions):
         records.append(record)
+        left.finished(record["seconds"])
         if on_record is not None:
             on_record(record)
         if progress is not None:
-            progress(len(records), total, f"{record['dataset']} {record['granularity']} {record['method']}")
+            progress(len(records), total, f"{record['dataset']} {record['granularity']} {record['method']}",
+                     left.seconds())
     if progress is not None:
-        progress(len(records), total, "done")
+        progress(len(records), total, "done", 0.0)
     return {
         "model": lm.name,
         "methods": list(methods),
@@ -155,9 +208,25 @@ def run_suite(lm: LoadedModel, methods: Sequence[str], config: SuiteConfig | Non
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "machine": platform.machine(), "threads": torch.get_num_threads()},
         "seconds": round(time.perf_counter() - started, 1),
+        "method_seconds": method_seconds(records),
         "records": records,
         "summary": summarize_records(records, seed=config.seed),
     }
+
+
+def method_seconds(records: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Per method, in the order the methods first appear: its explanations and their seconds in all.
+
+    >>> method_seconds([{"method": "atman", "seconds": 2.0}, {"method": "random", "seconds": 0.5},
+    ...                 {"method": "atman", "seconds": 1.0}])
+    {'atman': {'explanations': 2, 'seconds': 3.0}, 'random': {'explanations': 1, 'seconds': 0.5}}
+    """
+    out: dict[str, dict[str, float]] = {}
+    for r in records:
+        slot = out.setdefault(r["method"], {"explanations": 0, "seconds": 0.0})
+        slot["explanations"] += 1
+        slot["seconds"] = round(slot["seconds"] + r["seconds"], 3)
+    return out
 
 
 def score_job(lm: LoadedModel, job: Job, spec: str, method: Method, fractions: Sequence[float] = FRACTIONS) -> dict:
