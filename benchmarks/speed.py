@@ -26,10 +26,14 @@ random weights, built on the device: cost and memory depend on shapes, not weigh
 models can be measured without downloading them (--tokenizer gives the tokenizer directory).
 A method that runs out of GPU memory is recorded as such and the run goes on.
 
-Time is the median of --reps runs (a method whose first run takes longer than --long-run seconds
-runs once). Memory is the peak growth over the call: on CPU the resident set size, sampled every
-2 ms against the size just before the call (after freeing what the allocator holds); on CUDA
-torch.cuda.max_memory_allocated. Ratios are to `plain` and to `atman-naive`.
+The --reps runs go in rounds: every method once, then every method again (A B A B), so that the
+methods share the machine's drift; a method whose first run takes longer than --long-run seconds
+runs once. Time is the median of a method's runs; its ratios to `plain` and to `atman-naive` are
+taken round by round (a single-run method against the same round) and their median reported. CPU
+seconds of the process (all threads) and the load average before each run are recorded too.
+Memory is the peak growth over the call: on CPU the resident set size, sampled every 2 ms against
+the size just before the call (after freeing what the allocator holds); on CUDA
+torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -76,18 +82,19 @@ def _trim() -> None:
     budget.trim_allocator()
 
 
-def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
-    """(seconds, peak memory growth in bytes) of one call."""
+def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int, float]:
+    """(seconds, peak memory growth in bytes, CPU seconds of the process) of one call."""
     _trim()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
+        cpu = time.process_time()
         start = time.perf_counter()
         fn()
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        return seconds, torch.cuda.max_memory_allocated() - before
+        return seconds, torch.cuda.max_memory_allocated() - before, time.process_time() - cpu
     process = psutil.Process()
     before = process.memory_info().rss
     peak = [before]
@@ -100,13 +107,15 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int]
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    cpu = time.process_time()
     start = time.perf_counter()
     fn()
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     stop.set()
     sampler.join()
     peak[0] = max(peak[0], process.memory_info().rss)
-    return seconds, peak[0] - before
+    return seconds, peak[0] - before, cpu
 
 
 def _kept(fn: Callable[[], object]) -> object:
@@ -165,43 +174,76 @@ def methods(lm, prompt: str) -> dict[str, Callable[[], object]]:
     }
 
 
-def run_method(fn: Callable[[], object], device: torch.device, reps: int, long_run: float) -> dict:
-    times, memories = [], []
-    for _ in range(reps):
-        try:
-            seconds, memory = measure(fn, device)
-        except torch.cuda.OutOfMemoryError:
-            _trim()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            return {"seconds": None, "runs": len(times), "peak_bytes": None, "out_of_memory": True}
-        times.append(seconds)
-        memories.append(memory)
-        if seconds > long_run:
-            break
-    return {"seconds": statistics.median(times), "runs": len(times), "peak_bytes": max(memories)}
+def run_once(fn: Callable[[], object], device: torch.device) -> dict:
+    """One measured call: seconds, peak memory growth, CPU seconds, the load average before it."""
+    load = os.getloadavg()[0]
+    try:
+        seconds, memory, cpu = measure(fn, device)
+    except torch.cuda.OutOfMemoryError:
+        _trim()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"out_of_memory": True, "load_before": load}
+    return {"seconds": seconds, "peak_bytes": memory, "cpu_seconds": cpu, "load_before": load}
+
+
+def run_rounds(fns: dict[str, Callable[[], object]], names: list[str], device: torch.device, reps: int,
+               long_run: float, report: Callable[[str, dict], None]) -> dict[str, list[dict | None]]:
+    """``reps`` rounds of every method in turn (A B A B); a method out of memory, or whose first run took
+    over ``long_run`` seconds, runs no more (None in the later rounds)."""
+    runs: dict[str, list[dict | None]] = {name: [] for name in names}
+    for round_ in range(reps):
+        for name in names:
+            first = runs[name][0] if runs[name] else None
+            if round_ and (first is None or first.get("out_of_memory") or first["seconds"] > long_run):
+                runs[name].append(None)
+                continue
+            result = run_once(fns[name], device)
+            runs[name].append(result)
+            report(name, result)
+    return runs
+
+
+def summarise(runs: list[dict | None]) -> dict:
+    done = [r for r in runs if r is not None]
+    if any(r.get("out_of_memory") for r in done):
+        return {"seconds": None, "runs": 0, "peak_bytes": None, "out_of_memory": True}
+    return {"seconds": statistics.median(r["seconds"] for r in done), "runs": len(done),
+            "peak_bytes": max(r["peak_bytes"] for r in done),
+            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in done),
+            "load_before": [r["load_before"] for r in done]}
+
+
+def round_ratio(runs: list[dict | None], base: list[dict | None], key: str) -> float | None:
+    """Median over rounds of this method's ``key`` over the base's in the same round (a method that ran
+    once is set against the base's round it ran in)."""
+    ratios = [r[key] / b[key] for r, b in zip(runs, base, strict=True)
+              if r is not None and b is not None and r.get(key) and b.get(key)]
+    return statistics.median(ratios) if ratios else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
-def print_table(rows: list[dict]) -> None:
+def table(rows: list[dict]) -> list[str]:
+    """The results as the Markdown table docs/performance.md shows (from a results file's ``rows``)."""
     def fmt(value, pattern):
         return "—" if value is None else pattern.format(value)
 
-    print("| tokens | method | time (s) | runs | peak memory (MiB) | time / plain | time / naive "
-          "| memory / plain | memory / naive |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    lines = ["| tokens | method | time (s) | runs | peak memory (MiB) | time / plain | time / naive | CPU / naive "
+             "| memory / plain | memory / naive |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         oom = row.get("out_of_memory")
-        print(f"| {row['tokens']} | {row['method']} | "
-              f"{'out of memory' if oom else fmt(row['seconds'], '{:.2f}')} | {row['runs']} | "
-              f"{fmt(row['peak_bytes'] and row['peak_bytes'] / 2**20, '{:.1f}')} | "
-              f"{fmt(row.get('time_vs_plain'), '{:.1f}x')} | "
-              f"{fmt(row.get('time_vs_atman-naive'), '{:.2f}x')} | "
-              f"{fmt(row.get('memory_vs_plain'), '{:.2f}x')} | "
-              f"{fmt(row.get('memory_vs_atman-naive'), '{:.2f}x')} |")
+        lines.append(f"| {row['tokens']} | {row['method']} | "
+                     f"{'out of memory' if oom else fmt(row['seconds'], '{:.2f}')} | {row['runs']} | "
+                     f"{fmt(row['peak_bytes'] and row['peak_bytes'] / 2**20, '{:.1f}')} | "
+                     f"{fmt(row.get('time_vs_plain'), '{:.1f}x')} | "
+                     f"{fmt(row.get('time_vs_atman-naive'), '{:.2f}x')} | "
+                     f"{fmt(row.get('cpu_vs_atman-naive'), '{:.2f}x')} | "
+                     f"{fmt(row.get('memory_vs_plain'), '{:.2f}x')} | "
+                     f"{fmt(row.get('memory_vs_atman-naive'), '{:.2f}x')} |")
+    return lines
 
 
 def main() -> None:
@@ -217,7 +259,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--long-run", type=float, default=60.0)
     parser.add_argument("--json", type=Path, help="write all measurements here (rewritten after each length)")
+    parser.add_argument("--render", type=Path, metavar="RESULTS.json",
+                        help="print the table of a results file, run nothing")
     args = parser.parse_args()
+    if args.render:
+        print("\n".join(table(json.loads(args.render.read_text())["rows"])))
+        return
 
     if args.architecture:
         from architectures import random_model
@@ -240,25 +287,30 @@ def main() -> None:
     for length in args.lengths:
         prompt = build_prompt(lm.tokenizer, length)
         fns = methods(lm, prompt)
-        results = {}
-        for name in args.methods:
-            results[name] = result = run_method(fns[name], device, args.reps, args.long_run)
+
+        def report(name: str, result: dict, length: int = length) -> None:
             shown = ("out of memory" if result.get("out_of_memory") else
-                     f"{result['seconds']:9.2f} s (n={result['runs']})  {result['peak_bytes'] / 2**20:9.1f} MiB")
-            print(f"  {length:>4} tokens  {name:<12} {shown}", flush=True)
-        for name, result in results.items():
-            row = {"tokens": length, "method": name, **result}
+                     f"{result['seconds']:9.2f} s  cpu {result['cpu_seconds']:9.2f} s  "
+                     f"{result['peak_bytes'] / 2**20:9.1f} MiB")
+            print(f"  {length:>4} tokens  {name:<16} {shown}  load {result['load_before']:.1f}", flush=True)
+
+        runs = run_rounds(fns, args.methods, device, args.reps, args.long_run, report)
+        for name in args.methods:
+            row = {"tokens": length, "method": name, **summarise(runs[name]), "all_runs": runs[name]}
             for base in ("plain", "atman-naive"):
-                if base in results:
-                    row[f"time_vs_{base}"] = _ratio(result["seconds"], results[base]["seconds"])
-                    row[f"memory_vs_{base}"] = _ratio(result["peak_bytes"], results[base]["peak_bytes"])
+                if base in runs:
+                    row[f"time_vs_{base}"] = round_ratio(runs[name], runs[base], "seconds")
+                    row[f"cpu_vs_{base}"] = round_ratio(runs[name], runs[base], "cpu_seconds")
+                    row[f"memory_vs_{base}"] = _ratio(row["peak_bytes"], max(
+                        (r["peak_bytes"] for r in runs[base] if r is not None and "peak_bytes" in r), default=None))
             rows.append(row)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"model": lm.name, "parameters": parameters, "device": str(device),
-                                             "machine": machine, "dtype": args.dtype, "rows": rows}, indent=1))
+                                             "machine": machine, "dtype": args.dtype, "command": " ".join(sys.argv),
+                                             "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=1))
     print()
-    print_table(rows)
+    print("\n".join(table(rows)))
 
 
 if __name__ == "__main__":
