@@ -46,12 +46,13 @@ from atman.evaluate.citation import (
     passages_of,
     readout_full_top,
     readout_refine,
+    readout_screened,
     readout_suppression,
     readout_surrogate,
     run_method,
     score_method,
 )
-from atman.evaluate.cite_real import hits, render, split, summarise
+from atman.evaluate.cite_real import hits, render, shortest, split, summarise
 
 CONTEXTCITE = "contextcite-"
 
@@ -69,7 +70,18 @@ def methods(lm, task) -> dict[str, Callable[[], np.ndarray]]:
         "readout-refine": lambda: readout_refine(lm, task, passages=True),
         "readout-passages": lambda: readout_refine(lm, task, block=0, passages=True),
         "readout-full-top-5": lambda: readout_full_top(lm, task, 5),
+        "readout-full-top-3": lambda: readout_full_top(lm, task, 3),
+        "readout-full-top-8": lambda: readout_full_top(lm, task, 8),
+        "readout-refine+full-top-3": lambda: readout_full_top(
+            lm, task, 3, base=lambda engine: readout_refine(lm, task, passages=True, engine=engine)),
+        "readout-refine+full-top-5": lambda: readout_full_top(
+            lm, task, 5, base=lambda engine: readout_refine(lm, task, passages=True, engine=engine)),
+        "readout-response-removed": lambda: readout_suppression(lm, task, from_response=True),
+        "readout-gradient": lambda: readout_screened(lm, task, 0),
     }
+    for k in (4, 8, 16):
+        table[f"readout-screened-{k}"] = lambda k=k: readout_screened(lm, task, k)
+        table[f"readout-response-screened-{k}"] = lambda k=k: readout_screened(lm, task, k, from_response=True)
     for n in (64, 128, 256):
         table[f"readout-masks-{n}"] = lambda n=n: readout_surrogate(lm, task, n)
         table[f"readout-masks-{n}+singles"] = lambda n=n: readout_surrogate(lm, task, n, with_singles=True)
@@ -160,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("dev", "test"), default="dev")
     parser.add_argument("--contexts", help="comma-separated context names (default: every context of the split)")
     parser.add_argument("--positions", help="comma-separated positions to keep (early, middle, late)")
+    parser.add_argument("--shortest", action="store_true", help="one context per question: its shortest")
     parser.add_argument("--only", help="comma-separated method names (contextcite-N for ContextCite with N ablations)")
     parser.add_argument("--holdout", type=int, default=32, help="held-out ablations for LDS")
     parser.add_argument("--out", type=Path, help="JSON file of the records (appended to)")
@@ -182,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     lm = load_model()
     wanted = args.only.split(",")
     documents = split(args.split)
+    if args.shortest:
+        documents = shortest(documents)
     if args.positions:
         documents = [d for d in documents if d.position in args.positions.split(",")]
     if args.contexts:

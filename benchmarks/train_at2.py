@@ -29,7 +29,7 @@ import torch
 
 from atman import load_model
 from atman.baselines.at2 import harness_task, import_at2, model_type
-from atman.evaluate.cite_real import split
+from atman.evaluate.cite_real import shortest, split
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=1000, help="training steps (AT2's default 1,000)")
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="AT2's default 1e-3")
     parser.add_argument("--batch-size", type=int, default=4, help="ablated contexts per forward pass")
+    parser.add_argument("--shortest", action="store_true",
+                        help="one context per question: the shortest of its three positions")
     parser.add_argument("--limit", type=int, help="train on the first N contexts only (a smoke test)")
     args = parser.parse_args(argv)
 
@@ -48,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     from datasets import Dataset
 
     lm = load_model()
-    documents = split(args.split)[: args.limit]
+    documents = split(args.split)
+    if args.shortest:
+        documents = shortest(documents)
+    documents = documents[: args.limit]
     tasks = [d.example.task for d in documents]
     generations = args.work / "generations"
     generations.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ from ..explainer import Explainer
 from ..manipulation import manipulate
 from ..models import LoadedModel
 from ..prefix_cache import SharedPrefix
-from ..readout import MASK_SEED, logit_prob, mask_scores, random_masks
+from ..readout import MASK_SEED, ReadoutPass, logit_prob, mask_scores, random_masks, screened_scores
 from ..rows import Suppression
 
 # ContextCite's DEFAULT_PROMPT_TEMPLATE (context_cite/context_citer.py)
@@ -559,12 +559,13 @@ def tail_logprobs(model: torch.nn.Module, input_ids: Sequence[int], tail_start: 
 
 def readout_logprobs(lm: LoadedModel, task: CitationTask, source_multipliers: np.ndarray, *,
                      mode: str = "log-additive", token_budget: int | None = None,
-                     engine: Engine | None = None, full: bool = False) -> np.ndarray:
+                     engine: Engine | None = None, full: bool = False, from_response: bool = False) -> np.ndarray:
     """Token log-probabilities of the response (columns) with each row of ``source_multipliers``
     (rows x sources) on the sources' keys, for the queries after the context (query, template,
     response) only; see :func:`tail_logprobs`. The context's own tokens still saw every source:
     this measures how much the answer reads each source directly. ``full=True``: every later
-    position loses the sources (the paper's AtMan)."""
+    position loses the sources (the paper's AtMan); ``from_response=True``: only the response (and the
+    position predicting its first token) loses them, the query still reads them."""
     source_multipliers = np.asarray(source_multipliers, dtype=np.float32)
     lay = layout(lm.tokenizer, task)
     if source_multipliers.ndim != 2 or source_multipliers.shape[1] != len(lay.source_positions):
@@ -573,19 +574,34 @@ def readout_logprobs(lm: LoadedModel, task: CitationTask, source_multipliers: np
     columns = torch.ones(source_multipliers.shape[0], len(lay.input_ids))
     for s, positions in enumerate(lay.source_positions):
         columns[:, list(positions)] = torch.from_numpy(source_multipliers[:, s])[:, None]
-    return tail_logprobs(lm.model, lay.input_ids, lay.tail_start, lay.response_start, columns, mode=mode,
+    tail_start = lay.response_start - 1 if from_response else lay.tail_start
+    return tail_logprobs(lm.model, lay.input_ids, tail_start, lay.response_start, columns, mode=mode,
                          token_budget=token_budget, engine=engine, full=full)
 
 
 def readout_suppression(lm: LoadedModel, task: CitationTask, multiplier: float = 0.0, *,
-                        mode: str = "log-additive") -> np.ndarray:
+                        mode: str = "log-additive", from_response: bool = False) -> np.ndarray:
     """Per-source readout suppression: score of source i = log p(response) unperturbed minus log p with
-    the attention from the tail (query and response) to source i multiplied by ``multiplier``."""
+    the attention from the tail (query and response; ``from_response``: the response only) to source i
+    multiplied by ``multiplier``."""
     n = len(task.sources)
     rows = np.ones((n + 1, n), dtype=np.float32)
     rows[np.arange(1, n + 1), np.arange(n)] = multiplier
-    logprob = readout_logprobs(lm, task, rows, mode=mode).sum(axis=1)
+    logprob = readout_logprobs(lm, task, rows, mode=mode, from_response=from_response).sum(axis=1)
     return logprob[0] - logprob[1:]
+
+
+def readout_screened(lm: LoadedModel, task: CitationTask, top: int = 8, *, multiplier: float = 0.0,
+                     from_response: bool = False) -> np.ndarray:
+    """Every source's first-order readout estimate from one gradient of the response's loss, exact readout
+    rows for the ``top`` it ranks highest (:func:`atman.readout.screened_scores`); the context is encoded
+    once. ``top=0``: the estimate alone."""
+    lay = layout(lm.tokenizer, task)
+    n_response = len(lay.input_ids) - lay.response_start
+    start = lay.response_start - 1 if from_response else lay.tail_start
+    readout = ReadoutPass(lm.model, lay.input_ids, start, n_response)
+    scores, _ = screened_scores(readout, lay.source_positions, [range(n_response)], top=top, multiplier=multiplier)
+    return scores[:, 0]
 
 
 def passages_of(sources: Sources) -> list[int]:
@@ -612,13 +628,14 @@ def _group_scorer(lm: LoadedModel, task: CitationTask, engine: Engine, multiplie
 
 
 def readout_refine(lm: LoadedModel, task: CitationTask, block: int = 8, share: float = 0.99, *,
-                   multiplier: float = 0.0, mode: str = "log-additive", passages: bool = False) -> np.ndarray:
+                   multiplier: float = 0.0, mode: str = "log-additive", passages: bool = False,
+                   engine: Engine | None = None) -> np.ndarray:
     """Coarse-to-fine readout suppression (:func:`atman.citer.coarse_to_fine`): runs of ``block``
     consecutive sources first, then each source of the fewest top runs holding ``share`` of the
     positive total; one unperturbed pass serves both stages. ``passages=True`` keeps runs inside one
     passage, as :class:`atman.Citer` does; a ``block`` of 0 makes every passage one run."""
     n = len(task.sources)
-    engine = Engine(lm.model, suppression=Suppression(mode=mode))
+    engine = engine or Engine(lm.model, suppression=Suppression(mode=mode))
     owners = passages_of(task.sources) if passages else [0] * n
     with engine.keeping_unperturbed():
         scores, _ = coarse_to_fine(_group_scorer(lm, task, engine, multiplier, mode),

@@ -60,6 +60,16 @@ def split(name: str) -> list[RealDocument]:
     return [d for d in documents if d.question_id in chosen]
 
 
+def shortest(documents: Sequence[RealDocument]) -> list[RealDocument]:
+    """One context per question: the one with the fewest tokens of its three positions (the cheapest
+    subset that still holds every question once)."""
+    best: dict[str, RealDocument] = {}
+    for d in documents:
+        if d.question_id not in best or d.context_tokens < best[d.question_id].context_tokens:
+            best[d.question_id] = d
+    return [d for d in documents if best[d.question_id] is d]
+
+
 def hits(scores: np.ndarray, gold: Sequence[int], k: int) -> float:
     """1.0 when a gold source is among the ``k`` highest scores."""
     return float(bool(set(int(i) for i in top_sources(scores, k)) & set(gold)))
