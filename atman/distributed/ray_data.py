@@ -7,8 +7,8 @@ Two front doors over the same worker (:class:`BatchWorker`, which runs :func:`at
 - :func:`run_batch_on_ray` runs the JSON-lines contract and writes results as they complete, each with
   its line number, then sorts the file into input order; it is what ``atman explain --input FILE --ray``
   runs. A worker that dies (its process killed, its node gone) is restarted by Ray where there is room,
-  and the requests it held go to the next free worker, once more each: a request lost twice becomes
-  an error line.
+  and the requests it held go to the next free worker; the one it was running is charged the loss (lost
+  twice, it becomes an error line), the ones queued behind it lose nothing.
 
 It is one module because both front doors share the worker, its placement and its restart rules; a
 reader checking that a lost node loses no line needs the writer and the worker side by side.
