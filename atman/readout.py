@@ -214,6 +214,37 @@ class ReadoutPass:
                 out.append(self._tail(chunk.shape[0], chunk.to(self.device), "sdpa").cpu())
         return torch.cat(out) if out else torch.empty(0, self.n_target)
 
+    def local_losses(self, positions: Sequence[int], until: int, multiplier: float = 0.0) -> torch.Tensor:
+        """Cross-entropy of each target token when the keys at ``positions`` are multiplied by
+        ``multiplier`` for the queries from the first of them up to ``until`` (e.g. the end of their
+        passage) and for the tail; the context after ``until`` keeps its unperturbed keys and values.
+
+        Between readout suppression (only the tail loses the keys) and full suppression (every later
+        position does): the rest of the source's own passage, where a later sentence refers back to it,
+        loses it too, at the cost of recomputing that stretch and the tail.
+        """
+        start = min(positions)
+        if not 0 < start < until <= self.readout_from:
+            raise AtmanError(f"need 0 < {start} (first position) < until <= {self.readout_from}, got until={until}")
+        row = torch.ones(1, self.length, device=self.device)
+        row[0, list(positions)] = multiplier
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(self.prefix):
+            cache.update(keys[:, :, :start], values[:, :, :start], layer)
+        with torch.no_grad(), manipulate(row[:, :until], mode=self.mode):
+            self.model(input_ids=self.ids[:, start:until].to(self.device), use_cache=True,
+                       **{self.cache_argument: cache})
+        kept = self.prefix
+        self.prefix = [(torch.cat([layer.keys, keys[:, :, until:]], dim=-2),
+                        torch.cat([layer.values, values[:, :, until:]], dim=-2))
+                       for layer, (keys, values) in zip(cache.layers, kept, strict=True)]
+        self.token_forwards += until - start
+        try:
+            with torch.no_grad():
+                return self._tail(1, row, "sdpa")[0].cpu()
+        finally:
+            self.prefix = kept
+
     def gradient(self, spans: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The unperturbed loss of each target token, and for each span (target-token indices) the
         derivative of its summed loss with respect to every key position's readout multiplier at 1

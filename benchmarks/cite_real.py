@@ -45,6 +45,7 @@ from atman.evaluate.citation import (
     leave_one_out,
     passages_of,
     readout_full_top,
+    readout_local_top,
     readout_refine,
     readout_screened,
     readout_suppression,
@@ -76,6 +77,8 @@ def methods(lm, task) -> dict[str, Callable[[], np.ndarray]]:
             lm, task, 3, base=lambda engine: readout_refine(lm, task, passages=True, engine=engine)),
         "readout-refine+full-top-5": lambda: readout_full_top(
             lm, task, 5, base=lambda engine: readout_refine(lm, task, passages=True, engine=engine)),
+        "readout-local-top-5": lambda: readout_local_top(lm, task, 5),
+        "readout-local-top-10": lambda: readout_local_top(lm, task, 10),
         "readout-response-removed": lambda: readout_suppression(lm, task, from_response=True),
         "readout-gradient": lambda: readout_screened(lm, task, 0),
     }
@@ -85,6 +88,8 @@ def methods(lm, task) -> dict[str, Callable[[], np.ndarray]]:
     for n in (64, 128, 256):
         table[f"readout-masks-{n}"] = lambda n=n: readout_surrogate(lm, task, n)
         table[f"readout-masks-{n}+singles"] = lambda n=n: readout_surrogate(lm, task, n, with_singles=True)
+        table[f"readout-masks-{n}+singles+full-top-3"] = lambda n=n: readout_full_top(
+            lm, task, 3, base=lambda engine: readout_surrogate(lm, task, n, with_singles=True, engine=engine))
     return table
 
 

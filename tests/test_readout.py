@@ -152,3 +152,26 @@ def test_screened_scores_are_exact_for_the_top_sources():
         rows[s, positions] = 0.0
     exact = (readout.losses(rows) - readout.losses(torch.ones(1, len(ids)))).sum(dim=1).numpy()
     assert np.allclose(scores[chosen, 0], exact[chosen], atol=1e-5)
+
+
+def test_local_suppression_spans_readout_to_full_suppression():
+    from atman.engine import Engine
+
+    model = enable(tiny_model("llama", seed=9))
+    ids = [int(t) for t in torch.randint(1, 120, (40,), generator=torch.Generator().manual_seed(6))]
+    readout_from, n_target = 30, 5
+    source = [8, 9, 10]
+    rows = torch.ones(2, len(ids))
+    rows[1, source] = 0.0
+    engine = Engine(model)
+    target = torch.tensor(ids[-n_target:])
+    full = engine.target_losses({"input_ids": torch.tensor([ids])}, target, rows)[1]
+    readout_only = engine.target_losses({"input_ids": torch.tensor([ids])}, target, rows, readout_from=readout_from)[1]
+    readout = ReadoutPass(model, ids, readout_from, n_target)
+    assert torch.allclose(readout.local_losses(source, readout_from), full, atol=1e-5)
+    local = readout.local_losses(source, 20)
+    assert not torch.allclose(local, full, atol=1e-4) and not torch.allclose(local, readout_only, atol=1e-4)
+    # the pass is unchanged afterwards
+    assert torch.allclose(readout.losses(rows)[1], readout_only, atol=1e-5)
+    with pytest.raises(AtmanError):
+        readout.local_losses(source, 35)

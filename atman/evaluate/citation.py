@@ -663,6 +663,35 @@ def readout_full_top(lm: LoadedModel, task: CitationTask, top: int = 5, *, multi
     return scores
 
 
+def passage_ends(lay: Layout, owners: Sequence[int]) -> list[int]:
+    """For each source, the token position where its passage ends: the first token of the next passage's
+    first source, or the start of the tail after the last passage."""
+    first: dict[int, int] = {}
+    for s, p in enumerate(owners):
+        first.setdefault(p, min(lay.source_positions[s]))
+    order = sorted(first)
+    after = {p: (first[order[i + 1]] if i + 1 < len(order) else lay.tail_start) for i, p in enumerate(order)}
+    return [after[p] for p in owners]
+
+
+def readout_local_top(lm: LoadedModel, task: CitationTask, top: int = 5, *, multiplier: float = 0.0) -> np.ndarray:
+    """Per-source readout scores, then the ``top`` highest re-scored with the rest of their passage losing
+    them too (:meth:`atman.readout.ReadoutPass.local_losses`); the context is encoded once."""
+    lay = layout(lm.tokenizer, task)
+    n, n_response = len(task.sources), len(lay.input_ids) - lay.response_start
+    readout = ReadoutPass(lm.model, lay.input_ids, lay.tail_start, n_response)
+    rows = torch.ones(n + 1, len(lay.input_ids))
+    for s, positions in enumerate(lay.source_positions):
+        rows[s + 1, list(positions)] = multiplier
+    losses = readout.losses(rows).double()
+    scores = (losses[1:] - losses[0]).sum(dim=1).numpy()
+    ends = passage_ends(lay, passages_of(task.sources))
+    for s in top_sources(scores, min(top, n)):
+        local = readout.local_losses(lay.source_positions[s], ends[s], multiplier).double()
+        scores[s] = float((local - losses[0]).sum())
+    return scores
+
+
 def readout_surrogate(lm: LoadedModel, task: CitationTask, n_masks: int = 64, *, multiplier: float = 0.0,
                       keep: float = 0.5, with_singles: bool = False, seed: int = MASK_SEED,
                       engine: Engine | None = None) -> np.ndarray:
