@@ -31,12 +31,14 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from atman import load_model
 from atman.evaluate.citation import (
+    CitationTask,
     HoldOut,
     MethodRun,
     ResponseScorer,
@@ -53,9 +55,34 @@ from atman.evaluate.citation import (
     run_method,
     score_method,
 )
+from atman.evaluate.cite_data import invented_example
 from atman.evaluate.cite_real import hits, render, shortest, split, summarise
 
 CONTEXTCITE = "contextcite-"
+PLAIN = "plain-forward"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One context to cite: a real document, or an invented one (``--invented``)."""
+
+    name: str
+    set: str
+    position: str
+    question_id: str
+    evidence: tuple[int, ...]
+    task: CitationTask
+
+
+def plain_forward(lm, task) -> np.ndarray:
+    """One forward pass of the prompt and response as the model computes it (logits at every position):
+    the unit the cost of a citation is compared with."""
+    import torch
+
+    ids = torch.tensor([layout(lm.tokenizer, task).input_ids], device=lm.device)
+    with torch.no_grad():
+        lm.model(input_ids=ids, use_cache=False)
+    return np.zeros(len(task.sources))
 
 
 def methods(lm, task) -> dict[str, Callable[[], np.ndarray]]:
@@ -178,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", help="comma-separated context names (default: every context of the split)")
     parser.add_argument("--positions", help="comma-separated positions to keep (early, middle, late)")
     parser.add_argument("--shortest", action="store_true", help="one context per question: its shortest")
+    parser.add_argument("--invented", help="instead of the split: invented contexts SEED:SOURCES,... "
+                                           "(atman.evaluate.cite_data.invented_example)")
     parser.add_argument("--only", help="comma-separated method names (contextcite-N for ContextCite with N ablations)")
     parser.add_argument("--holdout", type=int, default=32, help="held-out ablations for LDS")
     parser.add_argument("--out", type=Path, help="JSON file of the records (appended to)")
@@ -199,9 +228,15 @@ def main(argv: list[str] | None = None) -> int:
 
     lm = load_model()
     wanted = args.only.split(",")
-    documents = split(args.split)
-    if args.shortest:
-        documents = shortest(documents)
+    documents = [Case(d.name, d.set, d.position, d.question_id, d.evidence, d.example.task)
+                 for d in (shortest(split(args.split)) if args.shortest else split(args.split))]
+    if args.invented:
+        documents = []
+        for spec in args.invented.split(","):
+            seed, sources = (int(v) for v in spec.split(":"))
+            ex = invented_example(seed, n_sources=sources)
+            name = f"invented:{seed}:{sources}"
+            documents.append(Case(name, "invented", ex.kind, name, ex.evidence, ex.task))
     if args.positions:
         documents = [d for d in documents if d.position in args.positions.split(",")]
     if args.contexts:
@@ -212,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {(r["context"], r["method"]) for r in existing["records"]}
     records: list[dict] = []
     for doc in documents:
-        task = doc.example.task
+        task = doc.task
         todo = [m for m in wanted if (doc.name, m) not in done]
         if not todo:
             continue
@@ -231,6 +266,15 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append((f"{CONTEXTCITE}{n}", scores, tokens, wall, cpu, load))
         table = methods(lm, task)
         for name in todo:
+            if name == PLAIN:
+                load = os.getloadavg()
+                measured = run_method(name, lm, lambda task=task: plain_forward(lm, task))
+                records.append({"run": run["id"], "context": doc.name, "set": doc.set, "position": doc.position,
+                                "question_id": doc.question_id, "sources": len(task.sources),
+                                "tokens": len(lay.input_ids), "method": name, "token_forwards": measured.token_forwards,
+                                "seconds": measured.seconds, "cpu_seconds": measured.cpu_seconds,
+                                "load": [round(v, 2) for v in load]})
+                continue
             if name.startswith(CONTEXTCITE):
                 continue
             load = os.getloadavg()

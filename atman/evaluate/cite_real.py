@@ -42,6 +42,7 @@ SPLITS = ("dev", "test")
 OUTLIER_SD = 2.0
 REFERENCE = "contextcite-32"
 LOO = "attribot-loo"
+PLAIN = "plain-forward"
 METRICS = ("top1_drop", "top3_drop", "top5_drop", "lds", "hit1", "hit3", "ap_loo")
 ROUNDS = 2000
 
@@ -117,7 +118,7 @@ def with_loo_precision(records: list[dict]) -> list[dict]:
     out = []
     for r in records:
         r = dict(r)
-        if r["context"] in loo:
+        if r["context"] in loo and "scores" in r:
             r["ap_loo"] = average_precision(np.asarray(r["scores"]), loo_outliers(loo[r["context"]]))
         out.append(r)
     return out
@@ -136,6 +137,7 @@ def summarise(records: list[dict], methods: Sequence[str] | None = None, paired_
     names = list(methods) if methods is not None else list(dict.fromkeys(r["method"] for r in records))
     by = {(r["context"], r["method"]): r for r in records}
     reference_runs = {(r["context"], r["run"]): r for r in records if r["method"] == REFERENCE}
+    plain_runs = {(r["context"], r["run"]): r for r in records if r["method"] == PLAIN}
     table = {}
     for name in names:
         rows = [r for r in records if r["method"] == name]
@@ -159,7 +161,11 @@ def summarise(records: list[dict], methods: Sequence[str] | None = None, paired_
                     entry[f"{metric}_diff"] = _bootstrap(diffs)
         tokens: dict[str, list[float]] = defaultdict(list)
         cpu: dict[str, list[float]] = defaultdict(list)
+        plain: dict[str, list[float]] = defaultdict(list)
         for r in rows:
+            same_plain = plain_runs.get((r["context"], r["run"]))
+            if same_plain is not None:
+                plain[r["question_id"]].append(r["cpu_seconds"] / same_plain["cpu_seconds"])
             ref = by.get((r["context"], REFERENCE))
             if ref is not None:
                 tokens[r["question_id"]].append(r["token_forwards"] / ref["token_forwards"])
@@ -171,6 +177,8 @@ def summarise(records: list[dict], methods: Sequence[str] | None = None, paired_
         if cpu:
             entry["cpu_ratio"] = _bootstrap(cpu)
             entry["cpu_ratio_contexts"] = sum(len(v) for v in cpu.values())
+        if plain:
+            entry["plain_ratio"] = _bootstrap(plain)
         entry["token_forwards"] = float(np.mean([r["token_forwards"] for r in rows]))
         entry["plain_forwards"] = float(np.mean([r["token_forwards"] / r["tokens"] for r in rows]))
         table[name] = entry
@@ -194,12 +202,15 @@ def render(table: dict, *, loo: bool = False, paired_with: str | None = None) ->
     header = ["method", "top-1 drop", "top-3 drop", "top-5 drop", "LDS", "hit@1", "hit@3"]
     header += ["mAP vs LOO"] if loo else []
     header += ["plain forwards", "tokens vs CC-32", "CPU time vs CC-32"]
+    forward = any("plain_ratio" in e for e in table.values())
+    header += ["CPU time vs a forward"] if forward else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, e in table.items():
         cells = [name] + [_cell(e.get(m)) for m in ("top1_drop", "top3_drop", "top5_drop", "lds")]
-        cells += [f"{e['hit1'][0]:.2f}", f"{e['hit3'][0]:.2f}"]
+        cells += [f"{e[m][0]:.2f}" if m in e else "–" for m in ("hit1", "hit3")]
         cells += [_cell(e.get("ap_loo"))] if loo else []
         cells += [f"{e['plain_forwards']:.2f}", _ratio(e, "token_ratio"), _ratio(e, "cpu_ratio")]
+        cells += [_ratio(e, "plain_ratio")] if forward else []
         lines.append("| " + " | ".join(cells) + " |")
     if paired_with:
         metrics = ["top1_drop", "top3_drop", "top5_drop", "lds"] + (["ap_loo"] if loo else [])
