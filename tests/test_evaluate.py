@@ -226,3 +226,29 @@ def test_time_per_method_is_summed_reported_and_printed():
     assert printed[1].split() == ["atman", "2", "6.0", "92%"] and printed[2].split() == ["random", "2", "0.5", "8%"]
     assert [time_left(s) for s in (None, 0.4, 59.6, 61)] == [
         "estimating the time left", "about 0 s left", "about 1 min 0 s left", "about 1 min 1 s left"]
+
+
+def test_the_methods_of_a_job_run_each_deletion_sequence_once(smollm2, monkeypatch):
+    from atman.baselines import get_method
+    from atman.evaluate import suite
+
+    config = SuiteConfig(qa=1, qa_facts=2, qa_granularities=("sentence",), squad=0, texts=0)
+    job = config.jobs(smollm2)[0]
+    methods = {spec: get_method(spec, smollm2) for spec in ("occlusion", "random", "random:seed=1")}
+    alone = [suite.score_job(smollm2, job, spec, method) for spec, method in methods.items()]
+    asked: list[tuple[int, ...]] = []
+    real = suite.sequence_logprobs
+
+    def counting(lm, sequences, n_target):
+        asked.extend(tuple(s) for s in sequences)
+        return real(lm, sequences, n_target)
+
+    monkeypatch.setattr(suite, "sequence_logprobs", counting)
+    shared = list(suite.run_jobs(smollm2, [job], methods))
+    # every sequence once: the unperturbed one (and any deletion two methods share) is not run again
+    assert len(asked) == len(set(asked))
+    assert asked.count(tuple(suite.encode(smollm2.tokenizer, job.example.prompt, job.example.target).input_ids)) == 1
+    for a, b in zip(alone, shared, strict=True):
+        assert a["metrics"].keys() == b["metrics"].keys()
+        for key in a["metrics"]:
+            assert b["metrics"][key] == pytest.approx(a["metrics"][key], abs=1e-4)

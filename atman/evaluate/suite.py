@@ -159,8 +159,10 @@ def run_jobs(lm: LoadedModel, jobs: Sequence[Job], methods: Mapping[str, Method]
              fractions: Sequence[float] = FRACTIONS) -> Iterator[dict]:
     """The records of every method on every job, in this process, in job order (methods in turn)."""
     for job in jobs:
+        # the methods of one job share the unperturbed sequence and often the same deletions
+        known: dict[tuple[int, ...], float] = {}
         for spec, method in methods.items():
-            yield score_job(lm, job, spec, method, fractions)
+            yield score_job(lm, job, spec, method, fractions, known)
 
 
 def run_suite(lm: LoadedModel, methods: Sequence[str], config: SuiteConfig | None = None,
@@ -229,9 +231,13 @@ def method_seconds(records: Sequence[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def score_job(lm: LoadedModel, job: Job, spec: str, method: Method, fractions: Sequence[float] = FRACTIONS) -> dict:
+def score_job(lm: LoadedModel, job: Job, spec: str, method: Method, fractions: Sequence[float] = FRACTIONS,
+              known: dict[tuple[int, ...], float] | None = None) -> dict:
     """The record of one method on one job: its units, seconds and metrics (plausibility where the job
-    has ground truth at this granularity, faithfulness at the faithfulness granularity)."""
+    has ground truth at this granularity, faithfulness at the faithfulness granularity).
+
+    ``known``: log p(target) of token sequences of this job already computed (by another method's
+    deletion curve), read and filled in; a sequence is then run once per job, not once per method."""
     ex = job.example
     encoded = encode(lm.tokenizer, ex.prompt, ex.target)
     units = prompt_units(encoded, job.granularity)
@@ -247,12 +253,12 @@ def score_job(lm: LoadedModel, job: Job, spec: str, method: Method, fractions: S
         gold = [any(u.start < b and a < u.start + u.length for a, b in ex.gold) for u in units]
         metrics.update(plausibility(scores, gold))
     if job.granularity == FAITHFULNESS_GRANULARITY and len(units) > 1:
-        metrics.update(_faithfulness(lm, encoded, units, scores, fractions))
+        metrics.update(_faithfulness(lm, encoded, units, scores, fractions, {} if known is None else known))
     return {"dataset": job.dataset, "granularity": job.granularity, "example": ex.id, "method": spec,
             "units": len(units), "seconds": round(seconds, 3), "metrics": metrics}
 
 
-def _faithfulness(lm: LoadedModel, encoded, units, scores, fractions) -> dict[str, float]:
+def _faithfulness(lm: LoadedModel, encoded, units, scores, fractions, known: dict) -> dict[str, float]:
     n = len(units)
     steps = curve_steps(n, fractions)
     morf_order = sorted(range(n), key=lambda i: -scores[i])
@@ -261,7 +267,12 @@ def _faithfulness(lm: LoadedModel, encoded, units, scores, fractions) -> dict[st
     sequences = [list(encoded.input_ids)]
     sequences += [delete_units(encoded, [units[i] for i in morf_order[:k]]) for k in steps]
     sequences += [delete_units(encoded, [units[i] for i in lerf_order[:k]]) for k in lerf_steps]
-    logprobs = sequence_logprobs(lm, sequences, len(encoded.input_ids) - encoded.target_start).tolist()
+    keys = [tuple(seq) for seq in sequences]
+    missing = list(dict.fromkeys(key for key in keys if key not in known))
+    if missing:
+        found = sequence_logprobs(lm, missing, len(encoded.input_ids) - encoded.target_start).tolist()
+        known.update(zip(missing, found, strict=True))
+    logprobs = [known[key] for key in keys]
     morf = dict(zip(steps, logprobs[1:1 + len(steps)], strict=True))
     lerf = dict(zip(lerf_steps, logprobs[1 + len(steps):], strict=True))
     return faithfulness(logprobs[0], morf, lerf, steps, n)
