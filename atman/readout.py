@@ -147,23 +147,19 @@ def mask_scores(logprobs: Callable[[np.ndarray], np.ndarray], n_sources: int,
 
 
 class ReadoutPass:
-    """One prompt + target with its context encoded once, unperturbed; readout rows and the gradient of the
-    target's loss with respect to the readout multipliers, computed on the tail only.
+    """One prompt + target with its context encoded once, unperturbed, for readout rows on the tail only.
 
     The positions before ``readout_from`` are run once and their keys and values kept; :meth:`losses` runs
     the tail (``readout_from`` to the end) for rows of multipliers on every key, for the tail's queries only
-    (what :meth:`atman.engine.Engine.target_losses` computes with ``readout_from``), and :meth:`gradient`
-    runs the tail once with autograd on, for the derivative of each span's loss with respect to every key's
-    multiplier at 1: ``-gradient[k]`` is the first-order estimate of how much removing key ``k`` from the
-    readout (multiplier 1 -> 0) raises the span's loss. Exact rows cost the tail each; the gradient costs
-    about three tails, whatever the number of sources.
+    (what :meth:`atman.engine.Engine.target_losses` computes with ``readout_from``); :meth:`local_losses`
+    also recomputes a stretch of the context; :func:`removal_estimates` runs the tail once with autograd
+    on. Exact rows cost the tail each; the estimates cost about three tails, whatever the number of sources.
 
     Example::
 
         >>> readout = ReadoutPass(lm.model, ids, readout_from=200, n_target=12)   # doctest: +SKIP
-        >>> base, grads = readout.gradient([range(12)])                            # doctest: +SKIP
         >>> rows = torch.ones(2, len(ids)); rows[1, 10:30] = 0.0                   # doctest: +SKIP
-        >>> readout.losses(rows)[1] - base                                         # doctest: +SKIP
+        >>> losses = readout.losses(rows); losses[1] - losses[0]                    # doctest: +SKIP
     """
 
     def __init__(self, model: torch.nn.Module, input_ids: Sequence[int], readout_from: int, n_target: int, *,
@@ -245,36 +241,68 @@ class ReadoutPass:
         finally:
             self.prefix = kept
 
-    def gradient(self, spans: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unperturbed loss of each target token, and for each span (target-token indices) the
-        derivative of its summed loss with respect to every key position's readout multiplier at 1
-        (spans x positions)."""
-        multipliers = torch.ones(1, self.length, device=self.device, requires_grad=True)
-        with torch.enable_grad():
-            losses = self._tail(1, multipliers, "eager")[0]
-            grads = []
-            for k, tokens in enumerate(spans):
-                (grad,) = torch.autograd.grad(losses[list(tokens)].sum(), multipliers,
-                                              retain_graph=k < len(spans) - 1)
-                grads.append(grad[0])
-        # the backward pass costs about two forward passes of the tail
-        self.token_forwards += 2 * (self.length - self.readout_from)
-        return losses.detach().cpu(), torch.stack(grads).cpu()
+
+def removal_estimates(readout: ReadoutPass, sources: Sequence[Sequence[int]], spans: Sequence[Sequence[int]], *,
+                      renormalised: bool = True) -> tuple[torch.Tensor, np.ndarray]:
+    """First-order estimates (sources x spans) of how much removing each source from the readout raises
+    each span's loss, from one pass of the tail with autograd on.
+
+    With ``renormalised`` (default) the change of every attention row is exact where the linear
+    estimate is not: removing a set of keys s from a softmax row with probabilities p re-weights the rest
+    by 1 / (1 - p(s)), so a row's contribution is ``(p(s) A - B(s)) / (1 - p(s))`` with ``B(s)`` the sum of
+    ``p_k dL/dp_k`` over s and ``A`` the same over the row — what attribution patching's "QK fix" does for
+    attention knock-out (Kramar et al. 2024), with the queries of the unperturbed pass. Without it, the
+    estimate is minus the derivative with respect to the sources' multipliers at 1 (the numerator alone),
+    which underrates a source the response attends to almost entirely.
+    """
+    length = readout.length
+    owner = torch.zeros(length, len(sources))
+    for s, positions in enumerate(sources):
+        owner[list(positions), s] = 1.0
+    with torch.enable_grad():
+        multipliers = torch.ones(1, length, device=readout.device)
+        tail = readout.ids[:, readout.readout_from:].to(readout.device)
+        cache = SharedPrefix(readout.prefix, readout.readout_from)
+        kwargs = {"logits_to_keep": readout.n_target + 1} if readout.logits_to_keep else {}
+        with manipulate(multipliers, mode=readout.mode, backend="eager"):
+            out = readout.model(input_ids=tail, use_cache=True, output_attentions=True,
+                                **{readout.cache_argument: cache}, **kwargs)
+        probs = [p for p in out.attentions if p is not None]
+        if not probs or len(probs) != len(out.attentions):
+            raise AtmanError(f"{type(readout.model).__name__} does not return attention probabilities")
+        logits = out.logits[:, -(readout.n_target + 1):-1].float()
+        targets = readout.ids[0, -readout.n_target:].to(readout.device)
+        losses = -torch.log_softmax(logits[0], dim=-1).gather(-1, targets[:, None])[:, 0]
+        estimates = np.zeros((len(sources), len(spans)))
+        for k, tokens in enumerate(spans):
+            grads = torch.autograd.grad(losses[list(tokens)].sum(), probs, retain_graph=k < len(spans) - 1)
+            total = torch.zeros(len(sources), dtype=torch.float64)
+            for p, g in zip(probs, grads, strict=True):
+                p, pg = p.detach()[0].float().cpu(), (p.detach() * g)[0].float().cpu()   # heads x tail x keys
+                row = pg.sum(dim=-1, keepdim=True)
+                share, part = p @ owner, pg @ owner                                         # heads x tail x sources
+                change = share * row - part
+                if renormalised:
+                    change = change / (1.0 - share).clamp(min=1e-3)
+                total += change.sum(dim=(0, 1)).double()
+            estimates[:, k] = total.numpy()
+    readout.token_forwards += 3 * (length - readout.readout_from)
+    return losses.detach().cpu(), estimates
 
 
 def screened_scores(readout: ReadoutPass, sources: Sequence[Sequence[int]], spans: Sequence[Sequence[int]], *,
-                    top: int = 8, multiplier: float = 0.0) -> tuple[np.ndarray, list[int]]:
-    """Scores (sources x spans) from the gradient of :meth:`ReadoutPass.gradient` and exact readout rows for
-    the ``top`` sources it ranks highest (by their summed estimate over the spans).
+                    top: int = 8, multiplier: float = 0.0, renormalised: bool = True) -> tuple[np.ndarray, list[int]]:
+    """Scores (sources x spans) from the first-order estimates of :func:`removal_estimates` and exact
+    readout rows for the ``top`` sources they rank highest (by their summed estimate over the spans).
 
-    A source's first-order estimate is minus the sum of the gradient over its positions (times
-    ``1 - multiplier``); the ``top`` sources get their exact rise of each span's loss instead, and the
+    A source's estimate is scaled by ``1 - multiplier`` (the estimates are for removal); the ``top``
+    sources get their exact rise of each span's loss instead, and the
     others' estimates are scaled per span by the least-squares ratio of exact to estimated scores of the
     exact ones (the gradient underrates what removing a source does when the attention to it saturates).
     Returns the scores and the sources scored exactly.
     """
-    base, grads = readout.gradient(spans)
-    estimate = np.stack([[-(1.0 - multiplier) * float(g[list(p)].sum()) for g in grads] for p in sources])
+    base, estimate = removal_estimates(readout, sources, spans, renormalised=renormalised)
+    estimate = estimate * (1.0 - multiplier)
     chosen = [int(s) for s in np.argsort(-estimate.sum(axis=1), kind="stable")[:min(top, len(sources))]]
     scores = estimate.copy()
     if chosen:
