@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -290,8 +291,18 @@ def removal_estimates(readout: ReadoutPass, sources: Sequence[Sequence[int]], sp
     return losses.detach().cpu(), estimates
 
 
+@dataclass(frozen=True)
+class Screened:
+    """:func:`screened_scores`' result: scores (sources x spans), the sources scored by exact rows, and the
+    unperturbed loss of every target token."""
+
+    scores: np.ndarray
+    exact: list[int]
+    base: torch.Tensor
+
+
 def screened_scores(readout: ReadoutPass, sources: Sequence[Sequence[int]], spans: Sequence[Sequence[int]], *,
-                    top: int = 8, multiplier: float = 0.0, renormalised: bool = True) -> tuple[np.ndarray, list[int]]:
+                    top: int = 8, multiplier: float = 0.0, renormalised: bool = True) -> Screened:
     """Scores (sources x spans) from the first-order estimates of :func:`removal_estimates` and exact
     readout rows for the ``top`` sources they rank highest (by their summed estimate over the spans).
 
@@ -299,7 +310,6 @@ def screened_scores(readout: ReadoutPass, sources: Sequence[Sequence[int]], span
     sources get their exact rise of each span's loss instead, and the
     others' estimates are scaled per span by the least-squares ratio of exact to estimated scores of the
     exact ones (the gradient underrates what removing a source does when the attention to it saturates).
-    Returns the scores and the sources scored exactly.
     """
     base, estimate = removal_estimates(readout, sources, spans, renormalised=renormalised)
     estimate = estimate * (1.0 - multiplier)
@@ -316,4 +326,4 @@ def screened_scores(readout: ReadoutPass, sources: Sequence[Sequence[int]], span
             ratio = float(x @ y / (x @ x)) if float(x @ x) > 0 else 1.0
             scores[:, k] = estimate[:, k] * max(ratio, 0.0)
         scores[chosen] = exact
-    return scores, chosen
+    return Screened(scores=scores, exact=chosen, base=base)

@@ -202,7 +202,8 @@ def write(out: Path, run: dict, records: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", choices=("dev", "test"), default="dev")
-    parser.add_argument("--contexts", help="comma-separated context names (default: every context of the split)")
+    parser.add_argument("--contexts", help="comma-separated context names, run in this order (default: every "
+                                           "context of the split)")
     parser.add_argument("--positions", help="comma-separated positions to keep (early, middle, late)")
     parser.add_argument("--shortest", action="store_true", help="one context per question: its shortest")
     parser.add_argument("--invented", help="instead of the split: invented contexts SEED:SOURCES,... "
@@ -239,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             documents.append(Case(name, "invented", ex.kind, name, ex.evidence, ex.task))
     if args.positions:
         documents = [d for d in documents if d.position in args.positions.split(",")]
-    if args.contexts:
-        documents = [d for d in documents if d.name in args.contexts.split(",")]
+    if args.contexts:   # in the order given
+        by_name = {d.name: d for d in documents}
+        documents = [by_name[name] for name in args.contexts.split(",") if name in by_name]
     existing = json.loads(args.out.read_text()) if args.out.exists() else {"records": []}
     run = {"id": f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", "model": lm.name,
            "command": " ".join(sys.argv), "load_start": os.getloadavg()}

@@ -174,7 +174,8 @@ def test_screened_scores_are_exact_for_the_top_sources():
     ids = [int(t) for t in torch.randint(1, 120, (48,), generator=torch.Generator().manual_seed(3))]
     sources = [list(range(a, a + 4)) for a in range(0, 36, 4)]   # nine sources before the tail
     readout = ReadoutPass(model, ids, 38, 5)
-    scores, chosen = screened_scores(readout, sources, [range(5)], top=3)
+    screened = screened_scores(readout, sources, [range(5)], top=3)
+    scores, chosen = screened.scores, screened.exact
     assert scores.shape == (9, 1) and len(chosen) == 3
     rows = torch.ones(9, len(ids))
     for s, positions in enumerate(sources):

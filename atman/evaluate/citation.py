@@ -600,8 +600,8 @@ def readout_screened(lm: LoadedModel, task: CitationTask, top: int = 8, *, multi
     n_response = len(lay.input_ids) - lay.response_start
     start = lay.response_start - 1 if from_response else lay.tail_start
     readout = ReadoutPass(lm.model, lay.input_ids, start, n_response)
-    scores, _ = screened_scores(readout, lay.source_positions, [range(n_response)], top=top, multiplier=multiplier)
-    return scores[:, 0]
+    return screened_scores(readout, lay.source_positions, [range(n_response)], top=top,
+                           multiplier=multiplier).scores[:, 0]
 
 
 def passages_of(sources: Sources) -> list[int]:
