@@ -45,9 +45,12 @@ class Passage:
     start: int = 0
     end: int = 0
     message: int | None = None
+    index: int | None = None   # its place in the list of passages given (an empty one is left out)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"text": self.text, "start": self.start, "end": self.end}
+        if self.index is not None:
+            data["index"] = self.index
         if self.id is not None:
             data["id"] = self.id
         if self.title is not None:
@@ -60,7 +63,8 @@ class Passage:
     def from_dict(cls, data: dict[str, Any]) -> Passage:
         message = data.get("message")
         return cls(text=data["text"], id=data.get("id"), title=data.get("title"), start=int(data.get("start", 0)),
-                   end=int(data.get("end", 0)), message=None if message is None else int(message))
+                   end=int(data.get("end", 0)), message=None if message is None else int(message),
+                   index=None if data.get("index") is None else int(data["index"]))
 
     @property
     def label(self) -> str:

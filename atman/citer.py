@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from .engine import Progress
 from .errors import AtmanError, EmptyInputError, GranularityError
 from .explainer import Explainer, covering
 from .models import LoadedModel
+from .readout import ReadoutPass, screened_scores
 from .rows import Suppression, suppression_rows
 from .steering import Steerer
 from .transcripts import (
@@ -162,8 +164,12 @@ def passages_from(context: str | Sequence[PassageLike]) -> list[Passage]:
             raise CitationError(f"passage {k} is a {type(item).__name__}; give text, a dict or a Passage")
         text = text.strip()
         if not text:
+            if not isinstance(context, str):
+                warnings.warn(f"passage {k}{'' if pid is None else f' ({pid})'} is empty and is left out: the "
+                              "result's passages are numbered without it (each keeps its place in the given list "
+                              "as Passage.index)", UserWarning, stacklevel=3)
             continue
-        passages.append(Passage(text=text, id=pid, title=title, start=start, end=start + len(text)))
+        passages.append(Passage(text=text, id=pid, title=title, start=start, end=start + len(text), index=k))
         start += len(text) + len(PASSAGE_SEPARATOR)
     if not passages:
         raise EmptyInputError("the context is empty")
@@ -175,14 +181,22 @@ class Citer:
 
     ``multiplier``: the attention to a suppressed source is multiplied by it (default 0: removed).
     ``batch_size``/``max_memory``/``backend``/``mode`` as for :class:`atman.Explainer`.
+    ``screen`` (readout only; default None: one row per source): estimate every source's score from one
+    autograd pass of the tail and suppress only the ``screen`` sources it ranks highest
+    (:func:`atman.readout.screened_scores`), about one forward pass in all; ``settings["refined"]``
+    lists the sources scored by their own row. It runs the tail in one call, without progress reports.
     """
 
     def __init__(self, model: LoadedModel, *, method: str = DEFAULT_METHOD,
                  multiplier: float = DEFAULT_CITE_MULTIPLIER, mode: str = "log-additive", backend: str = "sdpa",
                  batch_size: int | None = None, max_memory: int | str | None = None,
-                 piece_tokens: int | None = None) -> None:
+                 piece_tokens: int | None = None, screen: int | None = None) -> None:
         if method not in METHODS:
             raise AtmanError(f"unknown citation method {method!r}; choose one of {', '.join(METHODS)}")
+        if screen is not None and (isinstance(screen, bool) or not isinstance(screen, int) or screen < 0
+                                   or method != "readout"):
+            raise AtmanError(f"screen must be a whole number >= 0 with method='readout', got {screen!r}")
+        self.screen = screen
         self.method = method
         self.explainer = Explainer(model, suppression=Suppression(multiplier=multiplier, mode=mode, backend=backend),
                                    batch_size=batch_size, max_memory=max_memory, piece_tokens=piece_tokens)
@@ -278,6 +292,8 @@ class Citer:
                progress: Progress | None) -> tuple[tuple[CitedSpan, ...], dict]:
         """Every source's score for every span (one suppressed pass per source or run of sources), and the
         settings that say how they were computed."""
+        if self.screen is not None:
+            return self._screened(prepared)
         encoded = prepared.encoded
         n = len(prepared.sources)
         refine = n > REFINE_ABOVE if refine is None else bool(refine)
@@ -316,6 +332,19 @@ class Citer:
                        "refined": [s for s in range(n) if refined[s]],
                        "response_logprob": -float(baseline[0].sum()),
                        "token_forwards": self.explainer.engine.token_forwards - spent}
+
+    def _screened(self, prepared: CitationInput) -> tuple[tuple[CitedSpan, ...], dict]:
+        """Scores from first-order estimates and exact rows for the top ``screen`` sources (see the class)."""
+        encoded = prepared.encoded
+        readout = ReadoutPass(self.lm.model, encoded.input_ids, prepared.readout_from,
+                              len(encoded.input_ids) - encoded.target_start, mode=self.suppression.mode)
+        screened = screened_scores(readout, prepared.source_positions, prepared.span_tokens, top=self.screen,
+                                   multiplier=self.suppression.multiplier)
+        cited = tuple(CitedSpan(encoded.target[a:b], a, b, tuple(float(v) for v in screened.scores[:, k]))
+                      for k, (a, b) in enumerate(prepared.spans))
+        return cited, {"readout_from": prepared.readout_from, "refine": None, "screen": self.screen,
+                       "refined": sorted(screened.exact), "response_logprob": -float(screened.base.sum()),
+                       "token_forwards": readout.token_forwards}
 
     # --- transcripts ----------------------------------------------------------------------------
     def prepare_messages(

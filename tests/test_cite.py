@@ -76,11 +76,48 @@ def test_full_suppression_equals_explaining_with_source_spans(smollm2):
     assert exp.explanations[0].scores == pytest.approx(result.source_scores(), abs=1e-4)
 
 
-def test_generated_response_and_passage_level(citer):
+def test_generated_response_and_passage_level(citer, smollm2):
     result = citer.cite(PASSAGES, QUESTION, sources="passage", max_new_tokens=12)
     assert result.settings["generated_response"] and result.response.strip()
     assert [s.text for s in result.sources] == [p["text"] for p in PASSAGES]
     assert result.settings["token_forwards"] > 0
+    # the response is the model's greedy continuation of the prompt: each of its tokens is the argmax there
+    prepared = citer.prepare(PASSAGES, QUESTION, result.response, sources="passage")
+    ids = torch.tensor([prepared.encoded.input_ids])
+    with torch.no_grad():
+        greedy = smollm2.model(input_ids=ids).logits[0].argmax(-1)
+    start = prepared.encoded.target_start
+    assert greedy[start - 1:-1].tolist() == list(prepared.encoded.input_ids[start:])
+    # and citing that text as a given response gives the same scores (generation changes nothing else)
+    given = citer.cite(PASSAGES, QUESTION, result.response, sources="passage")
+    assert not given.settings["generated_response"]
+    for a, b in zip(given.spans, result.spans, strict=True):
+        assert a.text == b.text and a.scores == pytest.approx(b.scores, abs=1e-5)
+
+
+def test_an_empty_passage_is_said_and_the_others_keep_their_place(citer):
+    passages = [PASSAGES[0], {"id": "blank", "text": "  "}, PASSAGES[1]]
+    with pytest.warns(UserWarning, match=r"passage 1 \(blank\) is empty"):
+        result = citer.cite(passages, QUESTION, "In Lindhaven.", sources="passage")
+    assert [p.id for p in result.passages] == ["a", "b"] and [p.index for p in result.passages] == [0, 2]
+    assert Citations.from_json(result.to_json()).passages[1].index == 2
+
+
+def test_screened_citation_is_exact_for_the_sources_it_refines(smollm2, result):
+    """screen=N: N sources get their own readout row (the default's scores), the rest first-order estimates."""
+    screened = Citer(smollm2, screen=2).cite(PASSAGES, QUESTION, RESPONSE)
+    refined = screened.settings["refined"]
+    assert screened.settings["screen"] == 2 and len(refined) == 2
+    # the evidence sentence is among the two the estimates rank highest
+    assert 2 in refined
+    for a, b in zip(screened.spans, result.spans, strict=True):
+        assert [a.scores[s] for s in refined] == pytest.approx([b.scores[s] for s in refined], abs=1e-4)
+    assert screened.spans[0].top(1)[0][0] == result.spans[0].top(1)[0][0] == 2
+    assert screened.settings["token_forwards"] < result.settings["token_forwards"]
+    assert Citer(smollm2, screen=0).cite(PASSAGES, QUESTION, RESPONSE).settings["refined"] == []
+    for bad, method in ((-1, "readout"), (True, "readout"), (2.5, "readout"), (2, "atman")):
+        with pytest.raises(AtmanError, match="screen must be"):
+            Citer(smollm2, screen=bad, method=method)
 
 
 def test_json_round_trip_and_views(result, tmp_path):
@@ -157,7 +194,8 @@ def test_cli_cites_passages_from_a_jsonl_file(tmp_path, capsys, smollm2):
     assert [p.id for p in result.passages] == ["a", "b", "c"]
     code = _cli("cite", "--passages", str(passages), "-Q", QUESTION, "-r", RESPONSE, "-q", "--top", "1")
     text = capsys.readouterr().out
-    assert code == 0 and "[3]" in text and "(Trades)" in text
+    # a source is named by its passage's id and its place in that passage: the first sentence of b
+    assert code == 0 and "[b:1]" in text and "(Trades)" in text
 
 
 def test_cli_batch_keeps_going_past_a_bad_line(tmp_path, capsys):
@@ -177,6 +215,20 @@ def test_cli_batch_keeps_going_past_a_bad_line(tmp_path, capsys):
     assert results[1]["id"] == "bad" and "context is empty" in results[1]["error"]
     assert "not valid JSON" in results[2]["error"]
     assert results[3]["id"] == 7 and "multiplier" in results[3]["error"]
+
+
+def test_cli_batch_a_line_that_is_not_utf8_costs_only_itself(tmp_path):
+    ok = json.dumps({"id": "ok", "context": [p["text"] for p in PASSAGES[:2]], "question": QUESTION,
+                     "response": "In Lindhaven.", "sources": "passage"}).encode()
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(ok + b"\n" + b'{"id": "bad", "question": "\xff"}\n' + ok.replace(b'"ok"', b'"again"') + b"\n")
+    out = tmp_path / "results.jsonl"
+    code = _cli("cite", "--input", str(requests), "-o", str(out), "-q")
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 1 and [r["line"] for r in results] == [1, 2, 3]
+    assert "not valid UTF-8" in results[1]["error"]
+    assert [r.get("id") for r in results] == ["ok", None, "again"] and "error" not in results[2]
+    assert results[2]["sources"] == results[0]["sources"]
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -136,6 +136,19 @@ def test_evaluate_command_writes_reports(tmp_path):
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["methods"] == ["atman:multiplier=0.0,mode=log-additive", "random"]
     assert "atman:multiplier=0.0,mode=log-additive" in (tmp_path / "r.md").read_text()
+    # the log starts with the environment that made it; a merge names that machine, not the merging one
+    log = (tmp_path / "r.records.jsonl").read_text().splitlines()
+    assert json.loads(log[0]) == {"environment": result["environment"]}
+    made_elsewhere = {"torch": "2.11.0+cu130", "python": "3.12.3", "machine": "x86_64", "threads": 16}
+    (tmp_path / "gpu.records.jsonl").write_text("\n".join([json.dumps({"environment": made_elsewhere})] + log[1:]))
+    (tmp_path / "old.records.jsonl").write_text("\n".join(log[1:]))   # a log from before the header
+    for name, expected in (("gpu", made_elsewhere), ("old", dict.fromkeys(made_elsewhere, "not recorded"))):
+        merged = _cli("evaluate", "--methods", "atman:multiplier=0.0+mode=log-additive,random", "--merge",
+                      str(tmp_path / f"{name}.records.jsonl"), "-o", str(tmp_path), "--name", f"m-{name}", "-q")
+        assert merged.returncode == 0, merged.stderr
+        report = json.loads((tmp_path / f"m-{name}.json").read_text())
+        assert report["environment"] == expected and report["records"] == result["records"]
+        assert f"torch {expected['torch']}, {expected['threads']} threads" in (tmp_path / f"m-{name}.md").read_text()
 
 
 @pytest.mark.slow

@@ -82,3 +82,20 @@ def test_the_vision_language_fallback_to_full_passes_is_said(monkeypatch):
     _, second = said(lambda: explainer.losses(prepared, rows))
     assert not explainer.fast_path and len(first) == 1 and second == []
     torch.testing.assert_close(full, fast, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_quiet_hides_the_libraries_progress_bars_too(tmp_path):
+    """-q: no bar at all, the GGUF file's first conversion (transformers' tqdm bar) included."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATMAN_CACHE_DIR=str(tmp_path))   # an empty cache: the file is converted
+    env.pop("TQDM_DISABLE", None)
+    args = [sys.executable, "-m", "atman.cli", "explain", "Ada lives in Oslo. Ada lives in", "-t", " Oslo",
+            "-g", "sentence"]
+    quiet = subprocess.run([*args, "-q"], capture_output=True, text=True, env=env, timeout=600)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Converting" not in quiet.stderr and "Loading weights" not in quiet.stderr and "%|" not in quiet.stderr
+    assert any(tmp_path.rglob("*")), "the conversion ran (and was cached)"

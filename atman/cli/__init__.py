@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``atman`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        # the libraries' own bars too (a GGUF file's conversion, weights loading, downloads); read when
+        # tqdm and huggingface_hub make a bar, which is after this
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     try:
         return args.handler(args)
     except AtmanError as exc:

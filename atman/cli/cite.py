@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .batch import read_object, run_requests, split_lines
+from .batch import read_object, read_requests, run_requests, split_lines
 from .shared import (
     UsageError,
     add_model_options,
@@ -159,8 +159,8 @@ def cite_command(args: argparse.Namespace) -> int:
             raise UsageError("--input takes the requests from the file; do not also give a question or context")
         if args.format == "html":
             raise UsageError("--input writes JSON lines; --format html is for a single result")
-        text = sys.stdin.read().lstrip("\ufeff") if str(args.input) == "-" else read_text(args.input)
-        lines = split_lines(text)
+        # bytes, line by line: a line that is not UTF-8 (or not JSON) is that line's error, not the batch's
+        lines = read_requests(args.input)
         citer = load_citer(args, budget)
         return run_requests(lambda line: cite_line(citer, line), lines, args)
     if args.messages is not None:

@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
                         help="evaluate AtMan's variants instead (multiplier, mode, kappa; "
                              "atman.evaluate.suite.ABLATION_METHODS)")
     parser.add_argument("--quick", action="store_true",
-                        help="a few examples only, integrated gradients with 16 steps (a smoke test, for CI)")
+                        help="one example of each dataset, integrated gradients with 4 steps (a smoke test, for CI)")
     parser.add_argument("--qa", type=int, help="number of invented-fact QA examples")
     parser.add_argument("--squad", type=int, help="number of SQuAD examples (at most 5)")
     parser.add_argument("--texts", type=int, help="number of Python texts for faithfulness")
@@ -52,7 +52,7 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-QUICK_IG = "integrated-gradients:steps=16"
+QUICK_IG = "integrated-gradients:steps=4"
 
 
 def methods(args: argparse.Namespace) -> list[str]:
@@ -64,7 +64,7 @@ def methods(args: argparse.Namespace) -> list[str]:
     if args.ablations:
         return list(ABLATION_METHODS)
     if not args.methods:
-        if args.quick:  # IG's 32 steps are half of a quick run's time on a CPU
+        if args.quick:  # IG's 32 steps were half of a quick run's time on a CPU
             return [QUICK_IG if spec == "integrated-gradients" else spec for spec in DEFAULT_METHODS]
         return list(DEFAULT_METHODS)
     # '+' joins a method's options on the command line, where ',' separates methods
@@ -74,6 +74,10 @@ def methods(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Run the suite (or merge record logs) and write the reports."""
     load_at_start = os.getloadavg()
+    # OpenMP threads that wait for work by spinning take the cores from each other (and from every other
+    # process) on a machine with more runnable threads than cores: a quick run took 3x as long. They are
+    # told to sleep instead, unless the caller says otherwise; read when torch loads, which is below
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     check_writable(args.output, directory=True)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -112,7 +116,10 @@ def run(args: argparse.Namespace) -> int:
     command = "atman " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     args.output.mkdir(parents=True, exist_ok=True)
     log_path = args.output / f"{args.name}.records.jsonl"
-    log_path.write_text("", encoding="utf-8")
+    from ..evaluate.suite import environment
+
+    # the log's first line says what made its records (a report merged from it later names that machine)
+    log_path.write_text(json.dumps({"environment": environment()}) + "\n", encoding="utf-8")
 
     def keep(record: dict) -> None:
         # records as they come: a long run stopped early still leaves its measurements
@@ -176,21 +183,20 @@ def method_table(result: dict) -> str:
 
 
 def _merge(args, lm, config, write_report) -> int:
-    import platform
     from dataclasses import asdict
 
-    import torch
-
     from ..baselines import BaselineUnavailableError, get_method
-    from ..evaluate.suite import merge_records, summarize_records
+    from ..evaluate.suite import merge_records, merged_environment, split_log, summarize_records
 
-    logs = []
+    logs, environments = [], []
     for path in args.merge:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
-            logs.append([json.loads(line) for line in lines if line.strip()])
+            found, records = split_log(json.loads(line) for line in lines if line.strip())
         except (OSError, json.JSONDecodeError) as exc:
             raise AtmanError(f"cannot read the record log {path}: {exc}") from None
+        logs.append(records)
+        environments += found
     records = merge_records(logs)
     if not records:
         raise AtmanError("the record logs share no example that every method finished")
@@ -205,8 +211,8 @@ def _merge(args, lm, config, write_report) -> int:
     config.qa, config.squad, config.texts = counts["qa"], counts["squad"], counts["texts"]
     result = {
         "model": lm.name, "methods": merged, "unavailable": unavailable, "config": asdict(config),
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "threads": torch.get_num_threads()},
+        # the machine that made the records, not the one merging them
+        "environment": merged_environment(environments),
         "seconds": round(sum(r["seconds"] for r in records), 1), "merged_from": [str(p) for p in args.merge],
         "records": records, "summary": summarize_records(records, seed=config.seed),
     }

@@ -73,7 +73,9 @@ def render_markdown(result: dict, reference: str = "atman", command: str | None 
         + f"(torch {result['environment']['torch']}, {result['environment']['threads']} threads, "
         f"{result['environment']['machine']}).",
         f"Examples: {cfg['qa']} invented-fact QA ({cfg['qa_facts']} facts, seed {cfg['seed']}), "
-        f"{cfg['squad']} SQuAD, {cfg['texts']} Python texts (target: greedy {cfg['max_new_tokens']} tokens).",
+        f"{cfg['squad']} SQuAD, {cfg['texts']} Python texts (target: greedy {cfg['max_new_tokens']} tokens)"
+        + (f"; deletion curves at {', '.join(f'{f:g}' for f in cfg['fractions'])} of the units."
+           if cfg.get("fractions") else "."),
         "Cells: mean [95 % percentile-bootstrap interval of the mean]; IQM = interquartile mean.",
         "",
     ]

@@ -72,8 +72,11 @@ class SuiteConfig:
 
     @classmethod
     def quick(cls) -> SuiteConfig:
-        """A small run for CI: a few examples, token level only on the short QA prompts."""
-        return cls(qa=1, squad=1, squad_granularities=("sentence",), texts=1)
+        """A small run for CI (``atman evaluate --quick``): one example of each dataset, the QA prompt with
+        two facts (about 70 tokens: its token level is the costliest job), a 4-token text target, and the
+        deletion curves at half the units only (two thirds of their sequences fewer)."""
+        return cls(qa=1, qa_facts=2, squad=1, squad_granularities=("sentence",), texts=1, max_new_tokens=4,
+                   fractions=(0.5,))
 
     def datasets(self, lm: LoadedModel, skipped: dict[str, str] | None = None
                  ) -> list[tuple[str, Example, tuple[str, ...]]]:
@@ -207,8 +210,7 @@ def run_suite(lm: LoadedModel, methods: Sequence[str], config: SuiteConfig | Non
         "unavailable": unavailable,
         "skipped": skipped,
         "config": asdict(config),
-        "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                        "machine": platform.machine(), "threads": torch.get_num_threads()},
+        "environment": environment(),
         "seconds": round(time.perf_counter() - started, 1),
         "method_seconds": method_seconds(records),
         "records": records,
@@ -299,6 +301,38 @@ def summarize_records(records: list[dict], seed: int = 0) -> dict:
         seconds[(r["dataset"], r["granularity"], r["method"])].append(r["seconds"])
     for (dataset, gran, method), values in seconds.items():
         out["seconds"].setdefault(dataset, {}).setdefault(gran, {})[method] = float(np.mean(values))
+    return out
+
+
+def environment() -> dict[str, object]:
+    """What this process runs on: torch's version, Python's, the machine's architecture and torch's threads
+    (written at the head of a record log, so a merged report names the machine that made the records)."""
+    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "threads": torch.get_num_threads()}
+
+
+def split_log(lines: Iterable[dict]) -> tuple[list[dict], list[dict]]:
+    """A record log's environment lines (``{"environment": {...}}``) and its records."""
+    environments, records = [], []
+    for line in lines:
+        if set(line) == {"environment"}:
+            environments.append(line["environment"])
+        else:
+            records.append(line)
+    return environments, records
+
+
+def merged_environment(environments: Sequence[dict]) -> dict[str, object]:
+    """The environment of a merged report: the logs' own, each field's distinct values joined when the logs
+    differ, and "not recorded" for a field no log holds (a log written before logs carried it).
+
+    >>> merged_environment([{"torch": "2.11.0+cu130", "threads": 16}, {"torch": "2.11.0+cu130", "threads": 8}])
+    {'torch': '2.11.0+cu130', 'python': 'not recorded', 'machine': 'not recorded', 'threads': '16 / 8'}
+    """
+    out: dict[str, object] = {}
+    for key in ("torch", "python", "machine", "threads"):
+        values = list(dict.fromkeys(e[key] for e in environments if key in e))
+        out[key] = values[0] if len(values) == 1 else " / ".join(map(str, values)) if values else "not recorded"
     return out
 
 

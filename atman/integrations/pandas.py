@@ -107,9 +107,11 @@ def _load(path: Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
+        if not (isinstance(record, dict) and set(record) == {"environment"}):   # the log's header line
+            records.append(record)
     return records
 
 

@@ -30,6 +30,21 @@ def _snippet(text: str, limit: int = SNIPPET) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def source_name(result: Citations, index: int) -> str:
+    """How the terminal names source ``index``: in a context, by its passage (the passage's id, else its
+    number from 1) and, below passage level, its number within that passage (``p2:3`` = the third sentence
+    of passage p2); in a transcript, by its number among the sources (its message is in its label)."""
+    source = result.sources[index]
+    if source.role is not None:
+        return str(index + 1)
+    passage = result.passages[source.passage]
+    pid = passage.id if passage.id is not None else str(source.passage + 1)
+    siblings = [k for k, s in enumerate(result.sources) if s.passage == source.passage and s.role is None]
+    if len(siblings) == 1 and source.text == passage.text:
+        return pid
+    return f"{pid}:{siblings.index(index) + 1}"
+
+
 def citations_table(result: Citations, top: int = DEFAULT_TOP) -> Table:
     """A rich table: each response span with its top sources (score, passage, text)."""
     table = Table(title=f"Sources of the response ({result.model}, {result.settings.get('method', 'readout')}, "
@@ -45,8 +60,8 @@ def citations_table(result: Citations, top: int = DEFAULT_TOP) -> Table:
             if rank:
                 cited.append("\n")
             r, g, b = blend(score, score / best)
-            cited.append(f"[{index + 1}] {score:+.2f} ", style=f"bold on rgb({r},{g},{b})")
-            label = " ".join(x for x in (source.label, passage.label) if x)
+            cited.append(f"[{source_name(result, index)}] {score:+.2f} ", style=f"bold on rgb({r},{g},{b})")
+            label = " ".join(x for x in (source.label, passage.title if source.role is None else passage.label) if x)
             if label:
                 cited.append(f"({label}) ", style="dim")
             cited.append(_snippet(source.text))
