@@ -26,3 +26,16 @@ def test_docstring_examples(name, request):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS, extraglobs=extra)
     assert result.failed == 0
     assert result.attempted > 0
+
+
+@pytest.mark.parametrize("name", ["atman.evaluate.suite.merged_environment",
+                                  "atman.evaluate.report.machine"])
+def test_function_docstring_examples(name):
+    """Functions whose module's own examples need a model: their examples alone."""
+    module, function = name.rsplit(".", 1)
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    target = getattr(importlib.import_module(module), function)
+    tests = finder.find(target, name, globs=vars(importlib.import_module(module)))
+    for test in tests:
+        runner.run(test)
+    assert runner.failures == 0 and sum(len(t.examples) for t in tests) > 0

@@ -21,6 +21,19 @@ LOWER_IS_BETTER = {"aopc_lerf"}
 HEADLINE = {"plausibility": ("ap", "precision", "recall", "top1"), "faithfulness": ("abpc", "aopc_morf")}
 
 
+def machine(environment: dict) -> str:
+    """The machine a report's records were made on, in words.
+
+    >>> machine({"torch": "2.11.0+cu130", "python": "3.12.3", "machine": "x86_64", "threads": 16})
+    'torch 2.11.0+cu130, 16 threads, x86_64'
+    >>> machine(dict.fromkeys(("torch", "python", "machine", "threads"), "not recorded"))
+    'machine not recorded'
+    """
+    if all(environment.get(k, "not recorded") == "not recorded" for k in ("torch", "machine", "threads")):
+        return "machine not recorded"
+    return f"torch {environment['torch']}, {environment['threads']} threads, {environment['machine']}"
+
+
 def paired(records: list[dict], reference: str, seed: int = 0) -> dict:
     """reference - method per example, summarised: {kind: {dataset: {gran: {method: {metric: summary}}}}}."""
     by_key: dict = defaultdict(dict)
@@ -70,8 +83,7 @@ def render_markdown(result: dict, reference: str = "atman", command: str | None 
         f"Methods: {', '.join(f'`{m}`' for m in result['methods'])}. "
         + (f"Merged from {', '.join(result['merged_from'])}; explanation time {result['seconds']:.0f} s "
            if result.get("merged_from") else f"Run time {result['seconds']:.0f} s ")
-        + f"(torch {result['environment']['torch']}, {result['environment']['threads']} threads, "
-        f"{result['environment']['machine']}).",
+        + f"({machine(result['environment'])}).",
         f"Examples: {cfg['qa']} invented-fact QA ({cfg['qa_facts']} facts, seed {cfg['seed']}), "
         f"{cfg['squad']} SQuAD, {cfg['texts']} Python texts (target: greedy {cfg['max_new_tokens']} tokens)"
         + (f"; deletion curves at {', '.join(f'{f:g}' for f in cfg['fractions'])} of the units."
