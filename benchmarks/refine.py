@@ -2,6 +2,8 @@
 
     python benchmarks/refine.py --tokens 1000 --full --json benchmarks/results/cpu-smollm2-refine-1000.json
     python benchmarks/refine.py --tokens 2000 --full --contexts 5 --device cuda --json gpu-refine-2000.json
+    python benchmarks/refine.py --bounds-only --lengths 500,1000,2000,4000 \\
+        --json benchmarks/results/refine-bounds.json
 
 Builds a context of invented fact sentences (about --tokens prompt tokens; one of them answers the
 closing question), then explains the answer
@@ -27,6 +29,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
@@ -63,8 +66,10 @@ def long_example(tokenizer, tokens: int, seed: int):
         facts = max(facts + 1, int(facts * tokens / length))
 
 
-def bounds(tokenizer, tokens: int, seed: int, top: int) -> dict:
-    """Lower bounds of token level and of refine (worst case: the ``top`` earliest sentences refined)."""
+def bounds(tokenizer, tokens: int, seed: int, top: int, draws: int = 200) -> dict:
+    """Lower bounds of token level and of refine: in the worst case (the ``top`` earliest sentences
+    refined), for the sentence pass alone, and over ``draws`` random choices of the ``top`` refined
+    sentences (mean and maximum share; NumPy's generator seeded with ``seed``)."""
     example, length = long_example(tokenizer, tokens, seed)
     encoded = encode(tokenizer, example.prompt, example.target)
     total = len(encoded.input_ids)
@@ -74,10 +79,19 @@ def bounds(tokenizer, tokens: int, seed: int, top: int) -> dict:
 
     token_units = prompt_units(encoded, "token")
     sentences = prompt_units(encoded, "sentence")
-    worst = [unit for unit in token_units if any(unit.positions[0] in s.positions for s in sentences[:top])]
-    token_level, refine = cost(token_units), cost(sentences) + cost(worst)
+
+    def refined(chosen) -> int:
+        inside = {p for s in chosen for p in s.positions}
+        return cost(sentences) + cost([unit for unit in token_units if unit.positions[0] in inside])
+
+    token_level = cost(token_units)
+    rng = np.random.default_rng(seed)
+    shares = [refined([sentences[i] for i in rng.choice(len(sentences), size=min(top, len(sentences)),
+                                                          replace=False)]) / token_level for _ in range(draws)]
     return {"prompt_tokens": length, "sentences": len(sentences), "token_level_bound": token_level,
-            "refine_worst_case_bound": refine, "share": refine / token_level}
+            "refine_worst_case_bound": refined(sentences[:top]), "share": refined(sentences[:top]) / token_level,
+            "sentence_pass_share": cost(sentences) / token_level,
+            "random_draws": {"draws": draws, "mean_share": float(np.mean(shares)), "max_share": float(np.max(shares))}}
 
 
 def top_tokens(items, k: int = 10) -> list[int]:
@@ -150,13 +164,22 @@ def main() -> None:
                         help="how many contexts to measure (seeds --seed, --seed+1, ...)")
     parser.add_argument("--full", action="store_true", help="also run token level (slow: ~L^2/2 token-forwards)")
     parser.add_argument("--bounds-only", action="store_true", help="run nothing; print the cost model's bounds")
+    parser.add_argument("--lengths", help="with --bounds-only: comma-separated prompt lengths (default --tokens)")
+    parser.add_argument("--draws", type=int, default=200, help="with --bounds-only: random choices of the refined "
+                                                              "sentences")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     torch.manual_seed(0)
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.bounds_only:
-        print(json.dumps(bounds(lm.tokenizer, args.tokens, args.seed, args.top), indent=1))
+        lengths = [int(v) for v in args.lengths.split(",")] if args.lengths else [args.tokens]
+        rows = [bounds(lm.tokenizer, n, args.seed, args.top, args.draws) for n in lengths]
+        out = {"model": lm.name, "seed": args.seed, "refine_top": args.top, "rows": rows}
+        print(json.dumps(out, indent=1))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(out, indent=1) + "\n")
         return
     explainer = Explainer(lm)
     machine = (f"{platform.machine()}, {psutil.cpu_count()} cores, "

@@ -1,6 +1,7 @@
 """Rows that share a long prefix: one copy of the prefix per attention call against one per row.
 
-    OMP_NUM_THREADS=1 python benchmarks/shared_prefix.py --sources 120 --reps 2
+    OMP_NUM_THREADS=1 python benchmarks/shared_prefix.py --sources 120 --reps 2 \\
+        --json benchmarks/results/cpu-smollm2-shared-prefix.json
 
 Readout suppression of every source of an invented 120-sentence context (2,759 tokens with
 SmolLM2): every row recomputes only the question and response, attending to the whole context.
@@ -15,13 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from atman import load_model, manipulation
-from atman.evaluate.citation import readout_logprobs
+from atman.evaluate.citation import layout, readout_logprobs
 from atman.evaluate.cite_data import invented_example
 
 
@@ -30,6 +33,7 @@ def main() -> None:
     parser.add_argument("--sources", type=int, default=120)
     parser.add_argument("--seed", type=int, default=200)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the printed results here")
     args = parser.parse_args()
     lm = load_model()
     task = invented_example(args.seed, n_sources=args.sources).task
@@ -48,9 +52,14 @@ def main() -> None:
     manipulation.FOLD_SHARE = default
     best = {name: min(values) for name, values in seconds.items()}
     difference = float(np.abs(outputs["shared"] - outputs["joined per row"]).max())
-    print(json.dumps({"sources": n, "threads": torch.get_num_threads(), "cpu_seconds": seconds,
-                      "shared_vs_joined": round(best["shared"] / best["joined per row"], 3),
-                      "max_abs_logprob_difference": difference}))
+    result = {"sources": n, "tokens": len(layout(lm.tokenizer, task).input_ids), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "load_average": os.getloadavg(), "cpu_seconds": seconds,
+              "shared_vs_joined": round(best["shared"] / best["joined per row"], 3),
+              "max_abs_logprob_difference": difference}
+    print(json.dumps(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Tables in README.md and docs/*.md, rendered from the committed results files that hold their numbers.
 
 A rendered table sits between two markers in a Markdown file; the first names its renderer and the
-results file it reads::
+results file it reads (or several, comma-separated: the renderer then gets a list)::
 
     <!-- table: steering benchmarks/results/steering-qa-smollm2.json -->
     | factor | ... |
@@ -110,9 +110,90 @@ def inseq_steps(data: dict) -> list[str]:
     return lines
 
 
+def refine_cost(runs: list[dict]) -> list[str]:
+    """benchmarks/refine.py --full: refine against token level, one row per results file."""
+    lines = ["| prompt tokens | refine: calls / token-forwards | token level: calls / token-forwards | "
+             "refine / token level (token-forwards) | (time) | top-10 agreement |", "|---|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: r["prompt_tokens"]):
+        r, t = run["refine"], run["token"]
+        lines.append(f"| {run['prompt_tokens']:,} | {r['forward_calls']} / {r['token_forwards']:,} | "
+                     f"{t['forward_calls']} / {t['token_forwards']:,} | {run['cost_share_token_forwards']:.3f} | "
+                     f"{run['cost_share_time']:.3f} | {_pct(run['top10_agreement'])} |")
+    return lines
+
+
+def refine_bounds(data: dict) -> list[str]:
+    """benchmarks/refine.py --bounds-only: the cost model's shares of token level (nothing run)."""
+    lines = [f"| prompt tokens | sentences | sentence pass alone | {data['refine_top']} earliest sentences refined | "
+             f"{data['rows'][0]['random_draws']['draws']} random choices: mean / max |", "|---|---|---|---|---|"]
+    for row in data["rows"]:
+        draws = row["random_draws"]
+        lines.append(f"| {row['prompt_tokens']:,} | {row['sentences']} | {row['sentence_pass_share']:.3f} | "
+                     f"{row['share']:.3f} | {draws['mean_share']:.3f} / {draws['max_share']:.3f} |")
+    return lines
+
+
+def qa_check(data: dict) -> list[str]:
+    """benchmarks/qa_check.py: sentence top-1, token top-1 in the evidence and the sentence margin per setting."""
+    lines = ["| conceptual suppression | sentence top-1 | token top-1 in evidence | mean sentence margin |",
+             "|---|---|---|---|"]
+    for row in data["rows"]:
+        setting = "off (`kappa=None`)" if row["kappa"] is None else f"on, `kappa={row['kappa']:g}`"
+        lines.append(f"| {setting} | {_pct(row['sentence_top1'])} | {_pct(row['token_top1_in_evidence'])} | "
+                     f"{row['mean_sentence_margin']:.2f} |")
+    return lines
+
+
+def evaluate_time(data: dict) -> list[str]:
+    """``atman evaluate``'s own report: the whole command's time, the load it ran under, seconds per method."""
+    env, load = data["environment"], data["load_average"]
+    lines = ["| what | seconds |", "|---|---|",
+             f"| the whole command (Python, imports and the model's load included) | {data['process_seconds']:.0f} |",
+             f"| explaining (all methods) | {data['seconds']:.0f} |"]
+    for name, entry in sorted(data["method_seconds"].items(), key=lambda item: -item[1]["seconds"]):
+        lines.append(f"| `{name}` ({entry['explanations']} explanations) | {entry['seconds']:.1f} |")
+    lines.append(f"| (torch {env['torch']}, {env['threads']} threads; load average {load['start'][0]:.1f} at the "
+                 f"start, {load['end'][0]:.1f} at the end) | |")
+    return lines
+
+
+def _common_methods(records: list[dict]) -> list[str]:
+    """The methods that ran on every context of the records, in the order they first appear."""
+    contexts: dict[str, set] = {}
+    for r in records:
+        contexts.setdefault(r["method"], set()).add(r["context"])
+    every = max(len(c) for c in contexts.values())
+    return [m for m, c in contexts.items() if len(c) == every]
+
+
+def cite_real(data: dict) -> list[str]:
+    """benchmarks/cite_real.py: every method that ran on all the file's contexts, with paired differences
+    to ContextCite-64 when it ran."""
+    from atman.evaluate.cite_real import render, summarise
+
+    records = data["records"]
+    names = _common_methods(records)
+    reference = "contextcite-64" if "contextcite-64" in names else None
+    table = summarise(records, names, paired_with=reference)
+    return render(table, loo="attribot-loo" in names, paired_with=reference).splitlines()
+
+
+def cite_real_contexts(data: dict) -> list[str]:
+    """benchmarks/cite_real.py: the contexts of a results file (set, size, evidence position)."""
+    lines = ["| context | sources | tokens | evidence |", "|---|---|---|---|"]
+    seen = {}
+    for r in data["records"]:
+        seen.setdefault(r["context"], r)
+    for name, r in seen.items():
+        lines.append(f"| `{name}` | {r['sources']} | {r['tokens']} | {r['position']} |")
+    return lines
+
+
 RENDERERS: dict[str, Renderer] = {
     "steering": steering, "cancellation": cancellation, "server-latency": server_latency, "tour": tour,
-    "cli-startup": cli_startup, "inseq-steps": inseq_steps,
+    "cli-startup": cli_startup, "inseq-steps": inseq_steps, "cite-real": cite_real,
+    "cite-real-contexts": cite_real_contexts, "refine-cost": refine_cost, "refine-bounds": refine_bounds,
+    "qa-check": qa_check, "evaluate-time": evaluate_time,
 }
 
 
@@ -122,7 +203,8 @@ def render_text(text: str, root: Path = ROOT) -> str:
         name, path = match["name"], match["path"]
         if name not in RENDERERS:
             raise KeyError(f"no renderer {name!r} (known: {', '.join(sorted(RENDERERS))})")
-        lines = RENDERERS[name](_load(root / path))
+        files = [_load(root / one) for one in path.split(",")]
+        lines = RENDERERS[name](files if len(files) > 1 else files[0])
         return match.group(1) + "\n".join(lines) + "\n" + match.group(5)
 
     return BLOCK.sub(one, text)

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from atman import AtmanError, Citations, Citer, EmptyInputError, Explainer, Passage, cite
 from atman.citer import CitationError, coarse_to_fine, passages_from, source_groups
-from atman.render.citations import render_citations_html, render_citations_terminal
+from atman.render.citations import render_citations_html, render_citations_terminal, source_name
 from atman.rows import suppression_rows
 
 PASSAGES = [
@@ -101,6 +101,10 @@ def test_an_empty_passage_is_said_and_the_others_keep_their_place(citer):
         result = citer.cite(passages, QUESTION, "In Lindhaven.", sources="passage")
     assert [p.id for p in result.passages] == ["a", "b"] and [p.index for p in result.passages] == [0, 2]
     assert Citations.from_json(result.to_json()).passages[1].index == 2
+    # a passage without an id is named by its place in the list given, the empty one counted
+    with pytest.warns(UserWarning, match="passage 0 is empty"):
+        unnamed = citer.cite(["  ", PASSAGES[1]["text"]], QUESTION, "In Lindhaven.")
+    assert [source_name(unnamed, k) for k in range(len(unnamed.sources))] == ["2:1", "2:2"]
 
 
 def test_screened_citation_is_exact_for_the_sources_it_refines(smollm2, result):

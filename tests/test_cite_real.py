@@ -3,16 +3,12 @@ AttriBoT port and AT2 on the harness's sources."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from atman.errors import AtmanError
 from atman.evaluate.citation import CitationTask, ResponseScorer, Sources, leave_one_out
 from atman.evaluate.cite_real import (
-    BEGIN,
-    END,
     average_precision,
     hits,
     loo_outliers,
@@ -20,7 +16,6 @@ from atman.evaluate.cite_real import (
     shortest,
     split,
     summarise,
-    sync_docs,
 )
 from tests.conftest import have
 
@@ -81,20 +76,6 @@ def test_summaries_resample_questions_and_pair_by_context():
     # CPU time is compared only within one run
     other_run = [dict(r, run="s") if r["method"] == "mine" else r for r in _records()]
     assert "cpu_ratio" not in summarise(other_run, ["mine"])["mine"]
-
-
-def test_docs_tables_are_rewritten_from_their_results(tmp_path):
-    (tmp_path / "results.json").write_text(json.dumps({"records": _records()}))
-    doc = tmp_path / "doc.md"
-    doc.write_text(f"intro\n{BEGIN.format(name='t')}\nold\n{END}\nafter\n")
-    tables = {"t": {"file": "results.json", "methods": ["mine"]}}
-    assert sync_docs(doc, tmp_path, tables=tables) == ["t"]
-    assert "old" in doc.read_text()
-    assert sync_docs(doc, tmp_path, write=True, tables=tables) == ["t"]
-    assert sync_docs(doc, tmp_path, tables=tables) == []
-    assert doc.read_text().startswith("intro\n") and doc.read_text().endswith(f"{END}\nafter\n")
-    with pytest.raises(AtmanError):
-        sync_docs(doc, tmp_path, tables={"missing": tables["t"]})
 
 
 def _paragraph_task() -> CitationTask:

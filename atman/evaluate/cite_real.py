@@ -14,8 +14,8 @@ the intervals, and the tables of docs/evaluation.md.
   positions of a question share question, response and gold, so they are not independent), paired
   differences against a reference method, and cost ratios to ContextCite-32: token-forwards per context
   (deterministic) and CPU time, the latter only against ContextCite-32 measured in the same run.
-* :func:`render` writes the tables that docs/evaluation.md shows; ``tests/test_cite_tables.py`` fails when
-  a table there differs from what its results file renders.
+* :func:`render` writes the tables that docs/evaluation.md shows (through ``docs/render.py``;
+  ``tests/test_docs_sync.py`` fails when a table there differs from what its results file renders).
 
 Example::
 
@@ -27,10 +27,8 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -196,66 +194,35 @@ def _ratio(entry: dict, key: str) -> str:
     return f"{entry[key][0]:.2f}x" if key in entry else "–"
 
 
+LABELS = {"top1_drop": "top-1 drop", "top3_drop": "top-3 drop", "top5_drop": "top-5 drop", "lds": "LDS",
+          "ap_loo": "mAP vs LOO"}
+
+
 def render(table: dict, *, loo: bool = False, paired_with: str | None = None) -> str:
     """The markdown table of :func:`summarise`'s output (``loo``: with the mAP column; ``paired_with``:
-    a second table of paired differences)."""
+    a second table of paired differences). A cost column no method has (no ContextCite-32 or plain
+    forward in the run) is left out."""
     header = ["method", "top-1 drop", "top-3 drop", "top-5 drop", "LDS", "hit@1", "hit@3"]
     header += ["mAP vs LOO"] if loo else []
-    header += ["plain forwards", "tokens vs CC-32", "CPU time vs CC-32"]
-    forward = any("plain_ratio" in e for e in table.values())
-    header += ["CPU time vs a forward"] if forward else []
+    header += ["plain forwards"]
+    ratios = [(key, label) for key, label in (("token_ratio", "tokens vs CC-32"), ("cpu_ratio", "CPU time vs CC-32"),
+                                              ("plain_ratio", "CPU time vs a forward"))
+              if any(key in e for e in table.values())]
+    header += [label for _, label in ratios]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, e in table.items():
         cells = [name] + [_cell(e.get(m)) for m in ("top1_drop", "top3_drop", "top5_drop", "lds")]
         cells += [f"{e[m][0]:.2f}" if m in e else "–" for m in ("hit1", "hit3")]
         cells += [_cell(e.get("ap_loo"))] if loo else []
-        cells += [f"{e['plain_forwards']:.2f}", _ratio(e, "token_ratio"), _ratio(e, "cpu_ratio")]
-        cells += [_ratio(e, "plain_ratio")] if forward else []
+        cells += [f"{e['plain_forwards']:.2f}"] + [_ratio(e, key) for key, _ in ratios]
         lines.append("| " + " | ".join(cells) + " |")
     if paired_with:
         metrics = ["top1_drop", "top3_drop", "top5_drop", "lds"] + (["ap_loo"] if loo else [])
         lines += ["", f"Paired differences, method minus {paired_with} (mean [95 % interval], questions "
                       "resampled):", "",
-                  "| method | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+                  "| method | " + " | ".join(LABELS[m] for m in metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
         for name, e in table.items():
-            if name == paired_with:
+            if name == paired_with or not any(f"{m}_diff" in e for m in metrics):
                 continue
             lines.append(f"| {name} | " + " | ".join(_cell(e.get(f"{m}_diff")) for m in metrics) + " |")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------ docs tables
-# the tables docs/evaluation.md shows: name -> results file, methods in order, paired reference, contexts
-TABLES: dict[str, dict] = {}
-BEGIN, END = "<!-- cite-real table: {name} -->", "<!-- end cite-real table -->"
-
-
-def table_text(spec: dict, root: Path) -> str:
-    """The markdown of one docs table, rendered from its results file."""
-    data = json.loads((root / spec["file"]).read_text())
-    table = summarise(data["records"], spec.get("methods"), paired_with=spec.get("paired_with"),
-                      contexts=spec.get("contexts"))
-    return render(table, loo=spec.get("loo", False), paired_with=spec.get("paired_with"))
-
-
-def sync_docs(doc: Path, root: Path, *, write: bool = False, tables: dict[str, dict] | None = None) -> list[str]:
-    """Names of the tables in ``doc`` (between :data:`BEGIN` and :data:`END` markers) that differ from
-    what their results files render; with ``write`` they are rewritten in place."""
-    tables = TABLES if tables is None else tables
-    text = doc.read_text()
-    stale = []
-    for name, spec in tables.items():
-        begin = BEGIN.format(name=name)
-        if begin not in text:
-            raise AtmanError(f"{doc} has no table {name!r} (a line {begin!r})")
-        head, rest = text.split(begin, 1)
-        if END not in rest:
-            raise AtmanError(f"table {name!r} in {doc} is not closed by {END!r}")
-        old, tail = rest.split(END, 1)
-        new = "\n" + table_text(spec, root) + "\n"
-        if old != new:
-            stale.append(name)
-            text = head + begin + new + END + tail
-    if write and stale:
-        doc.write_text(text)
-    return stale

@@ -32,13 +32,15 @@ def _snippet(text: str, limit: int = SNIPPET) -> str:
 
 def source_name(result: Citations, index: int) -> str:
     """How the terminal names source ``index``: in a context, by its passage (the passage's id, else its
-    number from 1) and, below passage level, its number within that passage (``p2:3`` = the third sentence
-    of passage p2); in a transcript, by its number among the sources (its message is in its label)."""
+    place from 1 in the list given) and, below passage level, its number within that passage (``p2:3`` =
+    the third sentence of passage p2); in a transcript, by its number among the sources (its message is in
+    its label)."""
     source = result.sources[index]
     if source.role is not None:
         return str(index + 1)
     passage = result.passages[source.passage]
-    pid = passage.id if passage.id is not None else str(source.passage + 1)
+    number = passage.index if passage.index is not None else source.passage
+    pid = passage.id if passage.id is not None else str(number + 1)
     siblings = [k for k, s in enumerate(result.sources) if s.passage == source.passage and s.role is None]
     if len(siblings) == 1 and source.text == passage.text:
         return pid
