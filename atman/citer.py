@@ -70,7 +70,7 @@ PassageLike = str | Passage | Mapping
 # coarse to fine: sources are scored in runs of this many first when there are more than REFINE_ABOVE
 DEFAULT_GROUP_SIZE = 8
 DEFAULT_REFINE_SHARE = 0.99
-REFINE_ABOVE = 48
+REFINE_ABOVE = 100
 
 
 def source_groups(owners: Sequence[int], size: int) -> list[list[int]]:

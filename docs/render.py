@@ -157,6 +157,34 @@ def evaluate_time(data: dict) -> list[str]:
     return lines
 
 
+def evaluate_total(data: dict) -> list[str]:
+    """``atman evaluate``'s own report in one sentence: the whole command's time and its load."""
+    minutes, seconds = divmod(round(data["process_seconds"]), 60)
+    return [f"`atman evaluate --quick` took {minutes} min {seconds} s in all ({data['seconds']:.0f} s of them "
+            f"explaining; {data['environment']['threads']} torch threads, load average "
+            f"{data['load_average']['start'][0]:.1f} at its start), by its own report."]
+
+
+def ig_convergence(data: dict) -> list[str]:
+    """benchmarks/ig_convergence.py: completeness of Integrated Gradients per prompt, baseline and steps."""
+    lines = ["| prompt (target) | baseline | steps | sum of attributions | f(input) - f(baseline) | relative gap |",
+             "|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        lines.append(f"| {row['prompt']} (`{row['target'].strip()}`) | {row['baseline']} | {row['steps']} | "
+                     f"{row['sum']:.1f} | {row['difference']:.1f} | {row['relative_gap']:.2f} |")
+    return lines
+
+
+def shared_prefix(data: dict) -> list[str]:
+    """benchmarks/shared_prefix.py: CPU seconds of both settings, run in turn in one process."""
+    runs = data["cpu_seconds"]
+    lines = ["| prefix | CPU seconds (each run) | best vs best |", "|---|---|---|",
+             f"| joined to every row (before) | {', '.join(f'{v:.1f}' for v in runs['joined per row'])} | 1.00x |",
+             f"| one copy per call, rows side by side | {', '.join(f'{v:.1f}' for v in runs['shared'])} | "
+             f"**{data['shared_vs_joined']:.2f}x** |"]
+    return lines
+
+
 def _common_methods(records: list[dict]) -> list[str]:
     """The methods that ran on every context of the records, in the order they first appear."""
     contexts: dict[str, set] = {}
@@ -168,14 +196,26 @@ def _common_methods(records: list[dict]) -> list[str]:
 
 def cite_real(data: dict) -> list[str]:
     """benchmarks/cite_real.py: every method that ran on all the file's contexts, with paired differences
-    to ContextCite-64 when it ran."""
+    to ContextCite-64 when it ran, else to AT2 when it ran."""
     from atman.evaluate.cite_real import render, summarise
 
     records = data["records"]
     names = _common_methods(records)
-    reference = "contextcite-64" if "contextcite-64" in names else None
+    reference = next((name for name in ("contextcite-64", "at2") if name in names), None)
     table = summarise(records, names, paired_with=reference)
     return render(table, loo="attribot-loo" in names, paired_with=reference).splitlines()
+
+
+def at2_training(data: dict) -> list[str]:
+    """benchmarks/train_at2.py: how the shipped AT2 estimator was trained (its .json beside the weights)."""
+    return ["| what | value |", "|---|---|",
+            f"| training contexts (development split) | {len(data['contexts'])} |",
+            f"| random ablations per context | {data['masks']} |",
+            f"| estimator weights (one per attention head) | {len(data['weights'])} |",
+            f"| iterations, learning rate | {data['iterations']:,}, {data['learning_rate']:g} |",
+            f"| CPU time: collecting the ablations / in all | {data['collect_cpu_seconds']:,.0f} s / "
+            f"{data['total_cpu_seconds']:,.0f} s |",
+            f"| wall time (one torch thread, beside another run) | {data['wall_seconds'] / 60:.1f} min |"]
 
 
 def cite_real_contexts(data: dict) -> list[str]:
@@ -194,6 +234,8 @@ RENDERERS: dict[str, Renderer] = {
     "cli-startup": cli_startup, "inseq-steps": inseq_steps, "cite-real": cite_real,
     "cite-real-contexts": cite_real_contexts, "refine-cost": refine_cost, "refine-bounds": refine_bounds,
     "qa-check": qa_check, "evaluate-time": evaluate_time,
+    "shared-prefix": shared_prefix, "evaluate-total": evaluate_total,
+    "ig-convergence": ig_convergence, "at2-training": at2_training,
 }
 
 

@@ -221,7 +221,8 @@ def test_to_captum_sequence_scores_are_atmans_complete_scores(smollm2):
     complete = explainer.explain(PROMPT, CONTINUATION, granularity="word")
     result = per_token.to_captum()
     assert result.token_attr.shape == (len(per_token.explanations), len(complete.explanations[0].items))
-    assert result.seq_attr.tolist() == pytest.approx(complete.explanations[0].scores, abs=1e-5)
+    # one batched pass per target token against one pass for the whole target: the same sums, another order
+    assert result.seq_attr.tolist() == pytest.approx(complete.explanations[0].scores, abs=1e-4)
 
 
 # ---------------------------------------------------------------- inseq

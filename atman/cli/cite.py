@@ -89,7 +89,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="attention multiplier of a suppressed source (default 0: removed)")
     cite.add_argument("--refine", default="auto", choices=sorted(REFINE_CHOICES),
                       help="coarse to fine: score runs of --group-size sources first, then the sources of the "
-                           "top runs alone (auto: above 48 sources)")
+                           "top runs alone (auto: above 100 sources)")
     cite.add_argument("--group-size", type=count, default=8, help="sources per run in the coarse stage")
     cite.add_argument("--refine-share", type=finite_float, default=0.99,
                       help="refine the fewest top runs that hold this share of the positive total")

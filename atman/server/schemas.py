@@ -203,7 +203,7 @@ class CitationRequest(_Body):
     multiplier: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False,
                               description="attention multiplier of a suppressed source (0: removed)")
     maximum_tokens: int = Field(default=128, ge=1, lt=2**31, description="length of a generated response")
-    refine: bool | None = Field(default=None, description="coarse to fine (none: automatic, above 48 sources)")
+    refine: bool | None = Field(default=None, description="coarse to fine (none: automatic, above 100 sources)")
     group_size: int = Field(default=8, ge=2, le=4096, description="sources per run in the coarse stage")
     refine_share: float = Field(default=0.99, gt=0.0, le=1.0, allow_inf_nan=False,
                                 description="refine the fewest top runs holding this share of the positive total")
