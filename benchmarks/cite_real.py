@@ -85,6 +85,26 @@ def plain_forward(lm, task) -> np.ndarray:
     return np.zeros(len(task.sources))
 
 
+_ATTNLRP: dict[int, object] = {}   # one lxt worker per loaded model, started on first use
+
+
+def attnlrp_scores(lm, task) -> tuple[np.ndarray, int, float, float]:
+    """AttnLRP at sentence level (:meth:`atman.baselines.lrp.AttnLRP.source_scores`, lxt in its own
+    environment's worker process). Returns the scores, the token-forwards charged (one forward and one
+    backward pass of the whole sequence, counted as three forwards: a backward pass costs about two), the
+    wall seconds and the CPU seconds of this process and the worker together."""
+    from atman.baselines.lrp import AttnLRP
+
+    method = _ATTNLRP.get(id(lm))
+    if method is None:
+        method = _ATTNLRP[id(lm)] = AttnLRP(lm)
+    start, cpu, child = time.perf_counter(), time.process_time(), method.worker_cpu_seconds()
+    scores = method.source_scores(task)
+    wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu + method.worker_cpu_seconds() - child
+    return scores, 3 * len(layout(lm.tokenizer, task).input_ids), wall, cpu
+
+
 def methods(lm, task) -> dict[str, Callable[[], np.ndarray]]:
     """Name -> a call returning one score per source (ContextCite is run by :func:`contextcite_family`)."""
     from atman.baselines import at2, attribot
@@ -278,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
                                 "load": [round(v, 2) for v in load]})
                 continue
             if name.startswith(CONTEXTCITE):
+                continue
+            if name == "attnlrp":
+                load = os.getloadavg()
+                runs.append((name, *attnlrp_scores(lm, task), load))
                 continue
             load = os.getloadavg()
             measured = run_method(name, lm, table[name])

@@ -196,12 +196,12 @@ def _common_methods(records: list[dict]) -> list[str]:
 
 def cite_real(data: dict) -> list[str]:
     """benchmarks/cite_real.py: every method that ran on all the file's contexts, with paired differences
-    to ContextCite-64 when it ran, else to AT2 when it ran."""
+    to the first of ContextCite-64, AT2 and AttnLRP that ran."""
     from atman.evaluate.cite_real import render, summarise
 
     records = data["records"]
     names = _common_methods(records)
-    reference = next((name for name in ("contextcite-64", "at2") if name in names), None)
+    reference = next((name for name in ("contextcite-64", "at2", "attnlrp") if name in names), None)
     table = summarise(records, names, paired_with=reference)
     return render(table, loo="attribot-loo" in names, paired_with=reference).splitlines()
 
@@ -216,6 +216,63 @@ def at2_training(data: dict) -> list[str]:
             f"| CPU time: collecting the ablations / in all | {data['collect_cpu_seconds']:,.0f} s / "
             f"{data['total_cpu_seconds']:,.0f} s |",
             f"| wall time (one torch thread, beside another run) | {data['wall_seconds'] / 60:.1f} min |"]
+
+
+def _tree(label: str) -> str:
+    return label.split(" ")[0]
+
+
+def engine_compare(data: dict) -> list[str]:
+    """benchmarks/engine_compare.py: median CPU seconds of every case per source tree, against the first
+    tree, and the cached engine's speed-up over the naive one in each tree (round by round)."""
+    trees = data["trees"]
+    lines = ["| case | " + " | ".join(f"`{_tree(t)}` CPU s (vs `{_tree(trees[0])}`)" for t in trees) + " |",
+             "|---|" + "---|" * len(trees)]
+    for row in data["summary"]:
+        if "skipped" in row:
+            continue
+        cells = [f"{row['trees'][t]['cpu']:.1f} ({row['trees'][t]['cpu_vs_first']:.2f}x)" for t in trees]
+        lines.append(f"| {row['case']} | " + " | ".join(cells) + " |")
+    gains: dict[str, dict[str, float]] = {}
+    for g in data["speedups"]:
+        gains.setdefault(g["case"], {})[g["tree"]] = g["cpu"]
+    for case, by_tree in gains.items():
+        lines.append(f"| **{case}: naive / cached CPU** | "
+                     + " | ".join(f"**{by_tree[t]:.2f}x**" if t in by_tree else "—" for t in trees) + " |")
+    return lines
+
+
+def engine_reference(data: dict) -> list[str]:
+    """benchmarks/engine_reference.py --record: each case in plain forward passes of CPU time, in the pinned
+    reference tree and in the tree beside it, and their CPU ratio round by round."""
+    lines = ["| case | reference | reference (plain passes) | beside (plain passes) | beside / reference (CPU, "
+             "round by round) |", "|---|---|---|---|---|"]
+    for commit, ref in data["references"].items():
+        for name, entry in ref["cases"].items():
+            beside = ref["beside_cases"].get(name)
+            ratio = ref["beside_over_reference_cpu"].get(name)
+            beside_cell = "—" if beside is None else f"{beside['in_plain_passes']:.1f}"
+            ratio_cell = "—" if ratio is None else f"{ratio:.3f}"
+            lines.append(f"| {name} | `{commit}` | {entry['in_plain_passes']:.1f} | {beside_cell} | {ratio_cell} |")
+    lines.append(f"| (beside: `{_tree(next(iter(data['references'].values()))['beside'])}`; "
+                 f"{data.get('machine', 'machine not recorded')}) | | | | |")
+    return lines
+
+
+def explain_process(data: dict) -> list[str]:
+    """benchmarks/explain_process.py: whole ``atman explain --input`` processes (model load included), the
+    naive engine against the default one, A B A B; ratios taken round by round."""
+    lines = ["| tree | prompt tokens | rounds | naive (s) | default (s) | naive / default, wall | "
+             "naive / default, CPU | largest score difference |", "|---|---|---|---|---|---|---|---|"]
+    tokens = " and ".join(str(n) for n in data["prompt_tokens"])
+    for label, s in data["summary"].items():
+        loads = [run[e]["load_before"] for run in data["runs"][label] for e in ("naive", "cached")]
+        lines.append(f"| `{label}` | {tokens} | {len(data['runs'][label])} | {s['naive_wall']:.1f} | "
+                     f"{s['default_wall']:.1f} | {s['naive_over_default_wall']:.2f}x | "
+                     f"**{s['naive_over_default_cpu']:.2f}x** | {s['largest_score_difference']:.1e} |")
+    lines.append(f"| ({data['machine']}, {data['date']}; load average before the runs "
+                 f"{min(loads):.1f}-{max(loads):.1f}) | | | | | | | |")
+    return lines
 
 
 def cite_real_contexts(data: dict) -> list[str]:
@@ -236,6 +293,8 @@ RENDERERS: dict[str, Renderer] = {
     "qa-check": qa_check, "evaluate-time": evaluate_time,
     "shared-prefix": shared_prefix, "evaluate-total": evaluate_total,
     "ig-convergence": ig_convergence, "at2-training": at2_training,
+    "engine-compare": engine_compare, "engine-reference": engine_reference,
+    "explain-process": explain_process,
 }
 
 

@@ -11,6 +11,7 @@ import math
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers.models.llama import modeling_llama
@@ -181,3 +182,23 @@ def test_configs_are_translated_to_transformers_4():
     gemma = translate_config({"rope_parameters": {"full_attention": {"rope_theta": 1e6, "rope_type": "default"},
                                                   "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}})
     assert gemma == {"rope_theta": 1e6, "rope_local_base_freq": 1e4}
+
+
+@pytest.mark.slow
+@needs_lxt
+def test_source_scores_sum_each_sources_token_relevance(lrp, smollm2):
+    from atman.evaluate.citation import CitationTask, Sources, layout
+
+    method, _ = lrp
+    sentences = ["Ada Lovelace lives in Oslo.", "Bob lives in Paris.", "The sky is green."]
+    text = " ".join(sentences)
+    spans = [(text.index(s), text.index(s) + len(s)) for s in sentences]
+    task = CitationTask(Sources.from_spans(text, spans), "Where does Ada live?", "Ada lives in Oslo.")
+    lay = layout(smollm2.tokenizer, task)
+    relevance = method.relevance_of_ids(lay.input_ids, lay.response_start)["relevance"]
+    scores = method.source_scores(task)
+    assert scores.shape == (3,)
+    for score, positions in zip(scores, lay.source_positions, strict=True):
+        assert score == pytest.approx(sum(relevance[p] for p in positions), rel=1e-6, abs=1e-9)
+    assert int(np.argmax(scores)) == 0   # the sentence that states the answer
+    assert method.worker_cpu_seconds() > 0

@@ -32,6 +32,7 @@ import venv
 import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_model
 
@@ -232,8 +233,29 @@ class AttnLRP(TokenMethod):
     def relevance(self, encoded: EncodedInput) -> dict:
         """The child's answer for ``encoded``: ``relevance`` (one value per input position, the target's
         included), ``target_logits`` and ``target_logprob``."""
-        return self._child.ask({"op": "relevance", "input_ids": list(encoded.input_ids),
-                                "target_start": encoded.target_start})
+        return self.relevance_of_ids(encoded.input_ids, encoded.target_start)
+
+    def relevance_of_ids(self, input_ids, target_start: int) -> dict:
+        """:meth:`relevance` for a token sequence whose target starts at ``target_start``."""
+        return self._child.ask({"op": "relevance", "input_ids": [int(i) for i in input_ids],
+                                "target_start": int(target_start)})
+
+    def source_scores(self, task) -> np.ndarray:
+        """AttnLRP at source level for a citation task (:class:`atman.evaluate.citation.CitationTask`): the
+        relevance of every prompt token for the response's logits, summed over each source's tokens."""
+        from ..evaluate.citation import layout
+
+        lay = layout(self.lm.tokenizer, task)
+        relevance = np.asarray(self.relevance_of_ids(lay.input_ids, lay.response_start)["relevance"],
+                               dtype=np.float64)
+        return np.array([relevance[list(positions)].sum() for positions in lay.source_positions])
+
+    def worker_cpu_seconds(self) -> float:
+        """CPU seconds the lxt worker process has used so far (this process's clock does not see them)."""
+        import psutil
+
+        times = psutil.Process(self._child.process.pid).cpu_times()
+        return times.user + times.system
 
     def token_scores(self, encoded: EncodedInput) -> torch.Tensor:
         return torch.tensor(self.relevance(encoded)["relevance"], dtype=torch.float64)
