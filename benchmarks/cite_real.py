@@ -88,10 +88,11 @@ def plain_forward(lm, task) -> np.ndarray:
 _ATTNLRP: dict[int, object] = {}   # one lxt worker per loaded model, started on first use
 
 
-def attnlrp_scores(lm, task) -> tuple[np.ndarray, int, float, float]:
+def attnlrp_scores(lm, task, tokens: int) -> tuple[np.ndarray, int, float, float]:
     """AttnLRP at sentence level (:meth:`atman.baselines.lrp.AttnLRP.source_scores`, lxt in its own
-    environment's worker process). Returns the scores, the token-forwards charged (one forward and one
-    backward pass of the whole sequence, counted as three forwards: a backward pass costs about two), the
+    environment's worker process) of a context of ``tokens`` tokens. Returns the scores, the token-forwards
+    charged (one forward and one backward pass of the whole sequence, counted as three forwards: a backward
+    pass costs about two), the
     wall seconds and the CPU seconds of this process and the worker together."""
     from atman.baselines.lrp import AttnLRP
 
@@ -102,7 +103,7 @@ def attnlrp_scores(lm, task) -> tuple[np.ndarray, int, float, float]:
     scores = method.source_scores(task)
     wall = time.perf_counter() - start
     cpu = time.process_time() - cpu + method.worker_cpu_seconds() - child
-    return scores, 3 * len(layout(lm.tokenizer, task).input_ids), wall, cpu
+    return scores, 3 * tokens, wall, cpu
 
 
 def methods(lm, task) -> dict[str, Callable[[], np.ndarray]]:
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if name == "attnlrp":
                 load = os.getloadavg()
-                runs.append((name, *attnlrp_scores(lm, task), load))
+                runs.append((name, *attnlrp_scores(lm, task, len(lay.input_ids)), load))
                 continue
             load = os.getloadavg()
             measured = run_method(name, lm, table[name])
