@@ -137,6 +137,10 @@ def test_json_round_trip_and_views(result, tmp_path):
     render_citations_terminal(result, console)
     text = console.export_text()
     assert "Doran Vesk repairs clocks in Lindhaven." in text and "(Trades)" in text
+    # both views name a source as the terminal does (passage id, number in it) and say what a score is in
+    names = [source_name(result, i) for i in range(len(result.sources))]
+    assert f"<sup>{names[1]}</sup>" in page and f"[{names[result.spans[0].top(1)[0][0]]}] " in page
+    assert "in nats" in page and "in nats" in " ".join(text.split())
     with pytest.raises(ValueError, match=".txt"):
         result.save(tmp_path / "c.txt")
 
@@ -200,6 +204,12 @@ def test_cli_cites_passages_from_a_jsonl_file(tmp_path, capsys, smollm2):
     text = capsys.readouterr().out
     # a source is named by its passage's id and its place in that passage: the first sentence of b
     assert code == 0 and "[b:1]" in text and "(Trades)" in text
+    # without -q a command that writes a file says what it wrote where
+    page = tmp_path / "c.html"
+    code = _cli("cite", "--passages", str(passages), "-Q", QUESTION, "-r", RESPONSE, "-f", "html", "-o", str(page))
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out == "" and page.read_text().lower().startswith("<!doctype html>")
+    assert f"atman: wrote the citations as an HTML page (hover a sentence) to {page}" in captured.err
 
 
 def test_cli_batch_keeps_going_past_a_bad_line(tmp_path, capsys):

@@ -70,7 +70,7 @@ def test_explain_shows_the_prompt_coloured_by_relevance(page, tmp_path):
     assert page.find_element(By.ID, "highlighted").text == FACTS
     scores = [float(u.get_attribute("data-score")) for u in units]
     assert max(scores) == scores[0] > 0
-    assert units[0].get_attribute("title") == f"relevance {scores[0]:.4f}"
+    assert units[0].get_attribute("title") == f"score {scores[0]:.4f} nats"
     # evidence for the target has the palette's colour for it
     assert "rgba({}, {}, {}".format(*FOR_RGB) in units[0].get_attribute("style")
     assert [t.text for t in page.find_elements(By.CSS_SELECTOR, "#targets button")] == [" Oslo"]
@@ -171,6 +171,9 @@ def test_citing_lights_up_the_sources_of_the_hovered_sentence(page, smollm2, tmp
         assert len(sources) == 4
         # the first sentence rests on the founding sentence: it carries the palette's colour for evidence
         assert "rgba({}, {}, {}".format(*FOR_RGB) in sources[0].get_attribute("style")
+        # a source is named by its passage and its number there, as in the terminal; scores carry their unit
+        assert spans[0].find_element(By.CSS_SELECTOR, "li").text.startswith("[1:1] ")
+        assert sources[0].get_attribute("title").endswith(" nats")
         ActionChains(page).move_to_element(spans[1]).perform()
         assert "active" in spans[1].get_attribute("class")
         assert "rgba({}, {}, {}".format(*FOR_RGB) in sources[1].get_attribute("style")

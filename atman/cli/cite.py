@@ -29,6 +29,7 @@ from .shared import (
     progress,
     quiet_libraries,
     read_text,
+    said_written,
     status,
     strip_final_newline,
     write_file,
@@ -183,7 +184,7 @@ def cite_command(args: argparse.Namespace) -> int:
                             chat=False if args.no_chat else None, system=args.system,
                             max_new_tokens=args.max_new_tokens, refine=REFINE_CHOICES[args.refine],
                             group_size=args.group_size, refine_share=args.refine_share, progress=tick)
-    write_citations(result, args.format, args.output, args.top)
+    write_citations(result, args.format, args.output, args.top, args.quiet)
     return 0
 
 
@@ -221,7 +222,7 @@ def cite_transcript(args: argparse.Namespace, budget: int | str | None) -> int:
                                      tools=transcript.get("tools"), sources=args.sources, roles=roles, spans=spans,
                                      max_new_tokens=args.max_new_tokens, refine=REFINE_CHOICES[args.refine],
                                      group_size=args.group_size, refine_share=args.refine_share, progress=tick)
-    write_citations(result, args.format, args.output, args.top)
+    write_citations(result, args.format, args.output, args.top, args.quiet)
     return 0
 
 
@@ -269,7 +270,7 @@ def cite_line(citer: Any, line: str) -> dict[str, Any]:
     return result.to_dict()
 
 
-def write_citations(result: Any, fmt: str, output: Path | None, top: int) -> None:
+def write_citations(result: Any, fmt: str, output: Path | None, top: int, quiet: bool = False) -> None:
     """Citations as ``text`` (terminal table), ``json`` or ``html`` (hover a sentence to see its sources)."""
     if fmt == "json":
         text = result.to_json(indent=1) + "\n"
@@ -292,3 +293,9 @@ def write_citations(result: Any, fmt: str, output: Path | None, top: int) -> Non
         sys.stdout.write(text)
     else:
         write_file(output, text)
+        said_written(output, CITATIONS_WRITTEN[fmt], quiet)
+
+
+# what each --format writes, for the line that names the file
+CITATIONS_WRITTEN = {"json": "the citations as JSON", "html": "the citations as an HTML page (hover a sentence)",
+                     "text": "the citations as text"}

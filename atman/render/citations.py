@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 DEFAULT_TOP = 3
 SNIPPET = 90
+# what a citation score is, in words with its unit (the views print it beside the scores)
+CITATION_UNIT = ("score: rise of the response part's cross-entropy (summed over its tokens), in nats, when the "
+                 "source is suppressed")
+UNIT_HTML = f'<p class="unit">{html.escape(CITATION_UNIT)}</p>'
 
 
 def _snippet(text: str, limit: int = SNIPPET) -> str:
@@ -31,7 +35,7 @@ def _snippet(text: str, limit: int = SNIPPET) -> str:
 
 
 def source_name(result: Citations, index: int) -> str:
-    """How the terminal names source ``index``: in a context, by its passage (the passage's id, else its
+    """How the views name source ``index``: in a context, by its passage (the passage's id, else its
     place from 1 in the list given) and, below passage level, its number within that passage (``p2:3`` =
     the third sentence of passage p2); in a transcript, by its number among the sources (its message is in
     its label)."""
@@ -50,7 +54,8 @@ def source_name(result: Citations, index: int) -> str:
 def citations_table(result: Citations, top: int = DEFAULT_TOP) -> Table:
     """A rich table: each response span with its top sources (score, passage, text)."""
     table = Table(title=f"Sources of the response ({result.model}, {result.settings.get('method', 'readout')}, "
-                        f"{result.settings.get('sources', 'sentence')} level)", show_lines=True, expand=True)
+                        f"{result.settings.get('sources', 'sentence')} level)", caption=CITATION_UNIT,
+                  show_lines=True, expand=True)
     table.add_column("response", ratio=2)
     table.add_column("rests on", ratio=3)
     for span in result.spans:
@@ -111,7 +116,8 @@ def render_citations_fragment(result: Citations, top: int = DEFAULT_TOP) -> str:
     spans_html = []
     for k, span in enumerate(result.spans):
         listed = "".join(
-            f"<li>[{i + 1}] {score:+.3f} {html.escape(_snippet(result.sources[i].text, 60))}</li>"
+            f"<li>[{html.escape(source_name(result, i))}] {score:+.3f} "
+            f"{html.escape(_snippet(result.sources[i].text, 60))}</li>"
             for i, score in span.top(top))
         spans_html.append(
             f'<div class="span" tabindex="0" data-span="{k}"><span class="text">{html.escape(span.text)}</span>'
@@ -124,13 +130,13 @@ def render_citations_fragment(result: Citations, top: int = DEFAULT_TOP) -> str:
             if source.passage != p:
                 continue
             pieces.append(html.escape(result.context[cursor:source.start]))
-            pieces.append(f'<span class="source" data-source="{i}"><sup>{i + 1}</sup>'
+            pieces.append(f'<span class="source" data-source="{i}"><sup>{html.escape(source_name(result, i))}</sup>'
                           f"{html.escape(result.context[source.start:source.end])}</span>")
             cursor = source.end
         pieces.append(html.escape(result.context[cursor:passage.end]))
         label = f'<div class="label">{html.escape(passage.label)}</div>' if passage.label else ""
         context_html.append(f'<div class="passage">{label}{"".join(pieces)}</div>')
-    return _page(ident, "2fr 3fr", f'<div><h3>Response — hover a sentence</h3>{"".join(spans_html)}</div>'
+    return _page(ident, "2fr 3fr", f'<div><h3>Response — hover a sentence</h3>{UNIT_HTML}{"".join(spans_html)}</div>'
                  f'<div><h3>Context — orange: the sentence rests on it</h3>{"".join(context_html)}</div>', scores)
 
 
@@ -138,7 +144,7 @@ def _spans_html(result: Citations, top: int) -> str:
     out = []
     for k, span in enumerate(result.spans):
         listed = "".join(
-            f"<li>[{i + 1}] {score:+.3f} "
+            f"<li>[{html.escape(source_name(result, i))}] {score:+.3f} "
             + (f'<span class="where">{html.escape(result.sources[i].label)}</span> ' if result.sources[i].label else "")
             + f"{html.escape(_snippet(result.sources[i].text, 60))}</li>"
             for i, score in span.top(top))
@@ -195,7 +201,7 @@ def render_chat_fragment(result: Citations, top: int = DEFAULT_TOP) -> str:
                      f'({html.escape(call["id"])})</div>')
         bubbles.append(f'<div class="msg {html.escape(message.role)}" data-message="{index}">'
                        f'<div class="role">#{index} {role}</div>{body}</div>')
-    return _page(ident, "1fr", f'<div class="chat"><h3>Transcript — hover a sentence of the answer</h3>'
+    return _page(ident, "1fr", f'<div class="chat"><h3>Transcript — hover a sentence of the answer</h3>{UNIT_HTML}'
                                f'{"".join(bubbles)}</div>', scores)
 
 
@@ -214,6 +220,7 @@ def _page(ident: str, columns: str, inner: str, scores: list[list[float]]) -> st
 #{ident} .source {{ border-radius: 3px; transition: background .15s; }}
 #{ident} .source sup {{ color: #888; font-size: .65em; margin-right: .1em; }}
 #{ident} h3 {{ font-size: 1em; margin: 0 0 .4em; }}
+#{ident} .unit {{ font-size: .8em; color: #666; margin: 0 0 .4em; }}
 #{ident} .msg {{ margin: .5em 0; padding: .4em .7em; border-radius: 8px; background: #f3f3f3; white-space: pre-wrap;
   max-width: 85%; }}
 #{ident} .msg.user {{ margin-left: auto; background: #e8f0fb; }}
@@ -236,7 +243,7 @@ def _page(ident: str, columns: str, inner: str, scores: list[list[float]]) -> st
     sources.forEach((el) => {{
       const s = row[Number(el.dataset.source)] || 0;
       el.style.background = s > 0 ? "rgba({r}, {g}, {b}, " + (s / best * {MAX_ALPHA}).toFixed(3) + ")" : "";
-      el.title = "score " + s.toFixed(3);
+      el.title = "score " + s.toFixed(3) + " nats";
     }});
     root.querySelectorAll(".span").forEach((el) => el.classList.toggle("active", Number(el.dataset.span) === k));
   }}

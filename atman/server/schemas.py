@@ -214,6 +214,8 @@ class CitationSource(BaseModel):
     start: int
     end: int
     passage: int
+    name: str = Field(description="how the views name the source: its passage's id (else its place from 1) and, "
+                                   "below passage level, its number in that passage (\"p2:3\")")
 
 
 class CitationSpan(BaseModel):

@@ -151,7 +151,7 @@ function select(index) {
     span.className = "unit";
     span.textContent = text.slice(s.start, s.start + s.length);
     span.dataset.score = String(s.score);
-    span.title = `relevance ${s.score.toFixed(4)}`;
+    span.title = `score ${s.score.toFixed(4)} nats`;
     span.style.background = colour(s.score, scale);
     parts.push(span);
     at = Math.max(at, s.start + s.length);
@@ -276,7 +276,7 @@ function showCitations() {
       .sort((a, b) => b[1] - a[1]).slice(0, 3);
     for (const [i, score] of ranked) {
       const li = document.createElement("li");
-      li.textContent = `[${i + 1}] ${score.toFixed(3)} ${cited.sources[i].text.slice(0, 60)}`;
+      li.textContent = `[${cited.sources[i].name}] ${score.toFixed(3)} ${cited.sources[i].text.slice(0, 60)}`;
       top.append(li);
     }
     div.append(top);
@@ -308,7 +308,7 @@ function highlightCitation(k) {
   for (const el of $("cite-view").querySelectorAll(".cite-source")) {
     const score = scores[Number(el.dataset.source)];
     el.style.background = score > 0 ? colour(score, scale) : "";
-    el.title = `score ${score.toFixed(4)}`;
+    el.title = `score ${score.toFixed(4)} nats`;
   }
   for (const el of $("cite-spans").children) el.classList.toggle("active", Number(el.dataset.span) === k);
 }
@@ -442,7 +442,7 @@ function highlightChat(k) {
   for (const el of $("chat-view").querySelectorAll(".chat-source")) {
     const score = scores.get(el.dataset.key);
     el.style.background = score > 0 ? colour(score, scale) : "";
-    el.title = score === undefined ? "not among this sentence's top sources" : `score ${score.toFixed(4)}`;
+    el.title = score === undefined ? "not among this sentence's top sources" : `score ${score.toFixed(4)} nats`;
   }
   for (const el of $("chat-view").querySelectorAll(".chat-sentence")) {
     el.classList.toggle("active", Number(el.dataset.sentence) === k);
