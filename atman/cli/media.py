@@ -23,6 +23,7 @@ from .shared import (
     check_writable,
     quiet_libraries,
     read_prompt,
+    said,
     said_written,
     suppression,
     write_explanation,
@@ -80,11 +81,9 @@ def explain(args: argparse.Namespace) -> int:
                          "its own \"image\", \"pair\" or \"classify\" field instead")
     if args.max_memory is not None:
         raise UsageError("--max-memory is for text explanations; give --batch-size with --image, --pair or --classify")
-    ignored = [name for name, given in (("--dtype", args.dtype != "float32"),
-                                        ("--device-map", getattr(args, "device_map", None) is not None),
-                                        ("--engine", args.engine != "cached")) if given]
+    ignored = text_only_options(args)
     if ignored:
-        raise UsageError(f"{', '.join(ignored)} apply to text explanations; --image, --pair and --classify load their "
+        raise UsageError(f"{said(ignored)} only to text explanations; --image, --pair and --classify load their "
                          "model in float32 on --device and run every row in full")
     chosen = [name for name, on in (("--image", args.image), ("--pair", args.pair), ("--classify", args.classify))
               if on]
@@ -184,6 +183,14 @@ MEDIA_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 
 
+def text_only_options(args: argparse.Namespace) -> list[str]:
+    """The options given that only text explanations honour (a media explainer runs in float32, in full)."""
+    return [name for name, given in (("--dtype", args.dtype != "float32"),
+                                     ("--device-map", getattr(args, "device_map", None) is not None),
+                                     ("--engine", args.engine != "cached"),
+                                     ("--max-memory", getattr(args, "max_memory", None) is not None)) if given]
+
+
 def media_kind(line: str) -> str | None:
     """``pair``, ``classify`` or ``image`` when a batch line is a media request (else None: a text prompt)."""
     try:
@@ -217,6 +224,11 @@ class MediaBatch:
             return self.explainers[kind]
         args = self.args
         device = args.device or "cpu"
+        ignored = text_only_options(args)
+        if ignored:
+            # the batch's text lines honour them; say so once per kind rather than change this kind silently
+            print(f"atman: {said(ignored)} only to the batch's text lines; its {kind} lines load their model in "
+                  f"float32 on {device} and run every row in full", file=sys.stderr)
         quiet_libraries()
         if kind == "pair":
             from ..encoders import SimilarityExplainer, load_encoder

@@ -296,6 +296,13 @@ WRITTEN = {"json": "the explanation as JSON", "html": "the explanation as an HTM
            "text": "the explanation as text"}
 
 
+def said(options: list[str]) -> str:
+    """``--dtype applies`` / ``--dtype and --engine apply``: options as the subject of a sentence."""
+    if len(options) == 1:
+        return f"{options[0]} applies"
+    return f"{', '.join(options[:-1])} and {options[-1]} apply"
+
+
 def said_written(path: Path, what: str, quiet: bool = False) -> None:
     """One line on stderr naming a file a command wrote and what it holds."""
     if not quiet:
