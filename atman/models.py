@@ -11,7 +11,6 @@ a reader who wants to know why a name loads or fails should find them in one pla
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib.util
 import os
@@ -36,6 +35,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import ModelLoadError
 from .manipulation import enable
+from .names import refuse_near_alias
+from .names import suggest as _suggest
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -232,7 +233,7 @@ def load_model(
         model, tokenizer = _load_pretrained(name, torch_dtype, from_pretrained)
     else:
         display = name
-        _refuse_near_alias(name, from_pretrained)
+        refuse_near_alias(name, cache_dir=from_pretrained.get("cache_dir"), revision=from_pretrained.get("revision"))
         if not from_pretrained.get("local_files_only") and not _hub_has(name, from_pretrained):
             from_pretrained["local_files_only"] = True  # the hub is out of reach, the cache has it
         model, tokenizer = _load_pretrained(name, torch_dtype, from_pretrained)
@@ -250,8 +251,6 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=display)
 
 
-# Names the embedded models go by, for suggestions when a name matches nothing.
-EMBEDDED_MODELS = ("smollm2", "gemma3-270m")
 # from_pretrained arguments that tokenizers understand as well
 _TOKENIZER_ARGUMENTS = {"revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder",
                         "force_download", "proxies"}
@@ -293,51 +292,6 @@ def _wrap(model: torch.nn.Module, tokenizer: object | None, dtype: str | torch.d
     config_name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
     display = config_name.rstrip("/").split("/")[-1] if Path(config_name).is_dir() else config_name
     return LoadedModel(model=model, tokenizer=tokenizer, name=display or type(model).__name__)
-
-
-def _suggest(name: str) -> str:
-    """`` (did you mean 'smollm2'?)``-style hint naming the embedded models close to ``name``."""
-    stem = Path(name).name.lower().removesuffix(".gguf")
-    close = difflib.get_close_matches(stem, EMBEDDED_MODELS, n=2, cutoff=0.5)
-    if close:
-        return f"; did you mean {' or '.join(repr(c) for c in close)}?"
-    return f"; the embedded models are {', '.join(EMBEDDED_MODELS)}"
-
-
-def _edits(a: str, b: str) -> int:
-    """Insertions, deletions, substitutions and swaps of neighbours that turn ``a`` into ``b``."""
-    rows = [list(range(len(b) + 1))]
-    for i, x in enumerate(a, 1):
-        row = [i]
-        for j, y in enumerate(b, 1):
-            row.append(min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (x != y)))
-            if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
-                row[j] = min(row[j], rows[-2][j - 2] + 1)
-        rows.append(row)
-    return rows[-1][-1]
-
-
-def _refuse_near_alias(name: str, options: dict[str, Any]) -> None:
-    """Fail at once, without the hub, on a slip of an embedded model's name (``smolm2``, ``Gemma3-270M``).
-
-    A hub id has an owner (``owner/name``); a bare name within a typing slip of an alias is taken for
-    the alias, unless the hub cache holds a model of that name. One slip per four letters is allowed.
-    """
-    if "/" in name:
-        return
-    typed = name.lower()
-    close = [alias for alias in EMBEDDED_MODELS if _edits(typed, alias) <= max(1, len(alias) // 4)]
-    if not close:
-        return
-    try:
-        cached = huggingface_hub.try_to_load_from_cache(name, "config.json", cache_dir=options.get("cache_dir"),
-                                                        revision=options.get("revision"))
-    except HFValidationError:
-        cached = None
-    if isinstance(cached, str):
-        return
-    raise ModelLoadError(f"no model {name!r}: it is not an embedded model, a file or a directory, and a hub id "
-                         f"has an owner (owner/name); did you mean {' or '.join(repr(c) for c in close)}?")
 
 
 def _hub_has(name: str, options: dict[str, Any]) -> bool:

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 MODULES = ["atman.budget", "atman.engine", "atman.tiles", "atman.units", "atman.evaluate.metrics",
-           "atman.render.palette", "atman.render.titles"]
+           "atman.render.palette", "atman.render.titles", "atman.names"]
 
 
 @pytest.fixture(scope="module")

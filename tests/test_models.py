@@ -196,6 +196,15 @@ def test_a_mistyped_name_fails_with_a_suggestion_when_offline():
     assert len(lines) == 1 and "offline" in lines[0] and "did you mean 'smollm2'?" in lines[0]
 
 
+def test_a_slip_of_an_alias_fails_before_torch_loads():
+    # the command checks the name before the heavy imports: no torch, no transformers, no hub lookup
+    result = _run("import sys; from atman.cli import main; code = main(['explain', '--model', 'smolm2', "
+                  "'Ada lives in', '-t', ' Oslo']); print(sorted({'torch', 'transformers'} & set(sys.modules))); "
+                  "sys.exit(code)")
+    assert result.returncode == 2 and result.stdout.strip() == "[]", result.stderr
+    assert "did you mean 'smollm2'?" in result.stderr
+
+
 def test_a_mistyped_name_asks_an_unreachable_hub_once():
     hub = _CountingRefuser()
     result = _run("import atman\ntry:\n    atman.load_model('gemma3')\nexcept atman.ModelLoadError as e:\n"
@@ -286,7 +295,7 @@ def test_suggestions_name_the_close_embedded_models():
         load_model("./smollm2.gguf")
     with pytest.raises(ModelLoadError, match="not an embedded model, a file, a directory or a hub id"):
         load_model("two words")
-    assert atman.models.EMBEDDED_MODELS == ("smollm2", "gemma3-270m")
+    assert atman.names.EMBEDDED_MODELS == ("smollm2", "gemma3-270m")
 
 
 def test_the_server_works_on_a_split_model(saved, tmp_path):

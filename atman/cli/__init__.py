@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     try:
+        # a slip of an embedded model's name fails now, before torch and transformers load (seconds)
+        from ..names import refuse_near_alias
+
+        for name in [getattr(args, "model", None), *(getattr(args, "models", None) or [])]:
+            refuse_near_alias(name, revision=getattr(args, "revision", None))
         return args.handler(args)
     except AtmanError as exc:
         print(f"atman: error: {exc}", file=sys.stderr)
