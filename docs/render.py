@@ -85,8 +85,9 @@ def tour(data: dict) -> list[str]:
         words = row["command"].split()
         # the command's first words and its options, enough to find the line in the tour above
         short = " ".join(words[:2] + [w for w in words[2:] if w.startswith("--")][:3])
-        what = row["comment"] if len(row["comment"]) <= 70 else row["comment"][:67].rstrip() + "..."
-        lines.append(f"| {what} | `{short}` | {row['seconds']:.0f} | {row['load_average_at_start']:.1f} |")
+        # whole: a comment may cover several commands ("...; which image tiles made a caption"), and a cut one
+        # named only the first of them
+        lines.append(f"| {row['comment']} | `{short}` | {row['seconds']:.0f} | {row['load_average_at_start']:.1f} |")
     return lines
 
 

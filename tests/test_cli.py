@@ -61,6 +61,14 @@ def test_explain_text_and_html_outputs(capsys, tmp_path):
     data = tmp_path / "report.json"
     code, out, err = run(capsys, "explain", PROMPT, "-t", " Quillmere", "-g", "sentence", "-f", "json", "-o", str(data))
     assert code == 0 and out == "" and f"atman: wrote the explanation as JSON to {data}" in err
+    # without --format the -o file's extension chooses it; --format wins over the extension
+    inferred = tmp_path / "inferred.json"
+    code, _, err = run(capsys, "explain", PROMPT, "-t", " Quillmere", "-g", "sentence", "-o", str(inferred))
+    assert code == 0 and Explanation.from_json(inferred.read_text()).top(1)[0].text == "Omar Pelle lives in Quillmere."
+    assert "as JSON" in err
+    code, _, _ = run(capsys, "explain", PROMPT, "-t", " Quillmere", "-g", "sentence", "-f", "text", "-o", str(inferred),
+                     "-q")
+    assert code == 0 and not inferred.read_text().lstrip().startswith("{")
 
 
 def test_prompt_from_file_and_options(capsys, tmp_path):

@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         # tqdm and huggingface_hub make a bar, which is after this
         os.environ["TQDM_DISABLE"] = "1"
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if hasattr(args, "format") and args.format is None:
+        # -o explanation.json writes JSON, -o report.html a page, unless --format says otherwise
+        suffix = getattr(args, "output", None) and args.output.suffix.lower()
+        args.format = {".json": "json", ".html": "html", ".htm": "html"}.get(suffix or "", "text")
     try:
         # a slip of an embedded model's name fails now, before torch and transformers load (seconds)
         from ..names import refuse_near_alias

@@ -102,7 +102,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="batch: one citation request per line ({\"context\", \"question\", \"response\", ...})")
     cite.add_argument("--fail-fast", action="store_true", help="batch: stop at the first bad line")
     add_model_options(cite)
-    cite.add_argument("--format", "-f", default="text", choices=FORMATS)
+    cite.add_argument("--format", "-f", choices=FORMATS,
+                         help="text, json or html (default: from the -o file's extension, .json or .html; else text)")
     cite.add_argument("--output", "-o", type=Path, help="write the result here instead of stdout")
     cite.add_argument("--quiet", "-q", action="store_true", help="no progress bar or status messages")
     cite.set_defaults(handler=cite_command)

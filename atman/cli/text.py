@@ -81,7 +81,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                          help="length of the generated target when none is given")
     explain.add_argument("--postprocessing", default="none", choices=POSTPROCESSING)
     explain.add_argument("--normalize", action="store_true", help="scale scores to [0, 1] per target")
-    explain.add_argument("--format", "-f", default="text", choices=FORMATS)
+    explain.add_argument("--format", "-f", choices=FORMATS,
+                         help="text, json or html (default: from the -o file's extension, .json or .html; else text)")
     explain.add_argument("--output", "-o", type=Path, help="write the result here instead of stdout")
     explain.add_argument("--quiet", "-q", action="store_true", help="no progress bar or status messages")
     explain.add_argument("--method", default="atman",
