@@ -287,6 +287,17 @@ def cite_real_contexts(data: dict) -> list[str]:
     return lines
 
 
+def image_relevance(data: dict) -> list[str]:
+    """benchmarks/image_relevance.py: mean precision and recall (%) of each method's relevance grids."""
+    what = {"vlm": "targets, both objects of each two-object scene", "vit": "scenes"}[data["task"]]
+    lines = [f"| method ({data['cases']} held-out {what}, multiplier {data['multiplier']:g}"
+             + (f", kappa {data['kappa']:g}" if data.get("kappa") is not None else "") + ") | precision | recall |",
+             "|---|---|---|"]
+    for key, name in (("atman", "AtMan"), ("ig", "Integrated Gradients"), ("random", "random")):
+        lines.append(f"| {name} | {data[key]['mean_precision']:.1f} | {data[key]['mean_recall']:.1f} |")
+    return lines
+
+
 RENDERERS: dict[str, Renderer] = {
     "steering": steering, "cancellation": cancellation, "server-latency": server_latency, "tour": tour,
     "cli-startup": cli_startup, "inseq-steps": inseq_steps, "cite-real": cite_real,
@@ -295,7 +306,7 @@ RENDERERS: dict[str, Renderer] = {
     "shared-prefix": shared_prefix, "evaluate-total": evaluate_total,
     "ig-convergence": ig_convergence, "at2-training": at2_training,
     "engine-compare": engine_compare, "engine-reference": engine_reference,
-    "explain-process": explain_process,
+    "explain-process": explain_process, "image-relevance": image_relevance,
 }
 
 
