@@ -28,7 +28,7 @@ import statistics
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -216,7 +216,7 @@ def main() -> None:
     report = {
         "benchmark": "benchmarks/ray_scaling.py", "requests": args.requests, "granularity": args.granularity,
         "model": "SmolLM2-135M-Instruct", "threads_per_worker": 1, "busy_limit": args.busy_limit,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "summary": summarise(runs, args.busy_limit), "runs": runs, "results_equal_across_runs": equal,
         "environment": {"cores": len(cores), "cpu": platform.processor() or platform.machine(),
                         "ray": ray.__version__, "torch": torch.__version__, "python": platform.python_version()},
