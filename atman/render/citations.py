@@ -34,21 +34,34 @@ def _snippet(text: str, limit: int = SNIPPET) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def source_name(result: Citations, index: int) -> str:
-    """How the views name source ``index``: in a context, by its passage (the passage's id, else its
+def source_names(result: Citations) -> list[str]:
+    """How the views name each source, in one pass: in a context, by its passage (the passage's id, else its
     place from 1 in the list given) and, below passage level, its number within that passage (``p2:3`` =
     the third sentence of passage p2); in a transcript, by its number among the sources (its message is in
     its label)."""
-    source = result.sources[index]
-    if source.role is not None:
-        return str(index + 1)
-    passage = result.passages[source.passage]
-    number = passage.index if passage.index is not None else source.passage
-    pid = passage.id if passage.id is not None else str(number + 1)
-    siblings = [k for k, s in enumerate(result.sources) if s.passage == source.passage and s.role is None]
-    if len(siblings) == 1 and source.text == passage.text:
-        return pid
-    return f"{pid}:{siblings.index(index) + 1}"
+    in_passage: dict[int, int] = {}
+    for source in result.sources:
+        if source.role is None:
+            in_passage[source.passage] = in_passage.get(source.passage, 0) + 1
+    names, seen = [], dict.fromkeys(in_passage, 0)
+    for index, source in enumerate(result.sources):
+        if source.role is not None:
+            names.append(str(index + 1))
+            continue
+        passage = result.passages[source.passage]
+        number = passage.index if passage.index is not None else source.passage
+        pid = passage.id if passage.id is not None else str(number + 1)
+        seen[source.passage] += 1
+        if in_passage[source.passage] == 1 and source.text == passage.text:
+            names.append(pid)
+        else:
+            names.append(f"{pid}:{seen[source.passage]}")
+    return names
+
+
+def source_name(result: Citations, index: int) -> str:
+    """How the views name source ``index`` (:func:`source_names`)."""
+    return source_names(result)[index]
 
 
 def citations_table(result: Citations, top: int = DEFAULT_TOP) -> Table:
@@ -58,6 +71,7 @@ def citations_table(result: Citations, top: int = DEFAULT_TOP) -> Table:
                   show_lines=True, expand=True)
     table.add_column("response", ratio=2)
     table.add_column("rests on", ratio=3)
+    names = source_names(result)
     for span in result.spans:
         cited = Text()
         best = max((abs(s) for s in span.scores), default=0.0) or 1.0
@@ -67,7 +81,7 @@ def citations_table(result: Citations, top: int = DEFAULT_TOP) -> Table:
             if rank:
                 cited.append("\n")
             r, g, b = blend(score, score / best)
-            cited.append(f"[{source_name(result, index)}] {score:+.2f} ", style=f"bold on rgb({r},{g},{b})")
+            cited.append(f"[{names[index]}] {score:+.2f} ", style=f"bold on rgb({r},{g},{b})")
             label = " ".join(x for x in (source.label, passage.title if source.role is None else passage.label) if x)
             if label:
                 cited.append(f"({label}) ", style="dim")
@@ -113,10 +127,11 @@ def render_citations_fragment(result: Citations, top: int = DEFAULT_TOP) -> str:
     digest = hashlib.sha1((result.context + "\0" + result.response).encode("utf-8", "replace")).hexdigest()
     ident = f"atman-cite-{digest[:10]}"
     scores = [[round(s, 6) for s in span.scores] for span in result.spans]
+    names = [html.escape(name) for name in source_names(result)]
     spans_html = []
     for k, span in enumerate(result.spans):
         listed = "".join(
-            f"<li>[{html.escape(source_name(result, i))}] {score:+.3f} "
+            f"<li>[{names[i]}] {score:+.3f} "
             f"{html.escape(_snippet(result.sources[i].text, 60))}</li>"
             for i, score in span.top(top))
         spans_html.append(
@@ -130,7 +145,7 @@ def render_citations_fragment(result: Citations, top: int = DEFAULT_TOP) -> str:
             if source.passage != p:
                 continue
             pieces.append(html.escape(result.context[cursor:source.start]))
-            pieces.append(f'<span class="source" data-source="{i}"><sup>{html.escape(source_name(result, i))}</sup>'
+            pieces.append(f'<span class="source" data-source="{i}"><sup>{names[i]}</sup>'
                           f"{html.escape(result.context[source.start:source.end])}</span>")
             cursor = source.end
         pieces.append(html.escape(result.context[cursor:passage.end]))
@@ -141,10 +156,10 @@ def render_citations_fragment(result: Citations, top: int = DEFAULT_TOP) -> str:
 
 
 def _spans_html(result: Citations, top: int) -> str:
-    out = []
+    out, names = [], source_names(result)
     for k, span in enumerate(result.spans):
         listed = "".join(
-            f"<li>[{html.escape(source_name(result, i))}] {score:+.3f} "
+            f"<li>[{html.escape(names[i])}] {score:+.3f} "
             + (f'<span class="where">{html.escape(result.sources[i].label)}</span> ' if result.sources[i].label else "")
             + f"{html.escape(_snippet(result.sources[i].text, 60))}</li>"
             for i, score in span.top(top))

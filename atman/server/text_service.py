@@ -17,7 +17,7 @@ from ..errors import AtmanError, EmptyInputError, NoUnitsError
 from ..explainer import Explainer
 from ..explanation import TargetExplanation
 from ..models import LoadedModel
-from ..render.citations import source_name
+from ..render.citations import source_names
 from ..rows import TextControl, TokenControl
 from ..steering import Steerer
 from ..units import EncodedInput, Unit, choose_granularity, encode, prompt_units, tokenize
@@ -274,8 +274,8 @@ class TextService(Service):
                             spans=request.spans, max_new_tokens=request.maximum_tokens, refine=request.refine,
                             group_size=request.group_size, refine_share=request.refine_share, progress=check)
         data = {k: v for k, v in result.to_dict().items() if k != "model"}
-        for index, source in enumerate(data["sources"]):
-            source["name"] = source_name(result, index)
+        for source, name in zip(data["sources"], source_names(result), strict=True):
+            source["name"] = name
         return schemas.CitationResponse(model_version=self.name, **data)
 
     def evaluate(self, request: schemas.EvaluationRequest, check: Check) -> schemas.EvaluationResponse:
