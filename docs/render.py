@@ -15,6 +15,9 @@ Commands (from the repository's root)::
 A renderer is a function in :data:`RENDERERS`: it takes the parsed results file (JSON, or a list of
 records for ``.jsonl``) and returns the table's Markdown lines. A number in the docs that no results
 file backs is not a table here: it is removed, or written as an estimate and said to be one.
+
+The evaluation reports under docs/results/ (``<name>.md`` beside the ``<name>.json`` that ``atman evaluate``
+wrote) are rendered from their .json the same way, by the command's own report writer.
 """
 
 from __future__ import annotations
@@ -298,6 +301,17 @@ def image_relevance(data: dict) -> list[str]:
     return lines
 
 
+def evaluation_report(data: dict) -> list[str]:
+    """``atman evaluate``'s report (its .json), as the command wrote its .md, headings one level down and
+    without the title: the section of a document that quotes it."""
+    from atman.evaluate.report import render_markdown  # scipy: loaded only when a document quotes a report
+
+    lines = render_markdown(data, command=data.get("command")).splitlines()[2:]
+    while lines and not lines[-1]:
+        lines.pop()
+    return ["#" + line if line.startswith("## ") else line for line in lines]
+
+
 RENDERERS: dict[str, Renderer] = {
     "steering": steering, "cancellation": cancellation, "server-latency": server_latency, "tour": tour,
     "cli-startup": cli_startup, "inseq-steps": inseq_steps, "cite-real": cite_real,
@@ -307,6 +321,7 @@ RENDERERS: dict[str, Renderer] = {
     "ig-convergence": ig_convergence, "at2-training": at2_training,
     "engine-compare": engine_compare, "engine-reference": engine_reference,
     "explain-process": explain_process, "image-relevance": image_relevance,
+    "evaluation-report": evaluation_report,
 }
 
 
@@ -328,10 +343,24 @@ def documents(root: Path = ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
 
 
+def reports(root: Path = ROOT) -> dict[Path, str]:
+    """Every evaluation report under docs/results/ (a .md beside its .json) and what its .json renders."""
+    from atman.evaluate.report import render_markdown
+
+    out = {}
+    for md in sorted((root / "docs" / "results").glob("*.md")):
+        if (js := md.with_suffix(".json")).exists():
+            data = _load(js)
+            out[md] = render_markdown(data, command=data.get("command"))
+    return out
+
+
 def stale(root: Path = ROOT) -> list[str]:
-    """The files whose marked tables differ from what their results files render."""
+    """The files whose marked tables differ from what their results files render, and the evaluation
+    reports that differ from what their .json renders."""
     return [str(path.relative_to(root)) for path in documents(root)
-            if render_text(text := path.read_text(encoding="utf-8"), root) != text]
+            if render_text(text := path.read_text(encoding="utf-8"), root) != text] + \
+        [str(md.relative_to(root)) for md, text in reports(root).items() if md.read_text(encoding="utf-8") != text]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         if rendered != text:
             path.write_text(rendered, encoding="utf-8")
             print(f"rendered the tables of {path.relative_to(ROOT)}")
+    for md, text in reports().items():
+        if md.read_text(encoding="utf-8") != text:
+            md.write_text(text, encoding="utf-8")
+            print(f"rendered the report {md.relative_to(ROOT)} from its .json")
     return 0
 
 

@@ -41,3 +41,27 @@ def test_a_changed_number_is_caught(tmp_path):
     assert "| 0 | evidence sentence | -19.35 | 5 % |" in (tmp_path / "README.md").read_text()
     with pytest.raises(KeyError, match="no renderer"):
         render.render_text("<!-- table: nothing r.json -->\nx\n<!-- /table -->", tmp_path)
+
+
+def test_an_edited_evaluation_report_is_caught(tmp_path):
+    render = _render()
+    results = tmp_path / "docs" / "results"
+    results.mkdir(parents=True)
+    source = ROOT / "docs" / "results" / "ig-smollm2.json"
+    (results / "ig.json").write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
+    text = (ROOT / "docs" / "results" / "ig-smollm2.md").read_text(encoding="utf-8")
+    (tmp_path / "README.md").write_text("")
+    (results / "ig.md").write_text(text, encoding="utf-8")
+    assert render.stale(tmp_path) == []
+    cell = text.split("| `integrated-gradients` | ")[1].split(" ")[0]
+    (results / "ig.md").write_text(text.replace(cell, "0.123", 1), encoding="utf-8")
+    assert render.stale(tmp_path) == ["docs/results/ig.md"]
+
+
+def test_a_document_quoting_a_report_follows_its_json(tmp_path):
+    render = _render()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "r.json").write_text((ROOT / "docs" / "results" / "ig-smollm2.json").read_text(encoding="utf-8"))
+    block = render.render_text("<!-- table: evaluation-report r.json -->\n<!-- /table -->\n", tmp_path)
+    assert "### Plausibility: qa, sentence units" in block and "# Evaluation of" not in block
+    assert "`integrated-gradients`" in block
