@@ -7,6 +7,8 @@ results file it reads (or several, comma-separated: the renderer then gets a lis
     | factor | ... |
     <!-- /table -->
 
+A block indented inside a list item is rendered with the same indentation.
+
 Commands (from the repository's root)::
 
     python docs/render.py            # rewrite every marked table from its results file
@@ -30,7 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+BLOCK = re.compile(r"(?P<indent>^[ \t]*)(?P<open><!-- table: (?P<name>[\w-]+) (?P<path>\S+) -->\n)(?P<body>.*?)"
+                   r"(?P<close>[ \t]*<!-- /table -->)", re.S | re.M)
 Renderer = Callable[[object], list[str]]
 
 
@@ -301,6 +304,58 @@ def image_relevance(data: dict) -> list[str]:
     return lines
 
 
+def _fmt(value: float | None, pattern: str) -> str:
+    return "—" if value is None else pattern.format(value)
+
+
+def speed(data: dict) -> list[str]:
+    """benchmarks/speed.py: time and peak memory of every method per prompt length, against a plain forward
+    and the naive engine (the CPU-time column only when the run recorded it)."""
+    rows = data["rows"]
+    cpu = any("cpu_vs_atman-naive" in row for row in rows)
+    lines = ["| tokens | method | time (s) | runs | peak memory (MiB) | time / plain | time / naive | "
+             + ("CPU / naive | " if cpu else "") + "memory / plain | memory / naive |",
+             "|---" * (10 if cpu else 9) + "|"]
+    for row in rows:
+        time = "out of memory" if row.get("out_of_memory") else _fmt(row["seconds"], "{:.2f}")
+        peak = row["peak_bytes"] and row["peak_bytes"] / 2**20
+        cells = [str(row["tokens"]), row["method"], time, str(row["runs"]), _fmt(peak, "{:.1f}"),
+                 _fmt(row.get("time_vs_plain"), "{:.1f}x"), _fmt(row.get("time_vs_atman-naive"), "{:.2f}x")]
+        if cpu:
+            cells.append(_fmt(row.get("cpu_vs_atman-naive"), "{:.2f}x"))
+        cells += [_fmt(row.get("memory_vs_plain"), "{:.2f}x"), _fmt(row.get("memory_vs_atman-naive"), "{:.2f}x")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+RELEASE_LABELS = {"plain": "plain", "atman-lean-kept": "atman-lean, freed memory kept (before)",
+                  "atman-lean": "atman-lean (now)", "atman": "atman, default budget (now)"}
+
+
+def release_memory(data: dict) -> list[str]:
+    """benchmarks/speed.py with ``atman-lean-kept``: the lean setting with and without handing freed memory
+    back, beside a plain forward and the default budget (memory / plain in bold where it is at most 1.0x)."""
+    lines = ["| tokens | method | time (s) | peak memory (MiB) | memory / plain |", "|---|---|---|---|---|"]
+    for row in data["rows"]:
+        ratio = f"{row['memory_vs_plain']:.2f}x"
+        if row["method"] != "plain" and row["memory_vs_plain"] < 1.15 and "kept" not in row["method"]:
+            ratio = f"**{ratio}**"
+        lines.append(f"| {row['tokens']} | {RELEASE_LABELS.get(row['method'], row['method'])} | "
+                     f"{row['seconds']:.2f} | {row['peak_bytes'] / 2**20:.1f} | {ratio} |")
+    return lines
+
+
+def vlm_speed(data: dict) -> list[str]:
+    """benchmarks/vlm_speed.py: the vision-language path with full inputs per row against the engine."""
+    full, engine = data["token_forwards"]["full-inputs"], data["token_forwards"]["engine"]
+    seconds = data["seconds"]
+    return ["| path | language-model token-forwards | time |", "|---|---|---|",
+            f"| full inputs for every row (before) | {full:,} | {seconds['full-inputs']:.2f} s |",
+            f"| engine: vision tower once, prefix reuse (now) | {engine:,} "
+            f"({data['token_forward_ratio_engine_vs_full_inputs']:.2f}x) | {seconds['engine']:.2f} s "
+            f"({data['time_ratio_engine_vs_full_inputs']:.2f}x) |"]
+
+
 def evaluation_report(data: dict) -> list[str]:
     """``atman evaluate``'s report (its .json), as the command wrote its .md, headings one level down and
     without the title: the section of a document that quotes it."""
@@ -321,7 +376,8 @@ RENDERERS: dict[str, Renderer] = {
     "ig-convergence": ig_convergence, "at2-training": at2_training,
     "engine-compare": engine_compare, "engine-reference": engine_reference,
     "explain-process": explain_process, "image-relevance": image_relevance,
-    "evaluation-report": evaluation_report,
+    "evaluation-report": evaluation_report, "speed": speed, "release-memory": release_memory,
+    "vlm-speed": vlm_speed,
 }
 
 
@@ -333,7 +389,8 @@ def render_text(text: str, root: Path = ROOT) -> str:
             raise KeyError(f"no renderer {name!r} (known: {', '.join(sorted(RENDERERS))})")
         files = [_load(root / one) for one in path.split(",")]
         lines = RENDERERS[name](files if len(files) > 1 else files[0])
-        return match.group(1) + "\n".join(lines) + "\n" + match.group(5)
+        indent = match["indent"]  # a table inside a list item keeps the item's indentation
+        return indent + match["open"] + "".join(f"{indent}{line}\n" for line in lines) + match["close"]
 
     return BLOCK.sub(one, text)
 

@@ -65,3 +65,14 @@ def test_a_document_quoting_a_report_follows_its_json(tmp_path):
     block = render.render_text("<!-- table: evaluation-report r.json -->\n<!-- /table -->\n", tmp_path)
     assert "### Plausibility: qa, sentence units" in block and "# Evaluation of" not in block
     assert "`integrated-gradients`" in block
+
+
+def test_a_table_inside_a_list_item_keeps_its_indentation(tmp_path):
+    render = _render()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "r.json").write_text((ROOT / "benchmarks" / "results" / "cpu-vlm-llava.json").read_text())
+    text = "- item\n\n  <!-- table: vlm-speed r.json -->\n  | stale |\n  <!-- /table -->\n"
+    block = render.render_text(text, tmp_path)
+    body = block.splitlines()[2:-1]
+    assert body[0].startswith("  <!-- table:") and block.splitlines()[-1] == "  <!-- /table -->"
+    assert all(line.startswith("  |") for line in body[1:]) and "stale" not in block
