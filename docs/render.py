@@ -37,10 +37,35 @@ BLOCK = re.compile(r"(?P<indent>^[ \t]*)(?P<open><!-- table: (?P<name>[\w-]+) (?
 Renderer = Callable[[object], list[str]]
 
 
+LOG_SECTION = re.compile(r"^=== (?P<name>\S+) \(limit")
+LOG_MODEL = re.compile(r"^model (?P<model>.+?) \((?P<millions>\d+)M parameters")
+LOG_ROW = re.compile(r"^\s*(?P<tokens>\d+) tokens\s+(?P<method>\S+)\s+(?P<seconds>[\d.]+) s \(n=(?P<runs>\d+)\)\s+"
+                     r"(?P<mib>[\d.]+) MiB")
+
+
+def _log(text: str) -> dict:
+    """A ``benchmarks/gpu.sh`` log: per section (one speed.py run with its time slot), the model and every
+    row the run printed before its slot ended (times as printed, to the hundredth of a second)."""
+    sections: dict[str, dict] = {}
+    current = None
+    for line in text.splitlines():
+        if match := LOG_SECTION.match(line):
+            current = sections.setdefault(match["name"], {"model": None, "millions": None, "rows": []})
+        elif current is not None and (match := LOG_MODEL.match(line)):
+            current["model"], current["millions"] = match["model"], int(match["millions"])
+        elif current is not None and (match := LOG_ROW.match(line)):
+            current["rows"].append({"tokens": int(match["tokens"]), "method": match["method"],
+                                    "seconds": float(match["seconds"]), "runs": int(match["runs"]),
+                                    "peak_bytes": float(match["mib"]) * 2**20, "from_log": True})
+    return {"log": sections}
+
+
 def _load(path: Path) -> object:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
+    if path.suffix == ".log":
+        return _log(text)
     return json.loads(text)
 
 
@@ -356,6 +381,120 @@ def vlm_speed(data: dict) -> list[str]:
             f"({data['time_ratio_engine_vs_full_inputs']:.2f}x) |"]
 
 
+def _gpu_runs(files: list[dict]) -> list[dict]:
+    """The runs of a GPU scaling session: each log section, its rows taken from the JSON the run wrote
+    when it got that far (full precision), else from the log (the slot ended before the JSON)."""
+    logs = [f["log"] for f in files if "log" in f]
+    jsons = [f for f in files if "rows" in f]
+    runs = []
+    for sections in logs:
+        for name, section in sections.items():
+            if not section["rows"]:
+                continue
+            keys = {(r["tokens"], r["method"]) for r in section["rows"]}
+            written = next((j for j in jsons if j["model"] == section["model"]
+                            and {(r["tokens"], r["method"]) for r in j["rows"]} <= keys), None)
+            rows = {(r["tokens"], r["method"]): r for r in section["rows"]}
+            parameters = None
+            if written:
+                rows.update({(r["tokens"], r["method"]): r for r in written["rows"]})
+                parameters = written.get("parameters")
+            runs.append({"name": name, "model": section["model"], "parameters": parameters,
+                         "millions": section["millions"], "rows": list(rows.values())})
+    return sorted(runs, key=lambda run: run["millions"] or 0)
+
+
+def _seconds(row: dict) -> str:
+    value = row["seconds"]
+    return f"{value:.2f}" if row.get("from_log") or value >= 1 else f"{value:.3f}"
+
+
+MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M", "llama-1b": "Llama-3.2-1B",
+               "llama-8b": "Llama-3.1-8B"}
+
+
+def gpu_token(files: list[dict]) -> list[str]:
+    """benchmarks/gpu.sh scaling: token level per model shape, at the longest length where the naive and
+    the cached engine both ran; rows from the run's JSON, or from its log (times to 0.01 s) where the
+    slot ended first."""
+    lines = ["| model | tokens | method | time (s) | runs | peak growth (MiB) | time / naive | memory / plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in _gpu_runs(files):
+        by_length: dict[int, dict[str, dict]] = {}
+        for row in run["rows"]:
+            by_length.setdefault(row["tokens"], {})[row["method"]] = row
+        lengths = [n for n, rows in by_length.items() if {"atman", "atman-naive", "plain"} <= rows.keys()]
+        if not lengths:
+            continue
+        tokens = max(lengths)
+        rows = by_length[tokens]
+        naive, plain = rows["atman-naive"]["seconds"], rows["plain"]["peak_bytes"]
+        label = MODEL_NAMES.get(run["model"].split(" ")[0], run["model"])
+        for method, row in rows.items():
+            if method == "atman-sentence":
+                continue
+            ratio = row["seconds"] / naive
+            speed = (f"{ratio:.3f}x" if ratio < 0.1 else f"{ratio:.2f}x") + \
+                (f" ({1 / ratio:.2g}x faster)" if method == "atman" else "")
+            memory = row["peak_bytes"] / plain
+            memory_cell = f"{memory:.0f}x" if memory >= 10 else f"{memory:.2f}x"
+            lines.append(f"| {label} | {tokens if label else ''} | {method} | {_seconds(row)} | {row['runs']} | "
+                         f"{row['peak_bytes'] / 2**20:,.1f} | {'' if method == 'plain' else speed} | {memory_cell} |")
+            label = ""
+    return lines
+
+
+def gpu_memory(files: list[dict]) -> list[str]:
+    """benchmarks/gpu.sh scaling, the memory run (Llama-3.1-8B shape, AtMan at sentence level): peak growth
+    per method and prompt length, against a plain forward, and the total with the bfloat16 weights."""
+    methods = [("plain", "plain forward"), ("atman-sentence", "AtMan (default budget)"),
+               ("captum-gxa", "Captum gradient × activation"), ("captum-ig16", "Captum integrated gradients, 16 steps")]
+    run = next(r for r in _gpu_runs(files) if r["name"].endswith("-memory"))
+    weights = run["parameters"] * 2
+    lines = ["| prompt tokens | " + " | ".join(label for _, label in methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for tokens in sorted({r["tokens"] for r in run["rows"]}):
+        rows = {r["method"]: r for r in run["rows"] if r["tokens"] == tokens}
+        cells = []
+        for method, _ in methods:
+            if method not in rows:
+                cells.append("not reached")
+                continue
+            peak = rows[method]["peak_bytes"]
+            cells.append(f"{peak / 2**20:,.0f} ({peak / rows['plain']['peak_bytes']:.1f}x) / "
+                         f"{(weights + peak) / 2**30:.1f} GiB")
+        lines.append(f"| {tokens:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ray_throughput(data: dict) -> list[str]:
+    """benchmarks/ray_throughput.py: the local batch against Ray with 1 and 2 workers."""
+    sec, steady = data["seconds"], data["steady_requests_per_s"]
+
+    def overhead(value: float) -> str:
+        return f"overhead {100 * value:+.1f} %"
+
+    return ["| run | end to end (s) | steady (requests/s) | vs local, end to end | vs local, steady |",
+            "|---|---|---|---|---|",
+            f"| local batch (`atman explain --input`), 1 thread | {sec['local']:.1f} | {steady['local']:.3f} | "
+            "1.00x | 1.00x |",
+            f"| `--ray --workers 1 --threads-per-worker 1` | {sec['ray_1_worker']:.1f} | "
+            f"{steady['ray_1_worker']:.3f} | "
+            f"{overhead(data['ray_overhead'])} | {overhead(data['ray_overhead_steady'])} |",
+            f"| `--ray --workers 2 --threads-per-worker 1` | {sec['ray_2_workers']:.1f} | "
+            f"{steady['ray_2_workers']:.3f} | 2 vs 1 worker: {data['scaling_2_vs_1']:.2f}x | "
+            f"2 vs 1 worker: {data['scaling_2_vs_1_steady']:.2f}x |"]
+
+
+def ray_scaling(data: dict) -> list[str]:
+    """benchmarks/ray_scaling.py --report: every run, then the 2-vs-1-worker ratios (its own format)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ray_scaling", ROOT / "benchmarks" / "ray_scaling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.format_table(data).splitlines()
+
+
 def evaluation_report(data: dict) -> list[str]:
     """``atman evaluate``'s report (its .json), as the command wrote its .md, headings one level down and
     without the title: the section of a document that quotes it."""
@@ -377,7 +516,8 @@ RENDERERS: dict[str, Renderer] = {
     "engine-compare": engine_compare, "engine-reference": engine_reference,
     "explain-process": explain_process, "image-relevance": image_relevance,
     "evaluation-report": evaluation_report, "speed": speed, "release-memory": release_memory,
-    "vlm-speed": vlm_speed,
+    "vlm-speed": vlm_speed, "gpu-token": gpu_token, "gpu-memory": gpu_memory, "ray-throughput": ray_throughput,
+    "ray-scaling": ray_scaling,
 }
 
 

@@ -76,3 +76,17 @@ def test_a_table_inside_a_list_item_keeps_its_indentation(tmp_path):
     body = block.splitlines()[2:-1]
     assert body[0].startswith("  <!-- table:") and block.splitlines()[-1] == "  <!-- /table -->"
     assert all(line.startswith("  |") for line in body[1:]) and "stale" not in block
+
+
+def test_a_gpu_log_fills_the_rows_its_json_lacks():
+    render = _render()
+    log = render._log("=== gpu-x (limit 30s) 01:00:00\n"
+                      "model llama-8b (random init) (8030M parameters, bfloat16) on cuda\n"
+                      "   256 tokens  plain             0.02 s (n=3)       66.0 MiB\n"
+                      "   256 tokens  atman-naive       7.81 s (n=1)       66.0 MiB\n"
+                      "   256 tokens  atman             1.22 s (n=3)      293.2 MiB\n=== gpu-x: exit 124 after 40s\n")
+    written = {"model": "llama-8b (random init)", "rows": [
+        {"tokens": 256, "method": "plain", "seconds": 0.0213, "runs": 3, "peak_bytes": 66.0 * 2**20}]}
+    lines = render.gpu_token([written, log])
+    assert lines[2].startswith("| Llama-3.1-8B | 256 | plain | 0.021 | 3 | 66.0 |")
+    assert "| atman | 1.22 | 3 | 293.2 | 0.16x (6.4x faster) | 4.44x |" in lines[4]
