@@ -154,6 +154,19 @@ def refine_cost(runs: list[dict]) -> list[str]:
     return lines
 
 
+def refine_contexts(data: dict) -> list[str]:
+    """benchmarks/refine.py --full --contexts N: refine against token level, one row per context."""
+    lines = ["| context (seed) | prompt tokens | refine: calls / token-forwards | token level: calls / token-forwards | "
+             "refine / token level (token-forwards) | (time) | top-10 agreement |", "|---|---|---|---|---|---|---|"]
+    for run in data["runs"]:
+        r, t = run["refine"], run["token"]
+        lines.append(f"| {run['seed']} | {run['prompt_tokens']:,} | {r['forward_calls']} / {r['token_forwards']:,} | "
+                     f"{t['forward_calls']} / {t['token_forwards']:,} | {run['cost_share_token_forwards']:.3f} | "
+                     f"{run['cost_share_time']:.3f} ({r['seconds']:.2f} s / {t['seconds']:.2f} s) | "
+                     f"{_pct(run['top10_agreement'])} |")
+    return lines
+
+
 def refine_bounds(data: dict) -> list[str]:
     """benchmarks/refine.py --bounds-only: the cost model's shares of token level (nothing run)."""
     lines = [f"| prompt tokens | sentences | sentence pass alone | {data['refine_top']} earliest sentences refined | "
@@ -510,6 +523,7 @@ RENDERERS: dict[str, Renderer] = {
     "steering": steering, "cancellation": cancellation, "server-latency": server_latency, "tour": tour,
     "cli-startup": cli_startup, "inseq-steps": inseq_steps, "cite-real": cite_real,
     "cite-real-contexts": cite_real_contexts, "refine-cost": refine_cost, "refine-bounds": refine_bounds,
+    "refine-contexts": refine_contexts,
     "qa-check": qa_check, "evaluate-time": evaluate_time,
     "shared-prefix": shared_prefix, "evaluate-total": evaluate_total,
     "ig-convergence": ig_convergence, "at2-training": at2_training,
