@@ -156,8 +156,9 @@ def refine_cost(runs: list[dict]) -> list[str]:
 
 def refine_contexts(data: dict) -> list[str]:
     """benchmarks/refine.py --full --contexts N: refine against token level, one row per context."""
-    lines = ["| context (seed) | prompt tokens | refine: calls / token-forwards | token level: calls / token-forwards | "
-             "refine / token level (token-forwards) | (time) | top-10 agreement |", "|---|---|---|---|---|---|---|"]
+    lines = ["| context (seed) | prompt tokens | refine: calls / token-forwards | token level: calls / "
+             "token-forwards | refine / token level (token-forwards) | (time) | top-10 agreement |",
+             "|---|---|---|---|---|---|---|"]
     for run in data["runs"]:
         r, t = run["refine"], run["token"]
         lines.append(f"| {run['seed']} | {run['prompt_tokens']:,} | {r['forward_calls']} / {r['token_forwards']:,} | "
@@ -508,6 +509,111 @@ def ray_scaling(data: dict) -> list[str]:
     return module.format_table(data).splitlines()
 
 
+DATA_NAMES = {"qa": "QA", "squad": "SQuAD", "texts": "texts"}
+METHOD_NAMES = {"atman": "AtMan", "integrated-gradients": "IG", "input-x-gradient": "input × grad",
+                "saliency": "saliency", "feature-ablation": "feature abl.", "attention-rollout": "rollout",
+                "chefer": "Chefer", "occlusion": "occlusion", "random": "random", "attnlrp": "AttnLRP"}
+
+
+def _metric(data: dict, dataset: str, gran: str, method: str, metric: str) -> float | None:
+    """The mean of one metric of one method in a report's summary, or None where it was not measured."""
+    kind = "faithfulness" if metric in ("aopc_morf", "aopc_lerf", "abpc", "insertion") else "plausibility"
+    cell = data["summary"][kind].get(dataset, {}).get(gran, {}).get(method, {}).get(metric)
+    return None if cell is None else cell["mean"]
+
+
+def _value(metric: str, value: float | None, faithfulness: str = "{:.1f}") -> str:
+    """A summary cell: top-1 as a share (to 0.1 %), deletion-curve areas in nats, the rest to 3 digits."""
+    if value is None:
+        return "—"
+    if metric == "top1":
+        return f"{100 * value:.1f}".removesuffix(".0") + " %"
+    return faithfulness.format(value) if metric in ("abpc", "aopc_morf") else f"{value:.3f}"
+
+
+BASELINE_ROWS = [("qa", "sentence", "ap"), ("qa", "sentence", "top1"), ("qa", "token", "ap"), ("qa", "token", "top1"),
+                 ("qa", "token", "recall"), ("squad", "sentence", "ap"), ("qa", "sentence", "abpc"),
+                 ("squad", "sentence", "abpc")]
+
+
+def baseline_summary(data: dict) -> list[str]:
+    """``atman evaluate``'s report (its .json): the headline metrics of every method side by side, the
+    highest of each row in bold (every metric here is higher-is-better)."""
+    from atman.evaluate.report import LABELS
+
+    methods = [m for m in data["methods"] if m not in data.get("unavailable", {})]
+    lines = ["| data, units | metric | " + " | ".join(METHOD_NAMES.get(m, m) for m in methods) + " |",
+             "|---" * (len(methods) + 2) + "|"]
+    for dataset, gran, metric in BASELINE_ROWS:
+        values = [_metric(data, dataset, gran, m, metric) for m in methods]
+        if all(v is None for v in values):
+            continue
+        best = max(v for v in values if v is not None)
+        cells = [f"**{_value(metric, v)}**" if v == best else _value(metric, v) for v in values]
+        lines.append(f"| {DATA_NAMES[dataset]}, {gran}s | {LABELS[metric]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _variant(method: str) -> str:
+    """An ablation's method name in words (``atman:multiplier=0.0`` -> 'multiplier 0 (removal)')."""
+    if method == "atman":
+        return "default (multiplier 0.1, log-additive)"
+    key, _, value = method.partition(":")[2].partition("=")
+    if key == "multiplier":
+        return f"multiplier {float(value):g}" + (" (removal)" if float(value) == 0 else "")
+    if key == "kappa":
+        return f"conceptual, kappa {value}"
+    return value if key == "mode" else method
+
+
+VARIANT_COLUMNS = [
+    ("QA sentences AP / top-1", [("qa", "sentence", "ap"), ("qa", "sentence", "top1")]),
+    ("QA tokens AP / precision / recall",
+     [("qa", "token", "ap"), ("qa", "token", "precision"), ("qa", "token", "recall")]),
+    ("SQuAD sentences AP", [("squad", "sentence", "ap")]),
+    ("QA ABPC", [("qa", "sentence", "abpc")]),
+    ("Python texts ABPC", [("texts", "sentence", "abpc")]),
+]
+
+
+def variant_summary(data: dict) -> list[str]:
+    """``atman evaluate --ablations`` (or a run of AtMan's settings): each variant's headline metrics, the
+    columns the run measured."""
+    methods = data["methods"]
+    columns = [(label, cells) for label, cells in VARIANT_COLUMNS
+               if any(_metric(data, *cell[:2], m, cell[2]) is not None for m in methods for cell in cells)]
+    lines = ["| variant | " + " | ".join(label for label, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for method in methods:
+        row = [" / ".join(_value(c[2], _metric(data, c[0], c[1], method, c[2]), "{:.2f}") for c in cells)
+               for _, cells in columns]
+        lines.append(f"| {_variant(method)} | " + " | ".join(row) + " |")
+    return lines
+
+
+def paired_summary(data: dict) -> list[str]:
+    """``atman evaluate`` with AtMan and one other method: both means and the paired difference (95 %
+    bootstrap interval of the per-example difference) with its verdict, for every headline metric."""
+    from atman.evaluate.report import HEADLINE, LABELS, verdict
+
+    other = next(m for m in data["methods"] if m != "atman")
+    name = METHOD_NAMES.get(other, other)
+    lines = [f"| data, units | metric | AtMan | {name} | AtMan − {name} (paired) |", "|---|---|---|---|---|"]
+    for kind, datasets in data["paired"].items():
+        for dataset, grans in datasets.items():
+            for gran, methods in grans.items():
+                for metric in HEADLINE[kind]:
+                    if metric not in methods.get(other, {}):
+                        continue
+                    d = methods[other][metric]
+                    digits = "{:.2f}" if kind == "faithfulness" else "{:.3f}"
+                    lines.append(f"| {DATA_NAMES[dataset]}, {gran}s | {LABELS[metric]} | "
+                                 f"{_value(metric, _metric(data, dataset, gran, 'atman', metric), '{:.2f}')} | "
+                                 f"{_value(metric, _metric(data, dataset, gran, other, metric), '{:.2f}')} | "
+                                 f"{digits.format(d['mean'])} [{digits.format(d['low'])}, {digits.format(d['high'])}], "
+                                 f"{verdict(d, metric)} |")
+    return lines
+
+
 def evaluation_report(data: dict) -> list[str]:
     """``atman evaluate``'s report (its .json), as the command wrote its .md, headings one level down and
     without the title: the section of a document that quotes it."""
@@ -531,7 +637,8 @@ RENDERERS: dict[str, Renderer] = {
     "explain-process": explain_process, "image-relevance": image_relevance,
     "evaluation-report": evaluation_report, "speed": speed, "release-memory": release_memory,
     "vlm-speed": vlm_speed, "gpu-token": gpu_token, "gpu-memory": gpu_memory, "ray-throughput": ray_throughput,
-    "ray-scaling": ray_scaling,
+    "ray-scaling": ray_scaling, "baseline-summary": baseline_summary, "variant-summary": variant_summary,
+    "paired-summary": paired_summary,
 }
 
 
