@@ -18,8 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from atman import load_model
 from atman.baselines.contextcite import contextcite_scores
 from atman.evaluate.citation import (
@@ -36,9 +34,7 @@ from atman.evaluate.citation import (
     score_method,
 )
 from atman.evaluate.cite_data import invented_examples, squad_examples
-
-METRICS = ("top1_drop", "top3_drop", "top5_drop", "lds", "evidence_first")
-REFERENCE = "contextcite-32"
+from atman.evaluate.cite_tables import format_sizes, format_table, summarise
 
 
 def methods(lm, task, scorer) -> dict:
@@ -62,57 +58,6 @@ def methods(lm, task, scorer) -> dict:
     }
 
 
-def bootstrap(values: list[float], rounds: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95 % bootstrap interval of the mean over the contexts."""
-    data = np.asarray(values, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), size=(rounds, len(data)))].mean(axis=1)
-    return float(data.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def summarise(records: list[dict]) -> dict:
-    """Per method: bootstrap mean/interval of each metric, and mean ratios of cost to ContextCite-32's."""
-    names = list(dict.fromkeys(r["method"] for r in records))
-    reference = {r["context"]: r for r in records if r["method"] == REFERENCE}
-    table = {}
-    for name in names:
-        rows = [r for r in records if r["method"] == name]
-        entry = {m: bootstrap([r[m] for r in rows]) for m in METRICS if all(m in r for r in rows)}
-        paired = [r for r in rows if r["context"] in reference]
-        if paired:
-            entry["time_ratio"] = bootstrap([r["seconds"] / reference[r["context"]]["seconds"] for r in paired])
-            entry["cpu_ratio"] = bootstrap([r["cpu_seconds"] / reference[r["context"]]["cpu_seconds"]
-                                            for r in paired])
-            entry["token_ratio"] = bootstrap([r["token_forwards"] / reference[r["context"]]["token_forwards"]
-                                              for r in paired])
-        entry["token_forwards"] = float(np.mean([r["token_forwards"] for r in rows]))
-        entry["seconds"] = float(np.mean([r["seconds"] for r in rows]))
-        entry["contexts"] = len(rows)
-        table[name] = entry
-    return table
-
-
-def format_table(table: dict) -> str:
-    def cell(value) -> str:
-        mean, lo, hi = value
-        return f"{mean:.2f} [{lo:.2f}, {hi:.2f}]"
-
-    lines = ["| method | top-1 drop | top-3 drop | top-5 drop | LDS | evidence first | token-forwards | "
-             "tokens vs CC-32 | CPU time vs CC-32 | wall time vs CC-32 |", "|---" * 10 + "|"]
-    for name, e in table.items():
-        lines.append(f"| {name} | {cell(e['top1_drop'])} | {cell(e['top3_drop'])} | {cell(e['top5_drop'])} | "
-                     f"{cell(e['lds'])} | {e['evidence_first'][0]:.2f} | {e['token_forwards']:.0f} | "
-                     f"{e['token_ratio'][0]:.2f}x | {e['cpu_ratio'][0]:.2f}x | {e['time_ratio'][0]:.2f}x |")
-    return "\n".join(lines)
-
-
-def format_sizes(sizes: list[dict]) -> str:
-    lines = ["| context | kind | sources | tokens (prompt + response) | response tokens |", "|---" * 5 + "|"]
-    lines += [f"| {s['context']} | {s['kind']} | {s['sources']} | {s['tokens']} | {s['response_tokens']} |"
-              for s in sizes]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", type=int, default=4, help="generated contexts (kinds in turn)")
@@ -126,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.report:
         data = json.loads(args.report.read_text())
-        print(format_sizes(data["sizes"]))
-        print(format_table(summarise(data["records"])))
+        print("\n".join(format_sizes(data["sizes"])))
+        print("\n".join(format_table(summarise(data["records"]))))
         return 0
     if args.out is None:
         parser.error("--out is required")
@@ -160,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps({"model": lm.name, "command": " ".join(sys.argv), "sizes": sizes,
                                             "table": summarise(records), "records": records,
                                             "minutes": (time.time() - started) / 60}, indent=1))
-    print(format_table(summarise(records)))
+    print("\n".join(format_table(summarise(records))))
     return 0
 
 

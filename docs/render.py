@@ -614,6 +614,40 @@ def paired_summary(data: dict) -> list[str]:
     return lines
 
 
+def _files(data: dict | list[dict]) -> list[dict]:
+    return data if isinstance(data, list) else [data]
+
+
+def cite_sizes(data: dict) -> list[str]:
+    """benchmarks/cite.py: the contexts of a results file."""
+    from atman.evaluate.cite_tables import format_sizes
+
+    return format_sizes(data["sizes"])
+
+
+def cite_table(data: dict | list[dict]) -> list[str]:
+    """benchmarks/cite.py: every method's means and intervals over the contexts and its cost ratios to
+    ContextCite-32 (several files of the same methods on other contexts: their records together)."""
+    from atman.evaluate.cite_tables import format_table, merged_records, summarise
+
+    return format_table(summarise(merged_records(_files(data))))
+
+
+def cite_runs(data: dict | list[dict]) -> list[str]:
+    """benchmarks/cite.py: one block of rows per results file (a run with its own ContextCite-32)."""
+    from atman.evaluate.cite_tables import format_runs
+
+    return format_runs(_files(data))
+
+
+def cite_per_context(data: dict) -> list[str]:
+    """benchmarks/cite.py: per-source readout with the attention removed minus ContextCite, per context."""
+    from atman.evaluate.cite_tables import format_per_context
+
+    references = tuple(m for m in ("contextcite-32", "contextcite-64") if m in data["table"])
+    return format_per_context(data, "readout-removed", references)
+
+
 def evaluation_report(data: dict) -> list[str]:
     """``atman evaluate``'s report (its .json), as the command wrote its .md, headings one level down and
     without the title: the section of a document that quotes it."""
@@ -638,7 +672,8 @@ RENDERERS: dict[str, Renderer] = {
     "evaluation-report": evaluation_report, "speed": speed, "release-memory": release_memory,
     "vlm-speed": vlm_speed, "gpu-token": gpu_token, "gpu-memory": gpu_memory, "ray-throughput": ray_throughput,
     "ray-scaling": ray_scaling, "baseline-summary": baseline_summary, "variant-summary": variant_summary,
-    "paired-summary": paired_summary,
+    "paired-summary": paired_summary, "cite-sizes": cite_sizes, "cite-table": cite_table, "cite-runs": cite_runs,
+    "cite-per-context": cite_per_context,
 }
 
 
