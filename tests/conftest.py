@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -69,6 +70,17 @@ def tiny_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, **
 
 def have(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (tests/test_ray.py, the README tour's Ray line)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # address="local": a new Ray of our own, never a cluster some other process left on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
-"""The README tour's files exist in examples/ and say what the tour needs. The tour itself runs for
-minutes: ``benchmarks/tour.py`` runs its commands as written and records their times, which the README
-renders (a command that fails stops that run)."""
+"""The README tour's files exist in examples/ and say what the tour needs. tests/test_tour.py runs the
+tour's lines as written; ``benchmarks/tour.py`` runs them as separate processes and records their
+times, which the README renders (a command that fails stops that run)."""
 
 from __future__ import annotations
 

@@ -37,16 +37,6 @@ LINES = [
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    # address="local": a new Ray of our own, never a cluster some other process left on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
 def local_results(smollm2):
     """The single-process batch of LINES, by line number."""
     import torch
