@@ -215,3 +215,25 @@ def test_a_given_answer_is_cited_instead_of_generated(client, smollm2):
     assert got == library_citations(smollm2, TOOL, answer, "message", 2)
     with pytest.raises(openai.BadRequestError, match="needs atman.cite"):
         client.chat.completions.create(model=MODEL, messages=TOOL, extra_body={"atman": {"answer": answer}})
+
+
+def test_the_openapi_schema_describes_the_v1_routes(url):
+    import httpx
+
+    schema = httpx.get(f"{url}/openapi.json").json()
+    paths = {path: ops for path, ops in schema["paths"].items() if path.startswith("/v1")}
+    assert {"/v1/models", "/v1/chat/completions", "/v1/completions"} <= paths.keys()
+    components = schema["components"]["schemas"]
+    for path, request, field in (("/v1/chat/completions", "ChatCompletionRequest", "messages"),
+                                 ("/v1/completions", "CompletionRequest", "prompt")):
+        post = paths[path]["post"]
+        assert post["tags"] == ["OpenAI-compatible"]
+        assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"] == f"#/components/schemas/{request}"
+        assert field in components[request]["properties"] and "model" in components[request]["required"]
+        assert post["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    # every reference in the schema names a component that is there
+    import re
+
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', httpx.get(f"{url}/openapi.json").text))
+    assert refs <= components.keys(), refs - components.keys()
+    assert "atman" in components["ChatCompletionRequest"]["properties"]

@@ -28,7 +28,7 @@ from ..errors import AtmanError
 from ..models import LoadedModel
 from . import schemas
 from .base import LimitError, Limits, Service, Timeout
-from .openai_service import openai_router
+from .openai_service import openai_router, request_schemas
 from .queue import Cancelled, JobCheck, JobQueue, QueueFull
 from .security import token_problem
 from .text_service import TextService
@@ -394,6 +394,13 @@ def create_app(
     app.include_router(api)
     # the OpenAI-compatible endpoints (/v1/...), on the same queue and token
     app.include_router(openai_router(services, queue, token, run))
+    described = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # FastAPI caches the schema it builds on the app: the /v1 request bodies join it once
+        return request_schemas(described())
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/version", response_class=PlainTextResponse)
     async def version() -> str:

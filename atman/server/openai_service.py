@@ -404,15 +404,42 @@ def _sse(item: dict[str, Any] | str) -> bytes:
     return f"data: {text}\n\n".encode("ascii")
 
 
+OPENAI_TAG = "OpenAI-compatible"
+REQUEST_BODIES = (oa.ChatCompletionRequest, oa.CompletionRequest)
+ERRORS = {status: {"model": oa.ErrorBody, "description": what} for status, what in (
+    (400, "a body that is not valid JSON, or a field OpenAI's API does not allow"),
+    (401, "a missing or wrong API key (when the server has a token)"),
+    (404, "a model that is not served"), (422, "a field of the wrong type or out of range"),
+    (429, "the queue is full: retry after the Retry-After header's seconds"))}
+
+
+def _body(model: type[BaseModel], description: str) -> dict[str, Any]:
+    """An operation's ``openapi_extra``: its JSON request body, by reference to the components."""
+    return {"requestBody": {"required": True, "description": description, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def request_schemas(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` (an OpenAPI document) with the ``/v1`` request bodies and the models they name in its
+    components: the routes read their bodies themselves, so FastAPI does not add them."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in REQUEST_BODIES:
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+    return schema
+
+
 def openai_router(services: Mapping[str, Service], queue: JobQueue, token: str | None,
                   run: Callable[[Request, Callable[[JobCheck], T]], Awaitable[T]]) -> APIRouter:
     """The ``/v1`` routes over ``services`` (the app's), sharing its queue, token and job runner ``run``.
 
     They read their bodies themselves, so that every error (an unparsable body, a wrong field, a wrong
-    key) is answered in OpenAI's JSON; they are left out of ``/openapi.json``, whose schema is
-    Aleph Alpha's API.
+    key) is answered in OpenAI's JSON; ``/openapi.json`` describes them all the same, under the tag
+    "OpenAI-compatible", with their request bodies (:func:`request_schemas` adds those to the schema's
+    components), their answers and OpenAI's error body.
     """
-    router = APIRouter(prefix="/v1", include_in_schema=False)
+    router = APIRouter(prefix="/v1", tags=[OPENAI_TAG])
     adapters: dict[int, OpenAIAdapter] = {}
     started = int(time.time())
 
@@ -492,7 +519,7 @@ def openai_router(services: Mapping[str, Service], queue: JobQueue, token: str |
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @router.get("/models")
+    @router.get("/models", summary="The served text models", responses={200: {"model": oa.ModelList}, **ERRORS})
     async def models(request: Request) -> Response:
         try:
             authorize(request)
@@ -501,7 +528,8 @@ def openai_router(services: Mapping[str, Service], queue: JobQueue, token: str |
         names = sorted(name for name, service in services.items() if isinstance(service, TextService))
         return _json(oa.ModelList(data=[oa.ModelCard(id=name, created=started) for name in names]).model_dump())
 
-    @router.get("/models/{model:path}")
+    @router.get("/models/{model:path}", summary="One served model",
+                responses={200: {"model": oa.ModelCard}, **ERRORS})
     async def model_card(model: str, request: Request) -> Response:
         try:
             authorize(request)
@@ -510,7 +538,11 @@ def openai_router(services: Mapping[str, Service], queue: JobQueue, token: str |
             return answer(exc)
         return _json(oa.ModelCard(id=model, created=started).model_dump())
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", summary="A chat answered (and cited, with atman.cite)",
+                 responses={200: {"model": oa.ChatCompletion,
+                                  "description": "the answer; with stream: server-sent events of chunks"}, **ERRORS},
+                 openapi_extra=_body(oa.ChatCompletionRequest, "OpenAI's chat completion request, with the "
+                                     "optional atman field"))
     async def chat_completions(request: Request) -> Any:
         try:
             authorize(request)
@@ -524,7 +556,10 @@ def openai_router(services: Mapping[str, Service], queue: JobQueue, token: str |
             return answer(exc)
         return _json(result.model_dump())
 
-    @router.post("/completions")
+    @router.post("/completions", summary="A text continued (OpenAI's legacy completions)",
+                 responses={200: {"model": oa.Completion,
+                                  "description": "the continuation; with stream: server-sent events"}, **ERRORS},
+                 openapi_extra=_body(oa.CompletionRequest, "OpenAI's completion request"))
     async def completions(request: Request) -> Any:
         try:
             authorize(request)
