@@ -138,7 +138,8 @@ def main() -> int:
             print(f"step {step} loss {loss.item():.4f} wall {time.monotonic() - start:.0f}s "
                   f"cpu {time.process_time() - cpu_start:.0f}s", flush=True)
     model.eval()
-    accuracy = caption_accuracy(model, processor, np.random.default_rng(10_000 + args.seed), 200)
+    heldout = 200
+    accuracy = caption_accuracy(model, processor, np.random.default_rng(10_000 + args.seed), heldout)
     print(f"held-out caption accuracy: {accuracy:.3f}", flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output)
@@ -146,7 +147,8 @@ def main() -> int:
     (args.output / "training.json").write_text(json.dumps(
         {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "parameters": params,
          "train_wall_seconds": round(time.monotonic() - start),
-         "train_cpu_seconds": round(time.process_time() - cpu_start), "heldout_caption_accuracy": accuracy},
+         "train_cpu_seconds": round(time.process_time() - cpu_start), "heldout_caption_accuracy": accuracy,
+         "heldout_examples": heldout},
         indent=1))
     return 0
 

@@ -80,7 +80,8 @@ def main() -> int:
             print(f"time limit reached at step {step}", flush=True)
             break
     model.eval()
-    _, pixels, labels = scene_batch(np.random.default_rng(10_000 + args.seed), 500)
+    heldout = 500
+    _, pixels, labels = scene_batch(np.random.default_rng(10_000 + args.seed), heldout)
     with torch.no_grad():
         accuracy = float((model(pixel_values=pixels).logits.argmax(-1) == labels).float().mean())
     print(f"held-out accuracy: {accuracy:.3f}", flush=True)
@@ -90,7 +91,8 @@ def main() -> int:
     (args.output / "training.json").write_text(json.dumps(
         {"steps": step, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
          "parameters": sum(p.numel() for p in model.parameters()),
-         "train_seconds": round(time.monotonic() - start), "heldout_accuracy": accuracy}, indent=1))
+         "train_seconds": round(time.monotonic() - start), "heldout_accuracy": accuracy,
+         "heldout_examples": heldout}, indent=1))
     return 0
 
 

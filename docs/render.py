@@ -73,6 +73,11 @@ def _pct(value: float) -> str:
     return f"{round(100 * value)} %"
 
 
+def _share(value: float) -> str:
+    """A share to 0.1 % (97.5 %, 100 %)."""
+    return f"{100 * value:.1f}".removesuffix(".0") + " %"
+
+
 def steering(data: dict) -> list[str]:
     """benchmarks/steering_qa.py: mean log p(answer) and greedy accuracy per factor and controlled sentence."""
     rows = data["rows"]
@@ -527,7 +532,7 @@ def _value(metric: str, value: float | None, faithfulness: str = "{:.1f}") -> st
     if value is None:
         return "—"
     if metric == "top1":
-        return f"{100 * value:.1f}".removesuffix(".0") + " %"
+        return _share(value)
     return faithfulness.format(value) if metric in ("abpc", "aopc_morf") else f"{value:.3f}"
 
 
@@ -648,6 +653,32 @@ def cite_per_context(data: dict) -> list[str]:
     return format_per_context(data, "readout-removed", references)
 
 
+FIXTURES = {  # what each trained fixture is (the figures come from its training.json)
+    "heldout_caption_accuracy": (
+        "`tests/fixtures/tiny-llava-scenes`", "`LlavaForConditionalGeneration`: CLIP vision tower (2 layers, 8 px "
+        "patches, 6 x 6 grid) + projector + Llama (2 layers)", "caption \"This is a picture of a red circle and a "
+        "blue square\" (1-2 objects, named left to right)", "captions exact"),
+    "heldout_accuracy": (
+        "`tests/fixtures/tiny-vit-scenes`", "`ViTForImageClassification` (3 layers, 6 x 6 grid)",
+        "the coloured shape among two grey distractors (9 classes)", "scenes"),
+}
+
+
+def trained_fixtures(files: list[dict]) -> list[str]:
+    """benchmarks/train_tiny_llava.py and train_tiny_vit.py: each fixture's training.json (beside its weights)."""
+    lines = ["| fixture | architecture | task | parameters | training | held-out accuracy |", "|---" * 6 + "|"]
+    for data in files:
+        key = next(k for k in FIXTURES if k in data)
+        fixture, architecture, task, unit = FIXTURES[key]
+        cpu = f"{data['train_cpu_seconds']:,} s CPU, " if "train_cpu_seconds" in data else ""
+        wall = data.get("train_wall_seconds", data.get("train_seconds"))
+        held = data.get("heldout_examples")
+        accuracy = _share(data[key]) + (f" of {held:,} {unit}" if held else "")
+        lines.append(f"| {fixture} | {architecture} | {task} | {data['parameters']:,} | {data['steps']:,} steps of "
+                     f"{data['batch_size']}: {cpu}{wall:,} s wall | {accuracy} |")
+    return lines
+
+
 def evaluation_report(data: dict) -> list[str]:
     """``atman evaluate``'s report (its .json), as the command wrote its .md, headings one level down and
     without the title: the section of a document that quotes it."""
@@ -673,7 +704,7 @@ RENDERERS: dict[str, Renderer] = {
     "vlm-speed": vlm_speed, "gpu-token": gpu_token, "gpu-memory": gpu_memory, "ray-throughput": ray_throughput,
     "ray-scaling": ray_scaling, "baseline-summary": baseline_summary, "variant-summary": variant_summary,
     "paired-summary": paired_summary, "cite-sizes": cite_sizes, "cite-table": cite_table, "cite-runs": cite_runs,
-    "cite-per-context": cite_per_context,
+    "cite-per-context": cite_per_context, "trained-fixtures": trained_fixtures,
 }
 
 
