@@ -41,6 +41,7 @@ from atman.evaluate.citation import (
     CitationTask,
     HoldOut,
     MethodRun,
+    OutOfProcess,
     ResponseScorer,
     count_token_forwards,
     layout,
@@ -88,22 +89,19 @@ def plain_forward(lm, task) -> np.ndarray:
 _ATTNLRP: dict[int, object] = {}   # one lxt worker per loaded model, started on first use
 
 
-def attnlrp_scores(lm, task, tokens: int) -> tuple[np.ndarray, int, float, float]:
+def attnlrp_scores(lm, task) -> OutOfProcess:
     """AttnLRP at sentence level (:meth:`atman.baselines.lrp.AttnLRP.source_scores`, lxt in its own
-    environment's worker process) of a context of ``tokens`` tokens. Returns the scores, the token-forwards
-    charged (one forward and one backward pass of the whole sequence, counted as three forwards: a backward
-    pass costs about two), the
-    wall seconds and the CPU seconds of this process and the worker together."""
+    environment's worker process), with the worker's cost: the token-forwards charged (one forward and one
+    backward pass of the whole sequence, counted as three forwards: a backward pass costs about two) and the
+    worker's CPU seconds, which :func:`run_method` adds to this process's."""
     from atman.baselines.lrp import AttnLRP
 
     method = _ATTNLRP.get(id(lm))
     if method is None:
         method = _ATTNLRP[id(lm)] = AttnLRP(lm)
-    start, cpu, child = time.perf_counter(), time.process_time(), method.worker_cpu_seconds()
+    child = method.worker_cpu_seconds()
     scores = method.source_scores(task)
-    wall = time.perf_counter() - start
-    cpu = time.process_time() - cpu + method.worker_cpu_seconds() - child
-    return scores, 3 * tokens, wall, cpu
+    return OutOfProcess(scores, 3 * len(layout(lm.tokenizer, task).input_ids), method.worker_cpu_seconds() - child)
 
 
 def methods(lm, task) -> dict[str, Callable[[], np.ndarray]]:
@@ -115,6 +113,7 @@ def methods(lm, task) -> dict[str, Callable[[], np.ndarray]]:
         "attribot-loo": lambda: attribot.cached_leave_one_out(lm, task),
         "attribot-hierarchical-3": lambda: attribot.hierarchical_leave_one_out(lm, task, 3),
         "at2": lambda: at2.at2_scores(lm, task),
+        "attnlrp": lambda: attnlrp_scores(lm, task),
         "readout-removed": lambda: readout_suppression(lm, task),
         "readout-refine": lambda: readout_refine(lm, task, passages=True),
         "readout-passages": lambda: readout_refine(lm, task, block=0, passages=True),
@@ -299,10 +298,6 @@ def main(argv: list[str] | None = None) -> int:
                                 "load": [round(v, 2) for v in load]})
                 continue
             if name.startswith(CONTEXTCITE):
-                continue
-            if name == "attnlrp":
-                load = os.getloadavg()
-                runs.append((name, *attnlrp_scores(lm, task, len(lay.input_ids)), load))
                 continue
             load = os.getloadavg()
             measured = run_method(name, lm, table[name])

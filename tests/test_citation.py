@@ -250,3 +250,12 @@ def test_contextcite_runs_offline_on_our_sources(smollm2):
     assert partitioner.get_context(keep) == task.sources.ablate(keep)
     scores = contextcite_scores(smollm2, task, num_ablations=16)
     assert scores.shape == (4,) and int(np.argmax(scores)) == evidence
+
+
+def test_a_method_run_elsewhere_adds_the_cost_it_reports(smollm2):
+    from atman.evaluate.citation import OutOfProcess
+
+    done = run_method("elsewhere", smollm2, lambda: OutOfProcess(np.array([1.0, 2.0]), 300, 2.5))
+    assert done.scores.tolist() == [1.0, 2.0] and done.token_forwards == 300 and done.cpu_seconds >= 2.5
+    here = run_method("here", smollm2, lambda: [3.0])
+    assert here.token_forwards == 0 and here.scores.dtype == np.float64

@@ -453,14 +453,29 @@ class MethodRun:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def run_method(name: str, lm: LoadedModel, method: Callable[[], np.ndarray]) -> MethodRun:
+@dataclass
+class OutOfProcess:
+    """Scores a method computed in another process (AttnLRP's lxt worker), with what they cost there:
+    the token-forwards it charges and the CPU seconds of that process, which :func:`run_method` adds to
+    what it counts here."""
+
+    scores: np.ndarray
+    token_forwards: int
+    cpu_seconds: float
+
+
+def run_method(name: str, lm: LoadedModel, method: Callable[[], np.ndarray | OutOfProcess]) -> MethodRun:
     """Run ``method`` (no arguments, returns one score per source), counting token-forwards, wall time
-    and this process's CPU time (the fairer clock on a machine that other jobs share)."""
+    and this process's CPU time (the fairer clock on a machine that other jobs share). A method that
+    returns :class:`OutOfProcess` adds the cost it reports from its other process."""
     with count_token_forwards(lm.model) as counter:
         start, cpu = time.perf_counter(), time.process_time()
-        scores = np.asarray(method(), dtype=np.float64)
+        result = method()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-    return MethodRun(name=name, scores=scores, token_forwards=counter.tokens, seconds=seconds,
+    tokens = counter.tokens
+    if isinstance(result, OutOfProcess):
+        tokens, cpu_seconds, result = tokens + result.token_forwards, cpu_seconds + result.cpu_seconds, result.scores
+    return MethodRun(name=name, scores=np.asarray(result, dtype=np.float64), token_forwards=tokens, seconds=seconds,
                      cpu_seconds=cpu_seconds)
 
 
