@@ -21,31 +21,16 @@ from pathlib import Path
 import torch
 
 from atman import load_model
-from atman.baselines.gradient import IntegratedGradients, _EmbeddingObjective, _prompt_mask
+from atman.baselines.gradient import IntegratedGradients
 from atman.evaluate.context_qa import make_examples
 from atman.units import encode
 
 
-class _ZeroBaseline(IntegratedGradients):
-    """The same method from the all-zero embedding (the textbook baseline)."""
-
-    def _baseline_embedding(self, device: torch.device) -> torch.Tensor:
-        self.baseline_token = "zeros"
-        return torch.zeros(self.lm.model.get_input_embeddings().embedding_dim, device=device)
-
-
 def measure(method: IntegratedGradients, encoded) -> dict:
     """Sum of the attributions, f(input) - f(baseline) and their gap for one call."""
-    scores = method.token_scores(encoded)
-    objective = _EmbeddingObjective(method.lm, encoded)
-    inputs = objective.embeddings()
-    mask = _prompt_mask(encoded, inputs.device)
-    baseline = inputs * (1.0 - mask) + method._baseline_embedding(inputs.device) * mask
-    with torch.no_grad():
-        difference = float(objective(inputs)[0] - objective(baseline)[0])
-    total = float(scores.sum())
-    return {"baseline": method.baseline_token, "steps": method.steps, "sum": total, "difference": difference,
-            "gap": method.convergence_delta, "relative_gap": abs(total - difference) / abs(difference)}
+    check = method.completeness(encoded)
+    return {"baseline": method.baseline_token, "steps": method.steps, **check,
+            "relative_gap": abs(check["sum"] - check["difference"]) / abs(check["difference"])}
 
 
 def main() -> None:
@@ -61,7 +46,8 @@ def main() -> None:
         target = example.target
         encoded = encode(lm.tokenizer, example.prompt, target)
         for steps in (int(v) for v in args.steps.split(",")):
-            for method in (IntegratedGradients(lm, steps=steps), _ZeroBaseline(lm, steps=steps)):
+            for baseline in ("token", "zeros"):
+                method = IntegratedGradients(lm, steps=steps, baseline=baseline)
                 row = {"prompt": k, "target": target, **measure(method, encoded)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -93,6 +93,16 @@ def test_integrated_gradients_is_complete():
     assert total == pytest.approx(expected, rel=1e-3, abs=1e-4)
     assert abs(method.convergence_delta) < 1e-3
     assert method.baseline_token == "pad" and method.settings()["baseline_token"] == "pad"
+    # completeness as the method reports it, from both baselines (the zero one by its own difference)
+    check = method.completeness(encoded)
+    assert check["difference"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert check["sum"] == pytest.approx(total, rel=1e-6, abs=1e-7)
+    zeros = IntegratedGradients(lm, steps=64, baseline="zeros")
+    check = zeros.completeness(encoded)
+    assert zeros.baseline_token == "zeros" and check["difference"] != pytest.approx(expected)
+    assert check["sum"] == pytest.approx(check["difference"], rel=1e-2, abs=1e-3)
+    with pytest.raises(ValueError, match="baseline must be"):
+        IntegratedGradients(lm, baseline="mean")
 
 
 def test_occlusion_score_is_the_drop_when_the_unit_is_deleted(smollm2):

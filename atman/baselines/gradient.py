@@ -56,8 +56,10 @@ class IntegratedGradients(TokenMethod):
 
     Only the explainable prompt positions move along the path (from the embedding of the pad token,
     else end-of-sequence, else unknown token, to the real embedding); special tokens and the target
-    keep theirs. ``steps`` Gauss-Legendre points (Captum's default rule). Not the all-zero baseline:
-    RMS/LayerNorm of a vector near zero changes so fast that the path integral does not converge.
+    keep theirs. ``steps`` Gauss-Legendre points (Captum's default rule). Not the all-zero baseline by
+    default (``baseline="zeros"`` asks for it): RMS/LayerNorm of a vector near zero changes so fast that
+    the path integral does not converge (benchmarks/ig_convergence.py measures both with
+    :meth:`completeness`).
     Even so, on SmolLM2 the integral stays rough (the completeness gap of the last call is kept in
     ``convergence_delta`` and in the explanation's settings).
 
@@ -68,11 +70,15 @@ class IntegratedGradients(TokenMethod):
 
     name = "integrated-gradients"
 
-    def __init__(self, model: LoadedModel, steps: int = 32, internal_batch_size: int = 16) -> None:
+    def __init__(self, model: LoadedModel, steps: int = 32, internal_batch_size: int = 16,
+                 baseline: str = "token") -> None:
         super().__init__(model)
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        if baseline not in ("token", "zeros"):
+            raise ValueError(f"baseline must be 'token' (the pad token's embedding) or 'zeros', got {baseline!r}")
         self.steps = steps
+        self.baseline = baseline
         self.internal_batch_size = internal_batch_size
         self.convergence_delta: float | None = None
         # which embedding the path starts from: the pad, end-of-sequence or unknown token's, or zeros
@@ -82,11 +88,25 @@ class IntegratedGradients(TokenMethod):
         return {"steps": self.steps, "baseline_token": self.baseline_token,
                 "convergence_delta": self.convergence_delta}
 
-    def token_scores(self, encoded: EncodedInput) -> torch.Tensor:
+    def _path(self, encoded: EncodedInput) -> tuple[_EmbeddingObjective, torch.Tensor, torch.Tensor]:
+        """The objective and the two ends of the path: the input's embeddings and the baseline's."""
         objective = _EmbeddingObjective(self.lm, encoded)
         inputs = objective.embeddings()
         mask = _prompt_mask(encoded, inputs.device)
-        baseline = inputs * (1.0 - mask) + self._baseline_embedding(inputs.device) * mask
+        return objective, inputs, inputs * (1.0 - mask) + self._baseline_embedding(inputs.device) * mask
+
+    def completeness(self, encoded: EncodedInput) -> dict:
+        """Attribute ``encoded`` and check the completeness axiom: the attributions' ``sum`` against the
+        ``difference`` f(input) - f(baseline) it should equal (f = log p(target)), and Captum's ``gap``
+        between the two."""
+        total = float(self.token_scores(encoded).sum())
+        objective, inputs, baseline = self._path(encoded)
+        with torch.no_grad():
+            difference = float(objective(inputs)[0] - objective(baseline)[0])
+        return {"sum": total, "difference": difference, "gap": self.convergence_delta}
+
+    def token_scores(self, encoded: EncodedInput) -> torch.Tensor:
+        objective, inputs, baseline = self._path(encoded)
         ig = _captum().IntegratedGradients(objective)
         attributions, delta = ig.attribute(inputs, baselines=baseline, n_steps=self.steps,
                                            internal_batch_size=self.internal_batch_size,
@@ -96,6 +116,9 @@ class IntegratedGradients(TokenMethod):
         return attributions[0].sum(dim=-1)
 
     def _baseline_embedding(self, device: torch.device) -> torch.Tensor:
+        if self.baseline == "zeros":
+            self.baseline_token = "zeros"
+            return torch.zeros(self.lm.model.get_input_embeddings().embedding_dim, device=device)
         tokenizer = self.lm.tokenizer
         ids = (("pad", tokenizer.pad_token_id), ("eos", tokenizer.eos_token_id), ("unk", tokenizer.unk_token_id))
         name, token = next(((n, t) for n, t in ids if t is not None), ("zeros", None))
