@@ -26,6 +26,7 @@ from .shared import (
     said,
     said_written,
     suppression,
+    text_only_options,
     write_explanation,
     write_file,
 )
@@ -181,14 +182,6 @@ MEDIA_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
               "granularity": (str,), "image_granularity": (str,), "multiplier": (int, float),
               "max_new_tokens": (int,)},
 }
-
-
-def text_only_options(args: argparse.Namespace) -> list[str]:
-    """The options given that only text explanations honour (a media explainer runs in float32, in full)."""
-    return [name for name, given in (("--dtype", args.dtype != "float32"),
-                                     ("--device-map", getattr(args, "device_map", None) is not None),
-                                     ("--engine", args.engine != "cached"),
-                                     ("--max-memory", getattr(args, "max_memory", None) is not None)) if given]
 
 
 def media_kind(line: str) -> str | None:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..server import security
-from .shared import DTYPES, MAX_COUNT, UsageError, add_placement_options, load_options, said
+from .shared import DTYPES, MAX_COUNT, UsageError, add_placement_options, load_options, said, text_only_options
 
 DEFAULTS = dict(max_body_bytes=1_000_000, max_prompt_tokens=2048, max_units=256, max_tokens=256,
                 max_completions=8, timeout_s=300.0, max_queue=64, max_connections=128,
@@ -146,9 +146,7 @@ def run(args: argparse.Namespace) -> int:
     for name in args.models or ["smollm2"]:
         print(f"loading {name} ...", file=sys.stderr)
         if is_vision_language(name):
-            ignored = [option for option, given in (("--dtype", args.dtype != "float32"),
-                                                    ("--device-map", getattr(args, "device_map", None) is not None))
-                       if given]
+            ignored = text_only_options(args)
             if ignored:
                 raise UsageError(f"{said(ignored)} only to text models; {name} is a vision-language model, "
                                  "served in float32 on --device")

@@ -81,6 +81,15 @@ def add_model_options(parser: argparse.ArgumentParser, *, explainer: bool = True
                         help="cached: reuse the unperturbed prefix (exact, faster); naive: full passes")
 
 
+def text_only_options(args: argparse.Namespace) -> list[str]:
+    """The options given that only text models honour: media explainers and served vision-language models
+    run in float32, whole, on ``--device`` (a command without one of these options never gives it)."""
+    return [name for name, given in (("--dtype", getattr(args, "dtype", "float32") != "float32"),
+                                     ("--device-map", getattr(args, "device_map", None) is not None),
+                                     ("--engine", getattr(args, "engine", "cached") != "cached"),
+                                     ("--max-memory", getattr(args, "max_memory", None) is not None)) if given]
+
+
 def add_placement_options(parser: argparse.ArgumentParser) -> None:
     """Loading options passed to :func:`atman.load_model`: models split across devices, hub revisions."""
     parser.add_argument("--device-map", metavar="auto|JSON",
