@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..transcripts import ROLES
+
 # what a request may set these fields to (anything else: 400 "not supported by this server")
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
@@ -26,9 +28,33 @@ SOURCE_LEVELS = ("message", "passage", "sentence", "token")
 MAX_TOP_LOGPROBS = 20
 
 
+MESSAGE_SCHEMA = {
+    "type": "object", "required": ["role"],
+    "properties": {
+        "role": {"enum": list(ROLES)},
+        "content": {"anyOf": [{"type": "string"}, {"type": "null"}, {"type": "array", "items": {
+            "type": "object", "required": ["type", "text"],
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]},
+        "name": {"type": "string"},
+        "tool_calls": {"type": "array", "items": {"type": "object"}},
+        "tool_call_id": {"type": "string"},
+        "reasoning_content": {"type": "string"},
+    },
+}
+
+
+def _neutral_only(schema: dict[str, Any]) -> None:
+    """In a request's JSON schema, the fields of :data:`NEUTRAL` take only their neutral values."""
+    for name, values in NEUTRAL.items():
+        if name in schema.get("properties", {}):
+            allowed = sorted({v for v in values if v is not None}, key=repr)
+            schema["properties"][name] = {"anyOf": [{"enum": allowed}, {"type": "null"}], "default": None,
+                                          "description": "accepted only at its neutral value (not supported here)"}
+
+
 class _Body(BaseModel):
     # clients send fields of newer API versions and of their own (hosted services' options)
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_neutral_only)
 
 
 class CiteOptions(_Body):
@@ -73,7 +99,8 @@ class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``. ``messages`` are read by :func:`atman.transcripts.parse_messages`
     (so that a wrong role or a tool result without a call is answered with what is wrong)."""
 
-    messages: list[Any]
+    # read by parse_messages (free-form here, so that its errors say what is wrong); the schema shows the shape
+    messages: list[Any] = Field(json_schema_extra={"items": MESSAGE_SCHEMA, "minItems": 1})
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
