@@ -10,7 +10,7 @@ from rich.console import Console
 
 from atman import AtmanError, Citations, Citer, EmptyInputError, Explainer, Passage, cite
 from atman.citer import CitationError, coarse_to_fine, passages_from, source_groups
-from atman.render.citations import render_citations_html, render_citations_terminal, source_name
+from atman.render.citations import render_citations_html, render_citations_terminal, source_names
 from atman.rows import suppression_rows
 
 PASSAGES = [
@@ -104,7 +104,7 @@ def test_an_empty_passage_is_said_and_the_others_keep_their_place(citer):
     # a passage without an id is named by its place in the list given, the empty one counted
     with pytest.warns(UserWarning, match="passage 0 is empty"):
         unnamed = citer.cite(["  ", PASSAGES[1]["text"]], QUESTION, "In Lindhaven.")
-    assert [source_name(unnamed, k) for k in range(len(unnamed.sources))] == ["2:1", "2:2"]
+    assert source_names(unnamed) == ["2:1", "2:2"]
 
 
 def test_screened_citation_is_exact_for_the_sources_it_refines(smollm2, result):
@@ -138,7 +138,7 @@ def test_json_round_trip_and_views(result, tmp_path):
     text = console.export_text()
     assert "Doran Vesk repairs clocks in Lindhaven." in text and "(Trades)" in text
     # both views name a source as the terminal does (passage id, number in it) and say what a score is in
-    names = [source_name(result, i) for i in range(len(result.sources))]
+    names = source_names(result)
     assert f"<sup>{names[1]}</sup>" in page and f"[{names[result.spans[0].top(1)[0][0]]}] " in page
     assert "in nats" in page and "in nats" in " ".join(text.split())
     with pytest.raises(ValueError, match=".txt"):

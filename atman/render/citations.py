@@ -59,11 +59,6 @@ def source_names(result: Citations) -> list[str]:
     return names
 
 
-def source_name(result: Citations, index: int) -> str:
-    """How the views name source ``index`` (:func:`source_names`)."""
-    return source_names(result)[index]
-
-
 def citations_table(result: Citations, top: int = DEFAULT_TOP) -> Table:
     """A rich table: each response span with its top sources (score, passage, text)."""
     table = Table(title=f"Sources of the response ({result.model}, {result.settings.get('method', 'readout')}, "
