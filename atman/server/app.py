@@ -397,8 +397,10 @@ def create_app(
     described = app.openapi
 
     def openapi() -> dict[str, Any]:
-        # FastAPI caches the schema it builds on the app: the /v1 request bodies join it once
-        return request_schemas(described())
+        # FastAPI builds the schema once and keeps it on the app; the /v1 request bodies join it then
+        if app.openapi_schema is None:
+            request_schemas(described())
+        return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
