@@ -227,23 +227,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def table(rows: list[dict]) -> list[str]:
-    """The results as the Markdown table docs/performance.md shows (from a results file's ``rows``)."""
-    def fmt(value, pattern):
-        return "—" if value is None else pattern.format(value)
+    """The results as the Markdown table docs/performance.md shows (from a results file's ``rows``): the
+    docs' own renderer (docs/render.py ``speed``), so that the two never differ."""
+    import importlib.util
 
-    lines = ["| tokens | method | time (s) | runs | peak memory (MiB) | time / plain | time / naive | CPU / naive "
-             "| memory / plain | memory / naive |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        oom = row.get("out_of_memory")
-        lines.append(f"| {row['tokens']} | {row['method']} | "
-                     f"{'out of memory' if oom else fmt(row['seconds'], '{:.2f}')} | {row['runs']} | "
-                     f"{fmt(row['peak_bytes'] and row['peak_bytes'] / 2**20, '{:.1f}')} | "
-                     f"{fmt(row.get('time_vs_plain'), '{:.1f}x')} | "
-                     f"{fmt(row.get('time_vs_atman-naive'), '{:.2f}x')} | "
-                     f"{fmt(row.get('cpu_vs_atman-naive'), '{:.2f}x')} | "
-                     f"{fmt(row.get('memory_vs_plain'), '{:.2f}x')} | "
-                     f"{fmt(row.get('memory_vs_atman-naive'), '{:.2f}x')} |")
-    return lines
+    spec = importlib.util.spec_from_file_location("docs_render", Path(__file__).resolve().parent.parent / "docs"
+                                                  / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    return render.speed({"rows": rows})
 
 
 def main() -> None:

@@ -147,30 +147,30 @@ def inseq_steps(data: dict) -> list[str]:
     return lines
 
 
+REFINE_HEADER = ("refine: calls / token-forwards | token level: calls / token-forwards | "
+                 "refine / token level (token-forwards) | (time) | top-10 agreement |")
+
+
+def _refine_cells(run: dict, seconds: bool = False) -> str:
+    """One refine run against token level, from its prompt tokens on (``seconds``: both times beside the
+    time share)."""
+    r, t = run["refine"], run["token"]
+    time = f"{run['cost_share_time']:.3f}" + (f" ({r['seconds']:.2f} s / {t['seconds']:.2f} s)" if seconds else "")
+    return (f"{run['prompt_tokens']:,} | {r['forward_calls']} / {r['token_forwards']:,} | "
+            f"{t['forward_calls']} / {t['token_forwards']:,} | {run['cost_share_token_forwards']:.3f} | {time} | "
+            f"{_pct(run['top10_agreement'])} |")
+
+
 def refine_cost(runs: list[dict]) -> list[str]:
     """benchmarks/refine.py --full: refine against token level, one row per results file."""
-    lines = ["| prompt tokens | refine: calls / token-forwards | token level: calls / token-forwards | "
-             "refine / token level (token-forwards) | (time) | top-10 agreement |", "|---|---|---|---|---|---|"]
-    for run in sorted(runs, key=lambda r: r["prompt_tokens"]):
-        r, t = run["refine"], run["token"]
-        lines.append(f"| {run['prompt_tokens']:,} | {r['forward_calls']} / {r['token_forwards']:,} | "
-                     f"{t['forward_calls']} / {t['token_forwards']:,} | {run['cost_share_token_forwards']:.3f} | "
-                     f"{run['cost_share_time']:.3f} | {_pct(run['top10_agreement'])} |")
-    return lines
+    lines = [f"| prompt tokens | {REFINE_HEADER}", "|---" * 6 + "|"]
+    return lines + [f"| {_refine_cells(run)}" for run in sorted(runs, key=lambda r: r["prompt_tokens"])]
 
 
 def refine_contexts(data: dict) -> list[str]:
     """benchmarks/refine.py --full --contexts N: refine against token level, one row per context."""
-    lines = ["| context (seed) | prompt tokens | refine: calls / token-forwards | token level: calls / "
-             "token-forwards | refine / token level (token-forwards) | (time) | top-10 agreement |",
-             "|---|---|---|---|---|---|---|"]
-    for run in data["runs"]:
-        r, t = run["refine"], run["token"]
-        lines.append(f"| {run['seed']} | {run['prompt_tokens']:,} | {r['forward_calls']} / {r['token_forwards']:,} | "
-                     f"{t['forward_calls']} / {t['token_forwards']:,} | {run['cost_share_token_forwards']:.3f} | "
-                     f"{run['cost_share_time']:.3f} ({r['seconds']:.2f} s / {t['seconds']:.2f} s) | "
-                     f"{_pct(run['top10_agreement'])} |")
-    return lines
+    lines = [f"| context (seed) | prompt tokens | {REFINE_HEADER}", "|---" * 7 + "|"]
+    return lines + [f"| {run['seed']} | {_refine_cells(run, seconds=True)}" for run in data["runs"]]
 
 
 def refine_bounds(data: dict) -> list[str]:
