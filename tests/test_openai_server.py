@@ -237,3 +237,25 @@ def test_the_openapi_schema_describes_the_v1_routes(url):
     refs = set(re.findall(r'"#/components/schemas/([^"]+)"', httpx.get(f"{url}/openapi.json").text))
     assert refs <= components.keys(), refs - components.keys()
     assert "atman" in components["ChatCompletionRequest"]["properties"]
+
+
+def test_the_schema_examples_are_answered(url):
+    """Each /v1 request body in /openapi.json carries an example naming a served model; sent as it is, it
+    is answered (the chat example with its citations); a completion without max_tokens is held to this
+    server's limit when that is below OpenAI's default of 16."""
+    schema = httpx.get(f"{url}/openapi.json").json()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        example = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"]
+        assert example["model"] in httpx.get(f"{url}/health").json()["models"]
+        answer = httpx.post(url + path, json=example, headers=headers, timeout=120)
+        assert answer.status_code == 200, answer.text
+        if path == "/v1/chat/completions":
+            assert answer.json()["choices"][0]["message"]["citations"]
+
+
+def test_a_completion_without_max_tokens_is_held_to_the_servers_lower_limit(smollm2):
+    with serving(create_app({MODEL: smollm2}, limits=Limits(max_tokens=4))) as base:
+        answer = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "Once upon a time"}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert 1 <= answer.json()["usage"]["completion_tokens"] <= 4

@@ -65,6 +65,6 @@ def test_the_generated_requests_reached_the_model(request):
     succeeded = {path for (path, status), _ in STATUSES.items() if status == 200}
     assert {"/explain", "/complete", "/evaluate", "/tokenize", "/detokenize"} <= succeeded, STATUSES
     # the OpenAI-compatible routes are in the schema, so they were fuzzed too (most generated bodies are
-    # refused with OpenAI's 400: a sampling value out of range, a transcript parse_messages refuses)
-    assert {"/v1/models", "/v1/chat/completions", "/v1/completions"} <= {path for path, _ in STATUSES}, STATUSES
-    assert {"/v1/models", "/v1/chat/completions"} <= succeeded, STATUSES
+    # refused with OpenAI's 400: a sampling value out of range, a transcript parse_messages refuses); the
+    # schema's example bodies, which schemathesis sends as they are, must be answered
+    assert {"/v1/models", "/v1/chat/completions", "/v1/completions"} <= succeeded, STATUSES

@@ -348,7 +348,9 @@ class OpenAIAdapter:
 
     # --- completions ---------------------------------------------------------------------------
     def plan_completion(self, body: oa.CompletionRequest) -> tuple[list[int], dict[str, Any], int | None]:
-        sampling = _sampling(body, self.service, body.max_tokens or 16, self.lm.tokenizer, self.service.vocab)
+        # OpenAI's default of 16 tokens, or this server's limit if that is lower
+        default = min(16, self.service.limits.max_tokens)
+        sampling = _sampling(body, self.service, body.max_tokens or default, self.lm.tokenizer, self.service.vocab)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             if len(prompt) != 1:
@@ -413,10 +415,27 @@ ERRORS = {status: {"model": oa.ErrorBody, "description": what} for status, what 
     (429, "the queue is full: retry after the Retry-After header's seconds"))}
 
 
-def _body(model: type[BaseModel], description: str) -> dict[str, Any]:
-    """An operation's ``openapi_extra``: its JSON request body, by reference to the components."""
-    return {"requestBody": {"required": True, "description": description, "content": {
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+def _body(model: type[BaseModel], description: str, example: dict[str, Any] | None) -> dict[str, Any]:
+    """An operation's ``openapi_extra``: its JSON request body, by reference to the components, with an
+    ``example`` that this server answers (none when it serves no text model)."""
+    content: dict[str, Any] = {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+    if example is not None:
+        content["example"] = example
+    return {"requestBody": {"required": True, "description": description, "content": {"application/json": content}}}
+
+
+def _examples(services: Mapping[str, Service]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """A chat request (cited) and a completion request for the first text model served, for the schema."""
+    names = sorted(name for name, service in services.items() if isinstance(service, TextService))
+    if not names:
+        return None, None
+    chat = {"model": names[0], "temperature": 0, "messages": [
+        {"role": "system", "content": "Answer from the document."},
+        {"role": "user", "content": "Document: The Eiffel Tower is in Paris. It was finished in 1889.\n"
+                                    "Question: When was the Eiffel Tower finished?"}],
+        "atman": {"cite": {"sources": "sentence", "top": 2}}}
+    completion = {"model": names[0], "prompt": "The capital of France is", "temperature": 0}
+    return chat, completion
 
 
 def request_schemas(schema: dict[str, Any]) -> dict[str, Any]:
@@ -440,6 +459,7 @@ def openai_router(services: Mapping[str, Service], queue: JobQueue, token: str |
     components), their answers and OpenAI's error body.
     """
     router = APIRouter(prefix="/v1", tags=[OPENAI_TAG])
+    chat_example, completion_example = _examples(services)
     adapters: dict[int, OpenAIAdapter] = {}
     started = int(time.time())
 
@@ -542,7 +562,7 @@ def openai_router(services: Mapping[str, Service], queue: JobQueue, token: str |
                  responses={200: {"model": oa.ChatCompletion,
                                   "description": "the answer; with stream: server-sent events of chunks"}, **ERRORS},
                  openapi_extra=_body(oa.ChatCompletionRequest, "OpenAI's chat completion request, with the "
-                                     "optional atman field"))
+                                     "optional atman field", chat_example))
     async def chat_completions(request: Request) -> Any:
         try:
             authorize(request)
@@ -559,7 +579,7 @@ def openai_router(services: Mapping[str, Service], queue: JobQueue, token: str |
     @router.post("/completions", summary="A text continued (OpenAI's legacy completions)",
                  responses={200: {"model": oa.Completion,
                                   "description": "the continuation; with stream: server-sent events"}, **ERRORS},
-                 openapi_extra=_body(oa.CompletionRequest, "OpenAI's completion request"))
+                 openapi_extra=_body(oa.CompletionRequest, "OpenAI's completion request", completion_example))
     async def completions(request: Request) -> Any:
         try:
             authorize(request)
