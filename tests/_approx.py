@@ -1,15 +1,19 @@
-"""Nested numbers compared within a tolerance (pytest.approx compares flat sequences only)."""
+"""Nested numbers compared as pytest.approx compares flat ones (its approx refuses nested sequences)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 
-def close(got: Any, expected: Any, abs: float = 1e-12, rel: float = 1e-6) -> bool:  # noqa: A002
-    """Whether ``got`` has ``expected``'s nesting of sequences and each number is within tolerance."""
-    if isinstance(expected, Sequence) and not isinstance(expected, str):
-        return (isinstance(got, Sequence) and not isinstance(got, str) and len(got) == len(expected)
-                and all(close(g, e, abs, rel) for g, e in zip(got, expected, strict=True)))
-    return math.isclose(got, expected, abs_tol=abs, rel_tol=rel)
+
+def close(got: Any, expected: Any, **tolerance: float) -> bool:
+    """Whether ``got`` has ``expected``'s nesting of sequences and each innermost sequence or number equals
+    ``pytest.approx(expected, **tolerance)`` (the same tolerances, the same meaning of ``abs`` and ``rel``)."""
+    nested = (isinstance(expected, Sequence) and not isinstance(expected, str)
+              and any(isinstance(e, Sequence) and not isinstance(e, str) for e in expected))
+    if not nested:
+        return got == pytest.approx(expected, **tolerance)
+    return (isinstance(got, Sequence) and not isinstance(got, str) and len(got) == len(expected)
+            and all(close(g, e, **tolerance) for g, e in zip(got, expected, strict=True)))

@@ -241,8 +241,7 @@ def test_the_openapi_schema_describes_the_v1_routes(url):
 
 def test_the_schema_examples_are_answered(url):
     """Each /v1 request body in /openapi.json carries an example naming a served model; sent as it is, it
-    is answered (the chat example with its citations); a completion without max_tokens is held to this
-    server's limit when that is below OpenAI's default of 16."""
+    is answered (the chat example with its citations)."""
     schema = httpx.get(f"{url}/openapi.json").json()
     headers = {"Authorization": f"Bearer {TOKEN}"}
     for path in ("/v1/chat/completions", "/v1/completions"):
@@ -255,6 +254,7 @@ def test_the_schema_examples_are_answered(url):
 
 
 def test_a_completion_without_max_tokens_is_held_to_the_servers_lower_limit(smollm2):
+    """OpenAI's default of 16 tokens gives way to a server limit below it (it was refused before)."""
     with serving(create_app({MODEL: smollm2}, limits=Limits(max_tokens=4))) as base:
         answer = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "Once upon a time"}, timeout=60)
     assert answer.status_code == 200, answer.text
