@@ -257,6 +257,27 @@ def cite_real(data: dict) -> list[str]:
     return render(table, loo="attribot-loo" in names, paired_with=reference).splitlines()
 
 
+def cite_real_reliance(files: dict | list[dict]) -> list[str]:
+    """benchmarks/cite_real.py: hit@1 per context beside how much the response rests on one gold sentence
+    alone (leave-one-out); the first file must hold ``attribot-loo``, later files add the methods they ran
+    on the same contexts (a method already shown is taken from the first file that has it)."""
+    from atman.evaluate.cite_real import PLAIN, reliance
+    from atman.evaluate.real_docs import real_documents
+
+    files = files if isinstance(files, list) else [files]
+    seen: set[tuple[str, str]] = set()
+    records, methods = [], []
+    for data in files:
+        common = _common_methods(data["records"])
+        for r in data["records"]:
+            if (r["context"], r["method"]) not in seen and r["method"] in common:
+                seen.add((r["context"], r["method"]))
+                records.append(r)
+        methods += [m for m in common if m not in methods and m != PLAIN]
+    gold = {d.name: list(d.evidence) for d in real_documents()}
+    return reliance(records, gold, methods)
+
+
 def at2_training(data: dict) -> list[str]:
     """benchmarks/train_at2.py: how the shipped AT2 estimator was trained (its .json beside the weights)."""
     return ["| what | value |", "|---|---|",
@@ -693,7 +714,8 @@ def evaluation_report(data: dict) -> list[str]:
 RENDERERS: dict[str, Renderer] = {
     "steering": steering, "cancellation": cancellation, "server-latency": server_latency, "tour": tour,
     "cli-startup": cli_startup, "inseq-steps": inseq_steps, "cite-real": cite_real,
-    "cite-real-contexts": cite_real_contexts, "refine-cost": refine_cost, "refine-bounds": refine_bounds,
+    "cite-real-contexts": cite_real_contexts, "cite-real-reliance": cite_real_reliance, "refine-cost": refine_cost,
+    "refine-bounds": refine_bounds,
     "refine-contexts": refine_contexts,
     "qa-check": qa_check, "evaluate-time": evaluate_time,
     "shared-prefix": shared_prefix, "evaluate-total": evaluate_total,

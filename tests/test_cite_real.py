@@ -12,6 +12,7 @@ from atman.evaluate.cite_real import (
     average_precision,
     hits,
     loo_outliers,
+    reliance,
     render,
     shortest,
     split,
@@ -76,6 +77,18 @@ def test_summaries_resample_questions_and_pair_by_context():
     # CPU time is compared only within one run
     other_run = [dict(r, run="s") if r["method"] == "mine" else r for r in _records()]
     assert "cpu_ratio" not in summarise(other_run, ["mine"])["mine"]
+
+
+def test_reliance_splits_hit_at_1_by_how_much_one_gold_sentence_carries_the_response():
+    records = [dict(r, hit1=float(r["context"] != "b" or r["method"] == "contextcite-32")) for r in _records()]
+    gold = {"a": [0], "b": [1, 2], "c": [0], "d": [2]}   # leave-one-out drops 5.0, then 0.0 / 0.1, 5.0, 0.1
+    lines = reliance(records, gold, ["contextcite-32", "mine"])
+    assert lines[2] == "| `a` | 1 | 5.00 | 5.00 | hit | hit |"
+    assert lines[3] == "| `b` | 2 | 0.10 | 5.00 | hit | · |"
+    assert lines[-2] == "| **hit@1, gold drop ≥ 1 nat (2 contexts)** | | | | 1.00 | 1.00 |"
+    assert lines[-1] == "| **hit@1, gold drop < 1 nat (2 contexts)** | | | | 1.00 | 0.50 |"
+    with pytest.raises(AtmanError):
+        reliance([r for r in records if r["method"] != "attribot-loo"], gold, ["mine"])
 
 
 def _paragraph_task() -> CitationTask:

@@ -226,3 +226,37 @@ def render(table: dict, *, loo: bool = False, paired_with: str | None = None) ->
                 continue
             lines.append(f"| {name} | " + " | ".join(_cell(e.get(f"{m}_diff")) for m in metrics) + " |")
     return "\n".join(lines)
+
+
+RELIED = 1.0   # nats: a gold sentence "carries" the response when removing it alone costs at least this
+
+
+def reliance(records: list[dict], gold: dict[str, Sequence[int]], methods: Sequence[str],
+             threshold: float = RELIED) -> list[str]:
+    """Where hit@1 is won and lost: per context, how much the response rests on one gold sentence alone
+    (the largest leave-one-out drop among the gold sentences, from the ``attribot-loo`` record) beside the
+    largest drop of any sentence, and each method's hit@1; then each method's hit@1 over the contexts
+    where some gold sentence's own drop reaches ``threshold`` nats and over the others.
+
+    ``gold`` maps a context's name to its gold sentence indices; only contexts with a leave-one-out
+    record are shown."""
+    by = {(r["context"], r["method"]): r for r in records}
+    contexts = [c for c in dict.fromkeys(r["context"] for r in records) if (c, LOO) in by]
+    if not contexts:
+        raise AtmanError(f"no context of the records has a {LOO} record")
+    lines = ["| context | gold sentences | largest drop of a gold sentence | largest drop of any | "
+             + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 4)]
+    carried: dict[bool, list[str]] = {True: [], False: []}
+    for c in contexts:
+        loo = np.asarray(by[(c, LOO)]["scores"], dtype=np.float64)
+        best = max(float(loo[i]) for i in gold[c])
+        carried[best >= threshold].append(c)
+        marks = ["hit" if by[(c, m)]["hit1"] else "·" for m in methods]
+        lines.append(f"| `{c}` | {len(gold[c])} | {best:.2f} | {float(loo.max()):.2f} | " + " | ".join(marks) + " |")
+    for flag, label in ((True, f"≥ {threshold:g}"), (False, f"< {threshold:g}")):
+        chosen = carried[flag]
+        if not chosen:
+            continue
+        rates = [f"{np.mean([by[(c, m)]['hit1'] for c in chosen]):.2f}" for m in methods]
+        lines.append(f"| **hit@1, gold drop {label} nat ({len(chosen)} contexts)** | | | | " + " | ".join(rates) + " |")
+    return lines
